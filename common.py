@@ -1,0 +1,765 @@
+"""Plumbing shared by every script: no algorithm logic lives here.
+
+Arguments, seeding, device; model and tokenizer loading (hub id, bare Qwen name, local
+directory, or a toy model); data, prompts and rewards; batched sampling; chunked log-probs of
+sampled tokens; divergence math; greedy evaluation; logging; checkpoints. The training loop,
+the advantages, the loss and what is logged stay in each script, so that a diff between two
+scripts shows the algorithm and nothing else.
+
+Conventions. A rollout holds B = prompts x G rows, group g being rows g*G .. g*G+G-1. Every
+per-token tensor is (B, T) over the T completion positions; `mask` is 1 up to and including
+the first EOS and 0 after, built from lengths (never from `ids == pad_id`). Helpers never
+change their inputs in place.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def die(msg: str):
+    """A mistake the user can fix: one clear line and exit code 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments: one @dataclass per script, its fields are the command line.
+
+
+def arg(default, help: str, toy=None, choices=None):
+    """A dataclass field whose help text is its --help line; `toy` is its default for toy models."""
+    return dataclasses.field(default=default, metadata=dict(help=help, toy=toy, choices=choices))
+
+
+MODEL_FIELDS = ("model", "teacher", "small", "large")
+
+
+def parse_args(cls, argv=None):
+    """Build argparse from the dataclass. Defaults follow the model: when every model named is a
+    toy model, fields with a `toy` default take it, unless the flag was given."""
+    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(cls):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        toy = "" if meta.get("toy") is None else f"; toy models: {meta['toy']}"
+        help = f"{meta.get('help', '')} (default: {f.default}{toy})".replace("%", "%%")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            if typ not in (int, float, str):
+                typ = str
+            p.add_argument(flag, type=typ, choices=meta.get("choices"), help=help)
+    given = vars(p.parse_args(argv))
+    args = cls(**given)
+    names = [getattr(args, n) for n in MODEL_FIELDS if hasattr(args, n)]
+    if names and all(is_toy(n) for n in names):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("toy") is not None and f.name not in given:
+                setattr(args, f.name, f.metadata["toy"])
+    return args
+
+
+def check_common_args(args):
+    """The mistakes every script can make, each as one line."""
+    if args.group_size < 2:
+        die(f"--group-size must be at least 2 (got {args.group_size}): "
+            "group-relative advantages need two completions to compare")
+    for name in ("steps", "prompts_per_step", "max_new_tokens", "eval_size", "micro_batch_size"):
+        if getattr(args, name) < (0 if name in ("steps", "eval_size") else 1):
+            die(f"--{name.replace('_', '-')} must be {'non-negative' if name in ('steps', 'eval_size') else 'positive'} "
+                f"(got {getattr(args, name)})")
+    if args.temperature <= 0:
+        die(f"--temperature must be positive for on-policy sampling (got {args.temperature})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding, device, dtype
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name} asked for, but no CUDA device is visible")
+    return torch.device(name)
+
+
+def get_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (weights and activations; the log-prob math is done in fp32), fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and tokenizers
+
+TOY_MODELS = ("toy-small", "toy-large")
+
+
+def is_toy(name: str) -> bool:
+    return name in TOY_MODELS
+
+
+def resolve_model_name(name: str) -> str:
+    """toy name and local directory as they are; a bare Qwen name gets its hub organisation."""
+    if is_toy(name) or os.path.isdir(name):
+        return name
+    if "/" not in name and re.match(r"^Qwen\d", name):
+        return "Qwen/" + name
+    return name
+
+
+def load_model(name: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+               gradient_checkpointing: bool = False):
+    """(model, tokenizer) from a toy name, a local `save_pretrained` directory or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per run: ours
+    path = toy_path(name) if is_toy(name) else resolve_model_name(name)
+    dtype = dtype or get_dtype(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        hub = "" if os.path.isdir(path) else (
+            "; the hub is unreachable from here" if not hub_reachable() else "")
+        die(f"cannot load model '{name}': not a toy model ({', '.join(TOY_MODELS)}), a local "
+            f"directory written by save_pretrained, or a hub id that loads{hub} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    tok.padding_side = "left"  # batched generation appends after the prompt
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    return model.to(device), tok
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    import socket
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def eos_ids(model, tok) -> list:
+    """Every id that ends a completion: the tokenizer's EOS and the generation_config's (Qwen
+    Instruct ends turns with <|im_end|>, base models with <|endoftext|>)."""
+    ids = {tok.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str):
+    """Distillation compares log-probs of the same token ids: refuse pairs whose vocabularies differ."""
+    va, vb = tok_a.get_vocab(), tok_b.get_vocab()
+    shared = set(va) & set(vb)
+    if any(va[t] != vb[t] for t in shared) or (set(va) ^ set(vb)):
+        die(f"'{name_a}' and '{name_b}' have different tokenizers ({len(va)} vs {len(vb)} tokens); "
+            "the per-token log-prob ratios need the same token ids")
+
+
+def freeze(model):
+    """A frozen copy (teacher, reference): eval mode, no grads."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy world: tiny Qwen2-architecture models on 2-digit addition, built locally.
+#
+# Task: "a+b" with a, b in 0..99, written at a fixed width ("05+68=073", then EOS; a fixed
+# layout lets a 2-layer model learn addition in seconds). Held out: a fixed set of 500 pairs. Warm-start: a short supervised phase on answers that are wrong in a
+# systematic, human way: the carry is dropped ("57+68=15") with probability `drop_carry`.
+# toy-small is warm-started on data where the carry is dropped more often than not, so its
+# greedy answer to most carrying sums is wrong while the right one is sampled often: exactly the
+# situation RL fixes. toy-large (4x the parameters) is taught with the carry mostly kept, so it
+# is a clearly better teacher. Both share one character-level tokenizer. Built once (well under
+# a minute on 2 CPU cores) and cached under $TOY_CACHE (default ~/.cache/rl-reasoning-toy).
+
+TOY_CHARS = "0123456789+="
+TOY_RECIPES = {
+    # name:      model shape                                 warm-start data and schedule
+    "toy-small": dict(hidden=64, layers=2, heads=4, ffn=256, drop_carry=0.65, steps=600, lr=3e-3, batch=256, seed=1),
+    "toy-large": dict(hidden=128, layers=3, heads=4, ffn=512, drop_carry=0.15, steps=600, lr=2e-3, batch=256, seed=2),
+}
+TOY_VERSION = "v1"  # bump when the recipe changes: the cache is keyed by it
+TOY_EVAL_PAIRS = 500
+
+
+def toy_problems(split: str):
+    """All (a, b) pairs, 0..99 each: 500 fixed ones are the eval split, the rest train."""
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    random.Random(1234).shuffle(pairs)
+    return pairs[:TOY_EVAL_PAIRS] if split == "eval" else pairs[TOY_EVAL_PAIRS:]
+
+
+def toy_answer(a: int, b: int, drop_carry: bool = False) -> int:
+    if not drop_carry:
+        return a + b
+    return int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:02d}", f"{b:02d}")))
+
+
+def toy_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    vocab.update({c: i + 3 for i, c in enumerate(TOY_CHARS)})
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    t.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    # the toy's chat format: the question, then "=" as the generation prompt
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}={% endif %}")
+    return tok
+
+
+def toy_path(name: str) -> str:
+    root = os.environ.get("TOY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rl-reasoning-toy"))
+    path = os.path.join(root, TOY_VERSION, name)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        build_toy(name, path)
+    return path
+
+
+def build_toy(name: str, path: str):
+    """Build and warm-start a toy model, then save it like any hub model (save_pretrained)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    r = TOY_RECIPES[name]
+    print(f"building {name} (once; cached in {path}) ...", file=sys.stderr, flush=True)
+    t0 = time.time()
+    tok = toy_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=r["hidden"], intermediate_size=r["ffn"],
+                      num_hidden_layers=r["layers"], num_attention_heads=r["heads"],
+                      num_key_value_heads=r["heads"], max_position_embeddings=64, tie_word_embeddings=True,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    g = torch.Generator().manual_seed(r["seed"])
+    torch.manual_seed(r["seed"])
+    model = Qwen2ForCausalLM(cfg)
+    # every training pair twice, "a+b=" + answer + <eos>, with the right and the carry-dropped
+    # answer; labels (loss) on the answer and EOS only
+    ids, labels = [], []
+    for drop in (False, True):
+        rows = []
+        for a, b in toy_problems("train"):
+            prompt = tok(format_prompt(tok, f"{a:02d}+{b:02d}", "toy")).input_ids
+            rows.append((prompt, tok(f"{toy_answer(a, b, drop):03d}").input_ids + [tok.eos_token_id]))
+        L = len(rows[0][0]) + len(rows[0][1])  # fixed width: 10 tokens each
+        ids.append(torch.tensor([p + c + [tok.pad_token_id] * (L - len(p) - len(c)) for p, c in rows]))
+        labels.append(torch.tensor([[-100] * len(p) + c + [-100] * (L - len(p) - len(c)) for p, c in rows]))
+    n = len(ids[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"], pct_start=0.1)
+    model.train()
+    for _ in range(r["steps"]):
+        idx = torch.randint(n, (r["batch"],), generator=g)  # (b,)
+        drop = (torch.rand(r["batch"], generator=g) < r["drop_carry"])[:, None]  # (b, 1)
+        x = torch.where(drop, ids[1][idx], ids[0][idx])  # (b, L)
+        y = torch.where(drop, labels[1][idx], labels[0][idx])  # (b, L)
+        loss = model(input_ids=x, labels=y).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    tmp = path + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.replace(tmp, path)
+    print(f"built {name} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and prompts
+
+DATASETS = ("gsm8k", "math", "toy")
+BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def load_data(name: str, split: str) -> list:
+    """[{question, answer}] for split 'train' or 'eval'. gsm8k: openai/gsm8k main (train/test);
+    math: MATH train (the lighteval copy) and MATH-500 for eval; toy; or a .jsonl path with
+    question/answer fields (a GSM8K-style '... #### n' answer is cut to n)."""
+    if name == "toy":
+        return [dict(question=f"{a:02d}+{b:02d}", answer=str(a + b)) for a, b in toy_problems(split)]
+    if name.endswith(".jsonl") or os.path.exists(name):
+        if not os.path.isfile(name):
+            die(f"dataset file '{name}' does not exist")
+        rows = []
+        with open(name) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    rows.append(dict(question=str(r["question"]), answer=gold_answer(str(r["answer"]))))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    die(f"{name}:{n}: each line must be a JSON object with 'question' and 'answer'")
+        if not rows:
+            die(f"dataset file '{name}' holds no rows")
+        return rows
+    if name not in DATASETS:
+        die(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .jsonl file "
+            "with 'question' and 'answer' fields")
+    from datasets import load_dataset
+    try:
+        if name == "gsm8k":
+            ds = load_dataset("openai/gsm8k", "main", split="train" if split == "train" else "test")
+            return [dict(question=r["question"], answer=gold_answer(r["answer"])) for r in ds]
+        if split == "train":
+            ds = load_dataset("DigitalLearningGmbH/MATH-lighteval", split="train")
+            return [dict(question=r["problem"], answer=last_boxed(r["solution"]) or "") for r in ds]
+        ds = load_dataset("HuggingFaceH4/MATH-500", split="test")
+        return [dict(question=r["problem"], answer=r["answer"]) for r in ds]
+    except Exception as e:  # datasets raises many types when offline
+        die(f"cannot load dataset '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "offline, use --dataset toy or a local .jsonl file")
+
+
+def prompt_instruction(dataset: str) -> str:
+    """What the prompt asks for, so the reward can parse it: a \\boxed{} answer for real data;
+    the toy's answer is the bare number after '='."""
+    return "" if dataset == "toy" else BOXED_INSTRUCTION
+
+
+def format_prompt(tok, question: str, dataset: str) -> str:
+    """The tokenizer's chat template when it has one (Qwen base and Instruct both do; so does the
+    toy's), otherwise a plain 'Question: ... Answer:' template."""
+    content = question + prompt_instruction(dataset)
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([dict(role="user", content=content)], tokenize=False,
+                                       add_generation_prompt=True)
+    return f"Question: {content}\nAnswer:"
+
+
+class PromptSampler:
+    """Questions without replacement, reshuffled each epoch, from a seeded generator (resumable)."""
+
+    def __init__(self, rows: list, seed: int):
+        self.rows, self.rng, self.order = rows, random.Random(seed), []
+
+    def next(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            if not self.order:
+                self.order = list(range(len(self.rows)))
+                self.rng.shuffle(self.order)
+            out.append(self.rows[self.order.pop()])
+        return out
+
+    def state_dict(self):
+        return dict(rng=self.rng.getstate(), order=list(self.order))
+
+    def load_state_dict(self, s):
+        self.rng.setstate(s["rng"])
+        self.order = list(s["order"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers and rewards
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Contents of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
+    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if i < 0:
+        return None
+    j = text.find("{", i)
+    if j < 0:
+        return None
+    depth = 0
+    for k in range(j, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1:k]
+    return None
+
+
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def gold_answer(text: str) -> str:
+    """A GSM8K-style solution ('... #### 72') gives the text after ####; anything else as it is."""
+    return text.split("####")[-1].strip() if "####" in text else text.strip()
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer of a completion: the last \\boxed{}, else the text after the last ####,
+    else the last number."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    if "####" in text:
+        return text.split("####")[-1].strip().split("\n")[0].strip()
+    nums = NUMBER.findall(text)
+    return nums[-1] if nums else None
+
+
+def normalize_answer(s: str) -> str:
+    """'$1,000.00', '1000', '1000.0' and '\\$1000' all become '1000'; LaTeX wrappers are dropped."""
+    s = s.strip().strip(".").replace("\\!", "").replace("\\,", "").replace("\\$", "").replace("$", "")
+    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
+    s = s.replace("\\left", "").replace("\\right", "").replace("dfrac", "frac").replace("tfrac", "frac")
+    s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("\\%", "").replace("%", "")
+    s = s.replace(" ", "")
+    num = s.replace(",", "")
+    try:
+        x = float(num)
+        return str(int(x)) if x == int(x) else repr(x)
+    except (ValueError, OverflowError):
+        return s
+
+
+def is_correct(completion: str, gold: str) -> bool:
+    pred = extract_answer(completion)
+    return pred is not None and normalize_answer(pred) == normalize_answer(gold)
+
+
+def rewards_for(completions: list, golds: list, format_coef: float = 0.0) -> torch.Tensor:
+    """(B,) reward: 1 for a correct final answer, plus `format_coef` when the answer is given in
+    the asked-for form (\\boxed{} or ####)."""
+    r = [float(is_correct(c, g)) + format_coef * float(last_boxed(c) is not None or "####" in c)
+         for c, g in zip(completions, golds)]
+    return torch.tensor(r)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Rollout:
+    """B = prompts x G rows. Prompts are left-padded; the completion mask covers each completion
+    up to and including its first EOS."""
+    prompt_ids: torch.Tensor      # (B, P)
+    prompt_mask: torch.Tensor     # (B, P)
+    completion_ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor            # (B, T) float
+    lengths: torch.Tensor         # (B,) tokens in each completion, EOS included
+    texts: list                   # B decoded completions
+
+    def input_ids(self):
+        return torch.cat([self.prompt_ids, self.completion_ids], 1)  # (B, P+T)
+
+    def attention_mask(self):
+        return torch.cat([self.prompt_mask, self.mask.long()], 1)  # (B, P+T)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """The rows `idx`, padding columns that no kept row uses are trimmed."""
+        il = idx.tolist()
+        T = int(self.lengths[idx].max()) if len(il) else 0
+        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx, :T],
+                       self.mask[idx, :T], self.lengths[idx], [self.texts[i] for i in il])
+
+
+def completion_mask(completion_ids: torch.Tensor, eos: list):
+    """(B, T) mask and (B,) lengths from the position of the first EOS (included)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))  # (B, T)
+    T = completion_ids.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    lengths = torch.clamp(first + 1, max=T)  # (B,)
+    mask = (torch.arange(T, device=completion_ids.device)[None] < lengths[:, None]).float()  # (B, T)
+    return mask, lengths
+
+
+@torch.no_grad()
+def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temperature: float = 1.0,
+           greedy: bool = False) -> Rollout:
+    """Batched generation with the KV cache: each prompt `group_size` times, rows of a group
+    adjacent. Every sampling setting is passed explicitly (T, top_p = 1, top_k = 0, no repetition
+    penalty, ...), so a model's generation_config cannot change the distribution silently: the
+    samples are from softmax(logits / T), as on-policy estimators assume."""
+    from transformers import GenerationConfig
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)  # (B, P)
+    prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0)  # (B, P)
+    eos = eos_ids(model, tok)
+    gen = GenerationConfig(
+        do_sample=not greedy, temperature=1.0 if greedy else temperature, top_p=1.0, top_k=0, min_p=None,
+        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+        num_beams=1, use_cache=True)
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+    completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
+    mask, lengths = completion_mask(completion_ids, eos)
+    completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
+    texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+    model.train(was_training)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, lengths, texts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token log-probs of the sampled tokens
+
+
+def _chunk_logprobs(h, w, y, temperature: float, vocab: Optional[int], with_entropy: bool):
+    logits = (h @ w.T).float()  # (n, V)
+    if vocab is not None:
+        logits = logits[:, :vocab]
+    logits = logits / temperature
+    lse = torch.logsumexp(logits, -1)  # (n,)
+    logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse  # (n,)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        p = torch.softmax(logits, -1)
+        ent = lse - (p * logits).sum(-1)  # (n,)
+    return logp, ent
+
+
+def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int = 1024,
+                   vocab_size: Optional[int] = None, with_entropy: bool = False):
+    """log pi(o_t | q, o_<t) of each completion token at the sampling temperature, (B, T).
+
+    The full (B, T, V) logits are never held: the LM head runs on `chunk_size` positions at a
+    time and gives z_y - logsumexp(z) (151,936 fp32 logits are 0.6 MB a position). With grad,
+    each chunk is recomputed in backward (activation checkpointing), so training keeps only the
+    hidden states. `vocab_size` slices the logits (a 7B Qwen has 152,064 rows, a 0.5B 151,936)."""
+    ids, attn = rollout.input_ids(), rollout.attention_mask()  # (B, P+T)
+    B, T = rollout.completion_ids.shape
+    pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B, P+T) left padding shifts positions
+    h = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    h = h[:, -T - 1:-1].reshape(B * T, -1)  # (B*T, D) the state before each completion token
+    y = rollout.completion_ids.reshape(B * T)  # (B*T,)
+    w = model.get_output_embeddings().weight  # (V, D)
+    logps, ents = [], []
+    for s in range(0, B * T, chunk_size):
+        args = (h[s:s + chunk_size], w, y[s:s + chunk_size], temperature, vocab_size, with_entropy)
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        logps.append(lp)
+        ents.append(ent)
+    logp = torch.cat(logps).view(B, T) if logps else h.new_zeros(B, T, dtype=torch.float32)
+    if with_entropy:
+        ent = torch.cat(ents).view(B, T) if ents else logp.detach().clone()
+        return logp, ent
+    return logp
+
+
+def naive_token_logprobs(model, rollout: Rollout, temperature: float = 1.0):
+    """The reference implementation the chunked one is tested against: full log_softmax."""
+    ids, attn = rollout.input_ids(), rollout.attention_mask()
+    T = rollout.completion_ids.shape[1]
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -T - 1:-1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def micro_batches(n: int, size: int):
+    """Index tensors that split n rows into micro-batches of at most `size`."""
+    return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergences
+#
+# KL estimators on tokens sampled from p = pi_theta, with log_ratio = log q - log p (q: reference
+# or teacher); Schulman, "Approximating KL divergence" (2020):
+#   k1 = -log_ratio             unbiased value of KL(p||q); as a loss its expected gradient is 0
+#   k2 = log_ratio^2 / 2        biased value; as a loss its expected gradient is grad KL(p||q)
+#   k3 = e^r - r - 1            unbiased value of KL(p||q), >= 0; as a loss its expected
+#                               gradient is grad KL(q||p), the FORWARD KL
+
+
+def kl_k1(log_ratio):
+    return -log_ratio
+
+
+def kl_k2(log_ratio):
+    return 0.5 * log_ratio ** 2
+
+
+def kl_k3(log_ratio):
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+KL_ESTIMATORS = dict(k1=kl_k1, k2=kl_k2, k3=kl_k3)
+
+# f-divergences D_f(q||p) = E_{y~p}[f(u)], u = q(y)/p(y) (ALGORITHMS.md section 4): (f, f').
+DIVERGENCES = ("rkl", "fkl", "jsd", "tv", "alpha")
+
+
+def f_divergence(name: str, alpha: float = 0.5):
+    """(f, f_prime) of the named divergence, both elementwise on a tensor u > 0."""
+    if name == "rkl":  # KL(p||q)
+        return (lambda u: -torch.log(u)), (lambda u: -1.0 / u)
+    if name == "fkl":  # KL(q||p)
+        return (lambda u: u * torch.log(u)), (lambda u: torch.log(u) + 1.0)
+    if name == "jsd":  # half form: JSD(q, p) with weights 1/2
+        return ((lambda u: 0.5 * (u * torch.log(u) - (1 + u) * torch.log((1 + u) / 2))),
+                (lambda u: 0.5 * (torch.log(u) - torch.log((1 + u) / 2))))
+    if name == "tv":
+        return (lambda u: 0.5 * (u - 1).abs()), (lambda u: 0.5 * torch.sign(u - 1))
+    if name == "alpha":
+        if alpha in (0.0, 1.0):
+            die("--alpha must not be 0 or 1 (those limits are fkl and rkl)")
+        a = alpha
+        return ((lambda u: (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1))),
+                (lambda u: (1 - u ** (-a)) / a))
+    die(f"unknown divergence '{name}': use one of {', '.join(DIVERGENCES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, batch_size: int = 64) -> float:
+    """Greedy pass@1: the fraction of `rows` whose greedy completion has the gold answer."""
+    if not rows:
+        return float("nan")
+    correct = 0
+    for s in range(0, len(rows), batch_size):
+        part = rows[s:s + batch_size]
+        ro = sample(model, tok, [format_prompt(tok, r["question"], dataset) for r in part], 1,
+                    max_new_tokens, greedy=True)
+        correct += sum(is_correct(t, r["answer"]) for t, r in zip(ro.texts, part))
+    return correct / len(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output directory, metrics, checkpoints
+
+
+def prepare_out(args, script: str) -> str:
+    """DIR for this run. Refuse a directory that holds another run unless --resume."""
+    out = args.out or os.path.join("runs", f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    occupied = os.path.exists(os.path.join(out, "metrics.jsonl")) or os.path.exists(os.path.join(out, "checkpoint"))
+    if args.resume and not os.path.exists(os.path.join(out, "checkpoint", "state.pt")):
+        die(f"--resume: no checkpoint in '{out}/checkpoint' to resume from")
+    if occupied and not args.resume:
+        die(f"'{out}' already holds a run: pass --resume to continue it, or choose another --out")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    return out
+
+
+class Logger:
+    """metrics.jsonl, appended and flushed line by line. On resume at step s, lines after s (from
+    steps after the last checkpoint) are dropped, so no step is lost or repeated."""
+
+    def __init__(self, out: str, resume_step: Optional[int] = None):
+        self.path = os.path.join(out, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        self.f = open(self.path, "a")
+
+    def log(self, step: int, metrics: dict):
+        row = {"step": step}
+        row.update({k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in metrics.items()})
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def save_checkpoint(out: str, step: int, models: dict, optimizers: dict, sampler: PromptSampler):
+    """DIR/checkpoint: each model (save_pretrained), optimizer states, RNG states, the step.
+    Written to a temporary directory first, so a kill mid-save keeps the previous checkpoint."""
+    tmp, final = os.path.join(out, "checkpoint.tmp"), os.path.join(out, "checkpoint")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, (model, tok) in models.items():
+        model.save_pretrained(os.path.join(tmp, name))
+        tok.save_pretrained(os.path.join(tmp, name))
+    state = dict(step=step, optimizers={k: o.state_dict() for k, o in optimizers.items()},
+                 sampler=sampler.state_dict(), torch_rng=torch.get_rng_state(), np_rng=np.random.get_state(),
+                 py_rng=random.getstate(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def load_checkpoint(out: str, optimizers: dict, sampler: PromptSampler) -> int:
+    """Restore optimizer, sampler and RNG states; return the step the checkpoint was taken at.
+    (The models are loaded from DIR/checkpoint/<name> by the script.)"""
+    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+    for k, o in optimizers.items():
+        o.load_state_dict(state["optimizers"][k])
+    sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["np_rng"])
+    random.setstate(state["py_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
+
+
+def save_final(out: str, models: dict):
+    for name, (model, tok) in models.items():
+        path = os.path.join(out, "final", name) if name else os.path.join(out, "final")
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+
+
+def check_finite(loss: torch.Tensor, step: int, out: str):
+    if not torch.isfinite(loss):
+        die(f"loss is {loss.item()} at step {step}; stopping. The last checkpoint is in '{out}/checkpoint'")
+
+
+class Timer:
+    """Wall time of a block, synchronising CUDA so that GPU work is counted where it happens."""
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0

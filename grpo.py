@@ -1,0 +1,201 @@
+"""GRPO: Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300).
+
+The baseline every other script is a diff against. For each question the policy samples a
+group of G completions; each completion's reward, centred and scaled within its group, is the
+advantage of all its tokens; the policy follows the PPO clipped surrogate, optionally with a
+k3 penalty towards a frozen copy of the initial policy (beta > 0).
+
+Deviations from the paper:
+1. One update per batch by default (--num-iterations 1): then pi_old = pi_theta, the ratio is 1
+   in value, and the old log-probs are the current ones detached (no extra forward).
+2. --loss-type chooses the token aggregation: grpo (the paper's per-sequence mean, length-biased),
+   bnpo, dr_grpo (Dr. GRPO, arXiv 2503.20783) or dapo (DAPO, arXiv 2503.14476);
+   --scale-rewards none drops the std division (Dr. GRPO).
+3. Rewards are verifiable only (no reward model): 1 for a correct final answer.
+4. The k3 penalty, used as a loss, has the FORWARD-KL gradient grad KL(pi_ref||pi_theta) in
+   expectation, although its value estimates the reverse KL(pi_theta||pi_ref).
+
+CPU (toy world, minutes):  python grpo.py
+GPU:                       python grpo.py --model Qwen2.5-0.5B-Instruct --dataset gsm8k
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import common
+from common import arg
+
+
+@dataclass
+class Args:
+    model: str = arg("toy-small", "policy to train: hub id, bare Qwen name (Qwen2.5-0.5B-Instruct), local directory, or toy-small/toy-large")
+    dataset: str = arg("gsm8k", "gsm8k, math, toy, or a .jsonl path with question/answer fields", toy="toy")
+    steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
+    prompts_per_step: int = arg(16, "questions sampled per step", toy=8)
+    group_size: int = arg(8, "completions per question (G)")
+    max_new_tokens: int = arg(512, "completion length limit", toy=8)
+    lr: float = arg(1e-6, "AdamW learning rate", toy=2e-5)
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    temperature: float = arg(1.0, "sampling temperature (log-probs use the same)")
+    format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
+    seed: int = arg(1, "random seed")
+    out: str = arg("", "output directory (default: runs/<script>-<time>)")
+    eval_every: int = arg(50, "evaluate every N steps (also at step 0 and after the last step)")
+    eval_size: int = arg(500, "held-out questions for greedy pass@1")
+    save_every: int = arg(50, "checkpoint every N steps")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    device: str = arg("auto", "cuda, cpu, or auto")
+    micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    # Algorithm-specific arguments
+    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
+    loss_type: str = arg("grpo", "token aggregation of the loss", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    num_iterations: int = arg(1, "updates per batch of rollouts (mu); >1 computes old log-probs once")
+    beta: float = arg(0.04, "coefficient of the k3 penalty to the initial policy (0: no reference model)")
+    epsilon: float = arg(0.2, "lower clip range: ratio >= 1 - epsilon")
+    epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
+
+
+# ALGO LOGIC: advantages and loss
+
+
+def compute_advantages(rewards, group_size: int, scale: str):
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch."""
+    r = rewards.view(-1, group_size)  # (N, G)
+    centred = r - r.mean(1, keepdim=True)  # (N, G)
+    if scale == "group":
+        centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + 1e-4)  # (N, G)
+    return centred.reshape(-1)  # (B,)
+
+
+def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, n_tokens):
+    """GRPO objective (arXiv 2402.03300, eq. 3), as a loss to minimise, per token:
+        L_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t,
+        rho_t = exp(l_t - l_old_t),  k3_t = exp(l_ref_t - l_t) - (l_ref_t - l_t) - 1,
+    aggregated by --loss-type. `n_seqs` and `n_tokens` are the whole step's (all micro-batches),
+    so that the summed micro-batch losses equal the full-batch loss."""
+    ratio = torch.exp(logp - old_logp)  # (b, T)
+    A = advantages[:, None]  # (b, 1)
+    clipped_ratio = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)  # (b, T)
+    per_token = -torch.min(ratio * A, clipped_ratio * A)  # (b, T)
+    kl_policy_ref_k3 = None
+    if ref_logp is not None:
+        kl_policy_ref_k3 = common.kl_k3(ref_logp - logp)  # (b, T) estimates KL(pi_theta||pi_ref)
+        per_token = per_token + args.beta * kl_policy_ref_k3  # (b, T)
+    if args.loss_type == "grpo":  # mean over each sequence, then over sequences
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    elif args.loss_type == "bnpo":  # token mean of this micro-batch, micro-batches averaged
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1) * (len(mask) / n_seqs)
+    elif args.loss_type == "dr_grpo":  # constant normaliser: no length bias
+        loss = (per_token * mask).sum() / (n_seqs * args.max_new_tokens)
+    else:  # dapo: token mean over the whole step
+        loss = (per_token * mask).sum() / n_tokens
+    is_clipped = ((ratio < 1 - args.epsilon) & (A < 0)) | ((ratio > 1 + args.epsilon_high) & (A > 0))  # (b, T)
+    return loss, dict(kl=kl_policy_ref_k3, clipped=is_clipped.float())
+
+
+def main():
+    args = common.parse_args(Args)
+    common.check_common_args(args)
+    if args.num_iterations < 1:
+        common.die(f"--num-iterations must be at least 1 (got {args.num_iterations})")
+    sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
+    eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
+    out = common.prepare_out(args, "grpo")
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    G = args.group_size
+
+    start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
+    model, tok = common.load_model(start_from, device, gradient_checkpointing=args.gradient_checkpointing)
+    ref = common.freeze(common.load_model(args.model, device)[0]) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start = common.load_checkpoint(out, dict(policy=optimizer), sampler) if args.resume else 0
+    logger = common.Logger(out, resume_step=start if args.resume else None)
+
+    def evaluate(step):
+        acc = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens)
+        logger.log(step, {"eval/accuracy": acc})
+        return acc
+
+    acc0 = acc = evaluate(0) if start == 0 else float("nan")
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True)
+    for step in bar:
+        t_step = time.perf_counter()
+        # 1. sample
+        with common.Timer() as t_gen:
+            rows = sampler.next(args.prompts_per_step)
+            prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
+            rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
+        # 2. score
+        golds = [r["answer"] for r in rows for _ in range(G)]
+        rewards = common.rewards_for(rollout.texts, golds, args.format_coef).to(device)  # (B,)
+        # 3. ALGO LOGIC
+        advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)
+
+        # 4. update
+        with common.Timer() as t_upd:
+            batches = common.micro_batches(len(rewards), args.micro_batch_size)
+            n_tokens = rollout.mask.sum()
+            with torch.no_grad():
+                old = ([common.token_logprobs(model, rollout.select(i), args.temperature, args.logprob_chunk)
+                        for i in batches] if args.num_iterations > 1 else None)
+                refs = ([common.token_logprobs(ref, rollout.select(i), args.temperature, args.logprob_chunk)
+                         for i in batches] if ref is not None else None)
+            model.train()
+            sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0)
+            for _ in range(args.num_iterations):
+                optimizer.zero_grad(set_to_none=True)
+                for j, idx in enumerate(batches):
+                    mb = rollout.select(idx)
+                    logp, entropy = common.token_logprobs(model, mb, args.temperature, args.logprob_chunk,
+                                                          with_entropy=True)  # (b, T)
+                    old_logp = old[j] if old is not None else logp.detach()  # (b, T)
+                    loss, s = compute_loss(logp, old_logp, refs[j] if refs else None, advantages[idx],
+                                           mb.mask, args, len(rewards), n_tokens)
+                    loss.backward()
+                    sums["loss"] += loss.detach()
+                    sums["clipped"] += (s["clipped"] * mb.mask).sum()
+                    sums["entropy"] += (entropy * mb.mask).sum()
+                    if s["kl"] is not None:
+                        sums["kl"] += (s["kl"].detach() * mb.mask).sum()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                common.check_finite(sums["loss"], step, out)
+                optimizer.step()
+
+        # 5. log, evaluate, save
+        per_token = n_tokens * args.num_iterations
+        zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
+        metrics = {
+            "train/reward": rewards.mean(), "train/reward_std": rewards.std(),
+            "train/loss": sums["loss"] / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
+            "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
+            "train/truncated_frac": (rollout.mask[:, -1] == 1).float().mean() if rollout.mask.shape[1] == args.max_new_tokens else 0.0,
+            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm,
+            "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
+        }
+        if ref is not None:
+            metrics["train/kl"] = sums["kl"] / per_token
+        metrics["time/step"] = time.perf_counter() - t_step
+        logger.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate(step)
+        if step % args.save_every == 0 or step == args.steps:
+            common.save_checkpoint(out, step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")
+
+    common.save_final(out, {"": (model, tok)})
+    logger.close()
+    print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({out})")
+
+
+if __name__ == "__main__":
+    main()

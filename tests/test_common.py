@@ -1,0 +1,329 @@
+"""common.py: the math against closed forms and autograd, parsing, masks, loading, logging."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import common
+
+
+# ---------------------------------------------------------------- answers and rewards
+
+@pytest.mark.parametrize("completion, gold", [
+    ("She pays 3 * 4 = 12 dollars.\n#### 12", "12"),
+    ("So the total is \\boxed{1,000}.", "1000"),
+    ("The answer is $1000.00", "1,000"),
+    ("\\boxed{1000.0}", "$1000"),
+    ("We get \\boxed{\\frac{1}{2}} at the end", "\\frac{1}{2}"),
+    ("\\boxed{\\dfrac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),
+    ("Thus x = \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("there are 5 apples and 7 pears, so 12", "12"),
+    ("57+68=125", "125"),
+    ("-3 is it", "-3"),
+])
+def test_correct_answers(completion, gold):
+    assert common.is_correct(completion, gold)
+
+
+@pytest.mark.parametrize("completion, gold", [
+    ("#### 13", "12"),
+    ("\\boxed{12} but then 13", "13"),    # the boxed answer wins over later numbers
+    ("no number here", "4"),
+    ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}"),
+    ("", "0"),
+])
+def test_wrong_answers(completion, gold):
+    assert not common.is_correct(completion, gold)
+
+
+def test_gold_answers_of_real_formats():
+    gsm8k = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether she sold 48+24 = <<48+24=72>>72.\n#### 1,072"
+    assert common.gold_answer(gsm8k) == "1,072"
+    math_solution = "So $f(2) = \\boxed{\\frac{a^{2}}{b}}$. Earlier we had \\boxed{3}? No: final \\boxed{\\frac{a^{2}}{b}}."
+    assert common.last_boxed(math_solution) == "\\frac{a^{2}}{b}"
+    assert common.last_boxed("\\boxed{unclosed") is None
+    assert common.extract_answer("x \\fbox{7}") == "7"
+
+
+def test_rewards_and_format_bonus():
+    r = common.rewards_for(["\\boxed{4}", "4", "#### 5", "nothing"], ["4", "4", "4", "4"], format_coef=0.25)
+    assert r.tolist() == [1.25, 1.0, 0.25, 0.0]
+
+
+# ---------------------------------------------------------------- masks
+
+def test_completion_mask_includes_first_eos_and_nothing_after():
+    eos = 1
+    ids = torch.tensor([[5, 6, 1, 0, 0],     # EOS at 2 -> length 3
+                        [1, 1, 1, 1, 1],     # EOS first -> length 1 (pad == eos)
+                        [5, 6, 7, 8, 9],     # never ends -> all 5
+                        [5, 1, 7, 1, 9]])    # only the first EOS counts
+    mask, lengths = common.completion_mask(ids, [eos])
+    assert lengths.tolist() == [3, 1, 5, 2]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    mask2, lengths2 = common.completion_mask(ids, [9, 1])  # any of several EOS ids
+    assert lengths2.tolist() == [3, 1, 5, 2]
+
+
+def test_masked_mean():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert common.masked_mean(x, m).item() == pytest.approx(2.0)
+    assert common.masked_mean(x, m, 1).tolist() == [1.5, 3.0]
+
+
+# ---------------------------------------------------------------- chunked log-probs
+
+def tiny_model(vocab=40, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def random_rollout(vocab=40, B=5, P=6, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(3, vocab, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[1, :2] = 0  # left padding
+    prompt_mask[3, :4] = 0
+    completion_ids = torch.randint(3, vocab, (B, T), generator=g)
+    lengths = torch.tensor([T, 3, 1, 5, T])
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    return common.Rollout(prompt_ids, prompt_mask, completion_ids, mask, lengths, [""] * B)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_equal_naive_values_and_gradients(chunk, temperature):
+    model, ro = tiny_model(), random_rollout()
+    naive = common.naive_token_logprobs(model, ro, temperature)  # (B, T)
+    chunked, ent = common.token_logprobs(model, ro, temperature, chunk_size=chunk, with_entropy=True)
+    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=1e-5)
+    # gradients through the checkpointed chunks equal the naive ones
+    w = torch.randn(naive.shape)
+    g_naive = torch.autograd.grad((naive * w * ro.mask).sum(), list(model.parameters()))
+    g_chunk = torch.autograd.grad((chunked * w * ro.mask).sum(), list(model.parameters()))
+    for a, b in zip(g_naive, g_chunk):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # entropy of softmax(z / T) at each position
+    with torch.no_grad():
+        ids, attn = ro.input_ids(), ro.attention_mask()
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -ro.completion_ids.shape[1] - 1:-1]
+        logp_all = torch.log_softmax(logits / temperature, -1)
+        torch.testing.assert_close(ent, -(logp_all.exp() * logp_all).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_logprobs_vocab_slice_and_no_grad():
+    model, ro = tiny_model(vocab=48), random_rollout(vocab=40)
+    with torch.no_grad():
+        sliced = common.token_logprobs(model, ro, vocab_size=40)
+        ids, attn = ro.input_ids(), ro.attention_mask()
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -8:-1, :40]
+        expected = torch.log_softmax(logits, -1).gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(sliced, expected, atol=1e-5, rtol=1e-5)
+    assert not sliced.requires_grad
+
+
+def test_rollout_select_trims_padding_columns():
+    ro = random_rollout()
+    sub = ro.select(torch.tensor([1, 2]))  # lengths 3 and 1
+    assert sub.completion_ids.shape == (2, 3) and sub.mask.sum().item() == 4
+    model = tiny_model()
+    with torch.no_grad():
+        full = common.token_logprobs(model, ro)
+        part = common.token_logprobs(model, sub)
+    torch.testing.assert_close(part * sub.mask, full[[1, 2], :3] * sub.mask, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- KL estimators
+
+def categorical(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(n, generator=g, dtype=torch.float64, requires_grad=True)
+    log_q = torch.log_softmax(torch.randn(n, generator=g, dtype=torch.float64), 0)
+    return theta, log_q
+
+
+def expected_surrogate_grad(theta, per_sample_loss):
+    """sum_y p(y) grad loss(y): the expectation of the gradient of a per-token loss evaluated on
+    tokens sampled from p, the sampling distribution itself not differentiated."""
+    log_p = torch.log_softmax(theta, 0)
+    p = log_p.exp().detach()
+    return torch.autograd.grad((p * per_sample_loss(log_p)).sum(), theta)[0]
+
+
+def test_kl_estimators_values():
+    theta, log_q = categorical()
+    log_p = torch.log_softmax(theta, 0).detach()
+    p = log_p.exp()
+    kl_pq = (p * (log_p - log_q)).sum()
+    r = log_q - log_p
+    assert (p * common.kl_k1(r)).sum().item() == pytest.approx(kl_pq.item())
+    assert (p * common.kl_k3(r)).sum().item() == pytest.approx(kl_pq.item())
+    assert (p * common.kl_k2(r)).sum().item() != pytest.approx(kl_pq.item(), rel=1e-3)  # biased
+    assert (common.kl_k3(r) >= 0).all()
+
+
+def test_kl_estimators_expected_gradients():
+    theta, log_q = categorical(seed=3)
+    def kl(direction):
+        log_p = torch.log_softmax(theta, 0)
+        return ((log_p.exp() * (log_p - log_q)).sum() if direction == "p||q"
+                else (log_q.exp() * (log_q - log_p)).sum())
+    grad_rkl = torch.autograd.grad(kl("p||q"), theta)[0]
+    grad_fkl = torch.autograd.grad(kl("q||p"), theta)[0]
+    g1 = expected_surrogate_grad(theta, lambda lp: common.kl_k1(log_q - lp))
+    g2 = expected_surrogate_grad(theta, lambda lp: common.kl_k2(log_q - lp))
+    g3 = expected_surrogate_grad(theta, lambda lp: common.kl_k3(log_q - lp))
+    torch.testing.assert_close(g1, torch.zeros_like(g1))          # k1: zero in expectation
+    torch.testing.assert_close(g2, grad_rkl)                      # k2: the reverse-KL gradient
+    torch.testing.assert_close(g3, grad_fkl)                      # k3: the forward-KL gradient
+    assert not torch.allclose(g3, grad_rkl, atol=1e-3)
+
+
+# ---------------------------------------------------------------- f-divergences
+
+@pytest.mark.parametrize("name", common.DIVERGENCES)
+def test_f_prime_matches_autograd_and_f_of_one_is_zero(name):
+    f, fp = common.f_divergence(name, alpha=0.3)
+    u = torch.tensor([0.05, 0.3, 0.9, 1.7, 4.0, 11.0], dtype=torch.float64, requires_grad=True)
+    auto = torch.autograd.grad(f(u).sum(), u)[0]
+    torch.testing.assert_close(fp(u.detach()), auto)
+    assert f(torch.tensor([1.0], dtype=torch.float64)).abs().item() < 1e-12
+
+
+@pytest.mark.parametrize("name", common.DIVERGENCES)
+def test_f_divergence_of_categoricals(name):
+    """sum_v p(v) f(q(v)/p(v)) is >= 0, 0 iff p == q, and matches the closed forms."""
+    theta, log_q = categorical(seed=5)
+    p, q = torch.softmax(theta.detach(), 0), log_q.exp()
+    f, _ = common.f_divergence(name, alpha=0.3)
+    d = (p * f(q / p)).sum().item()
+    assert d > 0 and (p * f(p / p)).sum().abs().item() < 1e-12
+    closed = dict(rkl=(p * (p / q).log()).sum(), fkl=(q * (q / p).log()).sum(),
+                  tv=0.5 * (p - q).abs().sum(),
+                  jsd=0.5 * ((q * (2 * q / (p + q)).log()).sum() + (p * (2 * p / (p + q)).log()).sum()))
+    if name in closed:
+        assert d == pytest.approx(closed[name].item())
+
+
+def test_alpha_limits_rejected():
+    with pytest.raises(SystemExit):
+        common.f_divergence("alpha", alpha=1.0)
+
+
+# ---------------------------------------------------------------- models, data, sampling
+
+def test_model_names():
+    assert common.resolve_model_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert common.resolve_model_name("Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert common.resolve_model_name("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
+    assert common.resolve_model_name("toy-small") == "toy-small"
+
+
+def test_load_model_from_local_directory(tmp_path):
+    model = tiny_model(vocab=len(common.toy_tokenizer()))
+    model.save_pretrained(tmp_path)
+    common.toy_tokenizer().save_pretrained(tmp_path)
+    loaded, tok = common.load_model(str(tmp_path), torch.device("cpu"))
+    for a, b in zip(model.parameters(), loaded.parameters()):
+        torch.testing.assert_close(a, b)
+    assert tok.padding_side == "left" and tok.decode(tok("12+3").input_ids) == "12+3"
+
+
+def test_unknown_model_is_one_clear_line(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        common.load_model("no-such-org/no-such-model", torch.device("cpu"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot load model 'no-such-org/no-such-model'") and "\n" not in err
+    assert "unreachable" in err
+
+
+def test_jsonl_dataset(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(dict(question="1+1?", answer="It is 2.\n#### 2")) + "\n\n"
+                    + json.dumps(dict(question="2+2?", answer="4")) + "\n")
+    rows = common.load_data(str(path), "train")
+    assert rows == [dict(question="1+1?", answer="2"), dict(question="2+2?", answer="4")]
+    with pytest.raises(SystemExit):
+        common.load_data(str(tmp_path / "missing.jsonl"), "train")
+    with pytest.raises(SystemExit):
+        common.load_data("imagenet", "train")
+
+
+def test_toy_data_splits_are_disjoint():
+    train, ev = common.load_data("toy", "train"), common.load_data("toy", "eval")
+    assert len(ev) == common.TOY_EVAL_PAIRS and len(train) + len(ev) == 10_000
+    assert not {r["question"] for r in train} & {r["question"] for r in ev}
+    assert all(int(r["answer"]) == sum(map(int, r["question"].split("+"))) for r in ev)
+    assert common.toy_answer(57, 68, drop_carry=True) == 15 and common.toy_answer(57, 68) == 125
+
+
+def test_prompt_format():
+    tok = common.toy_tokenizer()
+    assert common.format_prompt(tok, "12+3", "toy") == "12+3="
+    tok.chat_template = None
+    assert common.format_prompt(tok, "What is 2+2?", "gsm8k").startswith("Question: What is 2+2?\nPlease reason")
+
+
+def test_sampling_ignores_generation_config(tmp_path):
+    """A hostile generation_config (top_k=1, repetition penalty, min_p) must not change what is
+    sampled: first-token frequencies match softmax(logits / T)."""
+    tok = common.toy_tokenizer()
+    model = tiny_model(vocab=len(tok), seed=1)
+    model.generation_config.top_k = 1
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.min_p = 0.5
+    model.generation_config.do_sample = False
+    torch.manual_seed(0)
+    n, T = 4000, 0.8
+    ro = common.sample(model, tok, ["12+3="], n, max_new_tokens=1, temperature=T)
+    with torch.no_grad():
+        enc = tok(["12+3="], return_tensors="pt")
+        probs = torch.softmax(model(**enc).logits[0, -1] / T, -1)
+    freq = torch.bincount(ro.completion_ids[:, 0], minlength=len(probs)).float() / n
+    assert (freq - probs).abs().max().item() < 0.03
+    assert (ro.completion_ids[:, 0] != ro.completion_ids[0, 0]).any()  # not greedy
+
+
+def test_sampling_rollout_layout():
+    tok = common.toy_tokenizer()
+    model = tiny_model(vocab=len(tok), seed=2)
+    ro = common.sample(model, tok, ["1+2=", "33+44="], 3, max_new_tokens=5)
+    assert ro.completion_ids.shape[0] == 6 and ro.prompt_ids.shape[0] == 6
+    assert torch.equal(ro.prompt_ids[0], ro.prompt_ids[2]) and not torch.equal(ro.prompt_ids[2], ro.prompt_ids[3])
+    mask, lengths = common.completion_mask(ro.completion_ids, [tok.eos_token_id])
+    assert torch.equal(mask, ro.mask) and torch.equal(lengths, ro.lengths)
+    assert (ro.completion_ids[ro.mask == 0] == tok.pad_token_id).all()
+
+
+# ---------------------------------------------------------------- arguments, logging
+
+def test_parse_args_defaults_follow_the_model():
+    import grpo
+    toy = common.parse_args(grpo.Args, [])
+    assert toy.model == "toy-small" and toy.dataset == "toy" and toy.max_new_tokens == 8
+    real = common.parse_args(grpo.Args, ["--model", "Qwen2.5-0.5B-Instruct"])
+    assert real.dataset == "gsm8k" and real.max_new_tokens == 512 and real.lr == 1e-6
+    given = common.parse_args(grpo.Args, ["--max-new-tokens", "5", "--no-resume", "--loss-type", "dapo"])
+    assert given.max_new_tokens == 5 and given.dataset == "toy" and given.loss_type == "dapo"
+
+
+def test_logger_drops_lines_after_resume_step(tmp_path):
+    log = common.Logger(str(tmp_path))
+    for s in range(6):
+        log.log(s, {"train/reward": s})
+    log.close()
+    log = common.Logger(str(tmp_path), resume_step=3)
+    log.log(4, {"train/reward": 40})
+    log.close()
+    steps = [json.loads(l)["step"] for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    assert steps == [0, 1, 2, 3, 4]
