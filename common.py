@@ -13,6 +13,7 @@ change their inputs in place.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -107,9 +108,12 @@ def get_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def get_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (weights and activations; the log-prob math is done in fp32), fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def autocast(device: torch.device):
+    """Mixed precision on CUDA: trained weights (and AdamW states) stay fp32, matmuls run in bf16.
+    Pure bf16 weights would round updates of lr 1e-6 away. The log-prob math is fp32 everywhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,18 +135,18 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-def load_model(name: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-               gradient_checkpointing: bool = False):
-    """(model, tokenizer) from a toy name, a local `save_pretrained` directory or a hub id."""
+def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False):
+    """(model, tokenizer) from a toy name, a local `save_pretrained` directory or a hub id.
+    Weights in fp32 (trained models keep fp32 master weights; `freeze` casts frozen ones to bf16
+    on CUDA); compute runs under `autocast`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per run: ours
     path = toy_path(name) if is_toy(name) else resolve_model_name(name)
-    dtype = dtype or get_dtype(device)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         hub = "" if os.path.isdir(path) else (
             "; the hub is unreachable from here" if not hub_reachable() else "")
@@ -188,9 +192,11 @@ def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str):
 
 
 def freeze(model):
-    """A frozen copy (teacher, reference): eval mode, no grads."""
+    """A frozen model (teacher, reference): eval mode, no grads, bf16 weights on CUDA."""
     model.eval()
     model.requires_grad_(False)
+    if next(model.parameters()).is_cuda:
+        model.to(torch.bfloat16)
     return model
 
 
@@ -519,7 +525,8 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
         typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
         max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=eos, pad_token_id=tok.pad_token_id,
         num_beams=1, use_cache=True)
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+    with autocast(device):
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
     completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
     mask, lengths = completion_mask(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
@@ -558,19 +565,20 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size
     ids, attn = rollout.input_ids(), rollout.attention_mask()  # (B, P+T)
     B, T = rollout.completion_ids.shape
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B, P+T) left padding shifts positions
-    h = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
-    h = h[:, -T - 1:-1].reshape(B * T, -1)  # (B*T, D) the state before each completion token
-    y = rollout.completion_ids.reshape(B * T)  # (B*T,)
     w = model.get_output_embeddings().weight  # (V, D)
     logps, ents = [], []
-    for s in range(0, B * T, chunk_size):
-        args = (h[s:s + chunk_size], w, y[s:s + chunk_size], temperature, vocab_size, with_entropy)
-        if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
-        logps.append(lp)
-        ents.append(ent)
+    with autocast(w.device):
+        h = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+        h = h[:, -T - 1:-1].reshape(B * T, -1)  # (B*T, D) the state before each completion token
+        y = rollout.completion_ids.reshape(B * T)  # (B*T,)
+        for s in range(0, B * T, chunk_size):
+            args = (h[s:s + chunk_size], w, y[s:s + chunk_size], temperature, vocab_size, with_entropy)
+            if torch.is_grad_enabled() and h.requires_grad:
+                lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+            else:
+                lp, ent = _chunk_logprobs(*args)
+            logps.append(lp)
+            ents.append(ent)
     logp = torch.cat(logps).view(B, T) if logps else h.new_zeros(B, T, dtype=torch.float32)
     if with_entropy:
         ent = torch.cat(ents).view(B, T) if ents else logp.detach().clone()
