@@ -82,9 +82,10 @@ def check_common_args(args):
     if args.group_size < 2:
         die(f"--group-size must be at least 2 (got {args.group_size}): "
             "group-relative advantages need two completions to compare")
-    for name in ("steps", "prompts_per_step", "max_new_tokens", "eval_size", "micro_batch_size"):
-        if getattr(args, name) < (0 if name in ("steps", "eval_size") else 1):
-            die(f"--{name.replace('_', '-')} must be {'non-negative' if name in ('steps', 'eval_size') else 'positive'} "
+    for name, least in (("steps", 0), ("eval_size", 0), ("prompts_per_step", 1), ("max_new_tokens", 1),
+                        ("micro_batch_size", 1)):
+        if getattr(args, name) < least:
+            die(f"--{name.replace('_', '-')} must be {'non-negative' if least == 0 else 'positive'} "
                 f"(got {getattr(args, name)})")
     if args.temperature <= 0:
         die(f"--temperature must be positive for on-policy sampling (got {args.temperature})")
