@@ -1,0 +1,269 @@
+"""CPPO: Accelerating the Training of Group Relative Policy Optimization-Based Reasoning Models
+(arXiv 2503.22342, official code lzhxmu/CPPO).
+
+GRPO (grpo.py) plus two things, both before any old-policy, reference or policy forward pass:
+- Completion pruning. A completion with a small |A_i| contributes little to the gradient, so
+  after rewards and advantages (computed on the full group of G) only the k = floor(G (1 - P))
+  completions with the largest |A_i| of each group are kept (P = --prune-rate; 0.875 keeps 2 of
+  16). Pruned completions cost their generation but no forward and no backward.
+- Dynamic completion allocation. The per-step budget of trained completions stays what GRPO
+  trains on, prompts_per_step x G: ceil(budget / k) questions are sampled (G completions each),
+  pruned, and exactly the budget is trained on. Steps cost more generation, fewer of them make
+  an epoch, and each trains on more questions.
+With P = 0 this script is grpo.py.
+
+Deviations from the paper:
+1. Everything in grpo.py's list (loss types, verifiable rewards, k3 penalty direction); the
+   defaults follow CPPO's runs (G 16, mu 2, beta 0.04, lr 1e-6, T 1.0, P 0.875), but the loss
+   keeps the paper's per-sequence mean (--loss-type grpo); the official code uses bnpo.
+2. --prune-scope group (default) prunes within each question, as the paper's text says; the
+   official code takes one top-k over the whole local batch (--prune-scope batch), so groups
+   with zero-std rewards (all |A| = 0) are pruned first.
+3. Dynamic allocation samples more questions, as the paper's text says. The official code's
+   --allocation (src/open_r1/grpo_trainer_gsm.py) instead samples G / (1 - P) completions for
+   each question and normalises the advantages over that larger group.
+4. ceil(budget / k) questions keep up to k - 1 completions more than the budget: these surplus
+   ones, the lowest-|A| among the kept (ties: the later row in batch order), are dropped too.
+5. --prune-metric largest and random (drop the largest |A|, or drop at random) are the paper's
+   ablation controls, not CPPO.
+6. Generation runs in this process with HF generate (the paper: vLLM on a separate GPU), so the
+   whole-step speedup is smaller than the update-phase speedup; both are logged (time/*).
+
+CPU (toy world, minutes):  python cppo.py
+GPU:                       python cppo.py --model Qwen2.5-1.5B-Instruct --dataset gsm8k
+"""
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import common
+from common import arg
+
+
+@dataclass
+class Args:
+    model: str = arg("toy-small", "policy to train: hub id, bare Qwen name (Qwen2.5-0.5B-Instruct), local directory, or toy-small/toy-large")
+    dataset: str = arg("gsm8k", "gsm8k, math, toy, or a .jsonl path with question/answer fields", toy="toy")
+    steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
+    prompts_per_step: int = arg(16, "questions sampled per step", toy=8)
+    group_size: int = arg(16, "completions per question (G)", toy=8)
+    max_new_tokens: int = arg(512, "completion length limit", toy=8)
+    lr: float = arg(1e-6, "AdamW learning rate", toy=2e-5)
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    temperature: float = arg(1.0, "sampling temperature (log-probs use the same)")
+    format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
+    seed: int = arg(1, "random seed")
+    out: str = arg("", "output directory (default: runs/<script>-<time>)")
+    eval_every: int = arg(50, "evaluate every N steps (also at step 0 and after the last step)")
+    eval_size: int = arg(500, "held-out questions for greedy pass@1")
+    save_every: int = arg(50, "checkpoint every N steps")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    device: str = arg("auto", "cuda, cpu, or auto")
+    micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    # Algorithm-specific arguments
+    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
+    loss_type: str = arg("grpo", "token aggregation of the loss", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    num_iterations: int = arg(2, "updates per batch of rollouts (mu); >1 computes old log-probs once", toy=1)
+    beta: float = arg(0.04, "coefficient of the k3 penalty to the initial policy (0: no reference model)")
+    epsilon: float = arg(0.2, "lower clip range: ratio >= 1 - epsilon")
+    epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
+    prune_rate: float = arg(0.875, "fraction P of each group pruned before any forward: keep k = floor(G (1 - P))", toy=0.5)
+    prune_scope: str = arg("group", "top-k per question (paper) or over the whole batch (official code)", choices=("group", "batch"))
+    prune_metric: str = arg("smallest", "which |A| are dropped: smallest (CPPO), largest or random (controls)", choices=("smallest", "largest", "random"))
+    dynamic_allocation: bool = arg(True, "sample ceil(budget / k) questions so the step trains on budget = prompts_per_step x G completions")
+
+
+# ALGO LOGIC: advantages, pruning and loss
+
+
+def compute_advantages(rewards, group_size: int, scale: str):
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch."""
+    r = rewards.view(-1, group_size)  # (N, G)
+    centred = r - r.mean(1, keepdim=True)  # (N, G)
+    if scale == "group":
+        centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + 1e-4)  # (N, G)
+    return centred.reshape(-1)  # (B,)
+
+
+def kept_per_group(group_size: int, prune_rate: float) -> int:
+    """k = floor(G (1 - P)); rounded first so that G = 10, P = 0.9 keeps 1, not 0.99999."""
+    return math.floor(round(group_size * (1 - prune_rate), 6))
+
+
+def select_completions(advantages, group_size: int, k: int, budget: int, scope: str, metric: str,
+                       generator=None):
+    """CPPO completion pruning (arXiv 2503.22342): the sorted row indices of the
+    completions to train on. Each completion gets a keep-score: |A_i| when the smallest |A| are
+    dropped (CPPO), -|A_i| when the largest are, a uniform draw for random. scope 'group' keeps
+    the k best of each group of G, 'batch' the N k best of the whole batch; of those, the
+    `budget` best are kept (dynamic allocation's surplus goes). Ties keep the earlier row."""
+    abs_adv = advantages.abs()  # (B,)
+    if metric == "smallest":
+        score = abs_adv  # (B,)
+    elif metric == "largest":
+        score = -abs_adv  # (B,)
+    else:
+        score = torch.rand(abs_adv.shape, generator=generator).to(abs_adv.device)  # (B,)
+    N = len(score) // group_size
+    if scope == "group":
+        order = torch.sort(score.view(N, group_size), dim=1, descending=True, stable=True).indices  # (N, G)
+        kept = (order[:, :k] + group_size * torch.arange(N, device=score.device)[:, None]).reshape(-1)  # (N k,)
+    else:
+        kept = torch.sort(score, descending=True, stable=True).indices[:N * k]  # (N k,)
+    kept = torch.sort(kept).values  # (N k,) batch order, so that ties below keep the earlier row
+    kept = kept[torch.sort(score[kept], descending=True, stable=True).indices[:budget]]  # (budget,)
+    return torch.sort(kept).values  # (budget,)
+
+
+def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, n_tokens):
+    """GRPO objective (arXiv 2402.03300, eq. 3), as a loss to minimise, per token:
+        L_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t,
+        rho_t = exp(l_t - l_old_t),  k3_t = exp(l_ref_t - l_t) - (l_ref_t - l_t) - 1,
+    aggregated by --loss-type. `n_seqs` and `n_tokens` are the whole step's (all micro-batches),
+    so that the summed micro-batch losses equal the full-batch loss.
+    CPPO (arXiv 2503.22342) optimises the same objective over the kept completions only: the
+    average is over the k per question (1/k, not 1/G), so n_seqs and n_tokens count kept rows."""
+    ratio = torch.exp(logp - old_logp)  # (b, T)
+    A = advantages[:, None]  # (b, 1)
+    clipped_ratio = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)  # (b, T)
+    per_token = -torch.min(ratio * A, clipped_ratio * A)  # (b, T)
+    kl_policy_ref_k3 = None
+    if ref_logp is not None:
+        kl_policy_ref_k3 = common.kl_k3(ref_logp - logp)  # (b, T) estimates KL(pi_theta||pi_ref)
+        per_token = per_token + args.beta * kl_policy_ref_k3  # (b, T)
+    if args.loss_type == "grpo":  # mean over each sequence, then over sequences
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    elif args.loss_type == "bnpo":  # token mean of this micro-batch, micro-batches averaged
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1) * (len(mask) / n_seqs)
+    elif args.loss_type == "dr_grpo":  # constant normaliser: no length bias
+        loss = (per_token * mask).sum() / (n_seqs * args.max_new_tokens)
+    else:  # dapo: token mean over the whole step
+        loss = (per_token * mask).sum() / n_tokens
+    is_clipped = ((ratio < 1 - args.epsilon) & (A < 0)) | ((ratio > 1 + args.epsilon_high) & (A > 0))  # (b, T)
+    return loss, dict(kl=kl_policy_ref_k3, clipped=is_clipped.float())
+
+
+def main():
+    args = common.parse_args(Args)
+    common.check_common_args(args)
+    if args.num_iterations < 1:
+        common.die(f"--num-iterations must be at least 1 (got {args.num_iterations})")
+    if args.prune_rate < 0:  # CPPO:
+        common.die(f"--prune-rate must be in [0, 1) (got {args.prune_rate})")
+    if kept_per_group(args.group_size, args.prune_rate) < 1:  # CPPO:
+        common.die(f"--prune-rate {args.prune_rate} keeps no completion of a group of {args.group_size} "
+                   f"(floor(G (1 - P)) < 1): use at most 1 - 1/G = {1 - 1 / args.group_size:g}")
+    sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
+    eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
+    out = common.prepare_out(args, "cppo")
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    G = args.group_size
+    k = kept_per_group(G, args.prune_rate)  # CPPO: completions kept per question
+    budget = args.prompts_per_step * (G if args.dynamic_allocation else k)  # CPPO: completions trained per step
+    n_questions = math.ceil(budget / k)  # CPPO: questions sampled per step
+
+    start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
+    model, tok = common.load_model(start_from, device, gradient_checkpointing=args.gradient_checkpointing)
+    ref = common.freeze(common.load_model(args.model, device)[0]) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start = common.load_checkpoint(out, dict(policy=optimizer), sampler) if args.resume else 0
+    logger = common.Logger(out, resume_step=start if args.resume else None)
+
+    def evaluate(step):
+        acc = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens)
+        logger.log(step, {"eval/accuracy": acc})
+        return acc
+
+    acc0 = acc = evaluate(0) if start == 0 else float("nan")
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True)
+    for step in bar:
+        t_step = time.perf_counter()
+        # 1. sample
+        with common.Timer() as t_gen:
+            rows = sampler.next(n_questions)
+            prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
+            rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
+        # 2. score
+        golds = [r["answer"] for r in rows for _ in range(G)]
+        rewards = common.rewards_for(rollout.texts, golds, args.format_coef).to(device)  # (B,)
+        # 3. ALGO LOGIC
+        advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,) on the full groups
+        kept = select_completions(advantages, G, k, budget, args.prune_scope, args.prune_metric)  # (budget,)
+        dropped = torch.ones_like(rewards, dtype=torch.bool).index_fill(0, kept, False)  # (B,)
+        sampled, abs_adv = rollout, advantages.abs()  # (B,) the whole sample, for logging
+        rollout, advantages = rollout.select(kept), advantages[kept]  # (budget, T), (budget,) the only rows trained on
+
+        # 4. update
+        with common.Timer() as t_upd:
+            batches = common.micro_batches(len(advantages), args.micro_batch_size)
+            n_tokens = rollout.mask.sum()
+            with torch.no_grad():
+                old = ([common.token_logprobs(model, rollout.select(i), args.temperature, args.logprob_chunk)
+                        for i in batches] if args.num_iterations > 1 else None)
+                refs = ([common.token_logprobs(ref, rollout.select(i), args.temperature, args.logprob_chunk)
+                         for i in batches] if ref is not None else None)
+            model.train()
+            sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0)
+            for _ in range(args.num_iterations):
+                optimizer.zero_grad(set_to_none=True)
+                for j, idx in enumerate(batches):
+                    mb = rollout.select(idx)
+                    logp, entropy = common.token_logprobs(model, mb, args.temperature, args.logprob_chunk,
+                                                          with_entropy=True)  # (b, T)
+                    old_logp = old[j] if old is not None else logp.detach()  # (b, T)
+                    loss, s = compute_loss(logp, old_logp, refs[j] if refs else None, advantages[idx],
+                                           mb.mask, args, len(advantages), n_tokens)
+                    loss.backward()
+                    sums["loss"] += loss.detach()
+                    sums["clipped"] += (s["clipped"] * mb.mask).sum()
+                    sums["entropy"] += (entropy * mb.mask).sum()
+                    if s["kl"] is not None:
+                        sums["kl"] += (s["kl"].detach() * mb.mask).sum()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                common.check_finite(sums["loss"], step, out)
+                optimizer.step()
+
+        # 5. log, evaluate, save (train/reward, _std, completion_len, truncated_frac: every sampled
+        # completion; loss, clip_frac, entropy, kl, grad_norm: the kept ones that were trained on)
+        per_token = n_tokens * args.num_iterations
+        zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
+        metrics = {
+            "train/reward": rewards.mean(), "train/reward_std": rewards.std(),
+            "train/loss": sums["loss"] / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
+            "train/zero_std_frac": zero_std, "train/completion_len": sampled.lengths.float().mean(),
+            "train/truncated_frac": (sampled.mask[:, -1] == 1).float().mean() if sampled.mask.shape[1] == args.max_new_tokens else 0.0,
+            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm,
+            "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
+            "cppo/questions": len(rows), "cppo/kept_frac": len(kept) / len(rewards),  # CPPO:
+            "cppo/reward_kept": rewards[kept].mean(), "cppo/abs_adv_kept": abs_adv[kept].mean(),  # CPPO:
+        }
+        if dropped.any():  # CPPO: absent when nothing is pruned (P = 0)
+            metrics["cppo/abs_adv_dropped"] = abs_adv[dropped].mean()
+        if ref is not None:
+            metrics["train/kl"] = sums["kl"] / per_token
+        metrics["time/step"] = time.perf_counter() - t_step
+        logger.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate(step)
+        if step % args.save_every == 0 or step == args.steps:
+            common.save_checkpoint(out, step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")
+
+    common.save_final(out, {"": (model, tok)})
+    logger.close()
+    print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({out})")
+
+
+if __name__ == "__main__":
+    main()
