@@ -1,0 +1,293 @@
+"""KDRL: Post-Training Reasoning LLMs via Unified Knowledge Distillation and Reinforcement
+Learning (arXiv 2506.02208).
+
+grpo.py plus a frozen teacher. On the same on-policy rollouts of the student pi_theta, the
+GRPO loss gets a second per-token term: beta_t times an estimate of the reverse KL
+KL(pi_theta || pi_T) to the teacher, so one update both follows the reward (self-exploration)
+and pulls the student towards the teacher where the student actually goes (on-policy KD).
+
+RECONSTRUCTED: there is no official code and the paper's method text could not be read; the
+objective below is reconstructed from the abstract (J = J_GRPO - beta_t * KL(pi_theta||pi_T),
+optimised by policy gradient) and the reported settings (ALGORITHMS.md section 3). The exact
+form of the estimators, of the annealing schedule and of reward-guided masking is ours.
+- --kd-estimator: with R = sg(l_T) - l_theta per sampled token, k1 = -R (its expected gradient
+  is 0: kept only as a lesson), k2 = R^2 / 2 (expected gradient = grad KL(pi_theta||pi_T): the
+  default), k3 = e^R - R - 1 (expected gradient = grad of the FORWARD KL(pi_T||pi_theta)).
+- --kd-anneal: beta_t = max(beta_0 - delta * t, beta_min), t = optimizer steps already taken
+  (t = 0 at the first step).
+- --kd-mask: response = no KD on completions that are already correct (reward >= 1);
+  group = KD only on prompts where no completion is correct. The teacher scores only the
+  completions that keep KD.
+
+Deviations from the paper (besides those of grpo.py, which apply here too):
+1. The KD term joins the GRPO term in one per-token loss before aggregation, so --loss-type
+   aggregates both the same way (a token masked from KD adds 0 but still counts in the
+   normaliser).
+2. The reference-model k3 penalty of grpo.py (--beta) is kept as it is; whether the paper kept
+   one is not known here (--beta 0 drops it and the reference model).
+3. Toy defaults of --kd-coef, --kd-coef-min and --kd-anneal-rate (1.0, 0.2, 0.01) are far
+   larger than the reported ones (the toy's KL is ~0.2 nats a token, its advantages ~1), so that
+   the KD gradient is as large as the GRPO one; annealed, the coefficient reaches its floor at
+   t = 80 as with the reported (5e-3, 1e-3, 5e-5).
+
+CPU (toy world, minutes):  python kdrl.py            (student toy-small, teacher toy-large)
+GPU:                       python kdrl.py --model Qwen2.5-0.5B-Instruct --teacher Qwen2.5-1.5B-Instruct
+Annealed (as reported):    add --kd-anneal --kd-coef 5e-3 (--kd-coef-min 1e-3 --kd-anneal-rate 5e-5)
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import common
+from common import arg
+
+
+@dataclass
+class Args:
+    model: str = arg("toy-small", "policy to train: hub id, bare Qwen name (Qwen2.5-0.5B-Instruct), local directory, or toy-small/toy-large")
+    dataset: str = arg("gsm8k", "gsm8k, math, toy, or a .jsonl path with question/answer fields", toy="toy")
+    steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
+    prompts_per_step: int = arg(16, "questions sampled per step", toy=8)
+    group_size: int = arg(8, "completions per question (G)")
+    max_new_tokens: int = arg(512, "completion length limit", toy=8)
+    lr: float = arg(1e-6, "AdamW learning rate", toy=2e-5)
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    temperature: float = arg(1.0, "sampling temperature (log-probs use the same)")
+    format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
+    seed: int = arg(1, "random seed")
+    out: str = arg("", "output directory (default: runs/<script>-<time>)")
+    eval_every: int = arg(50, "evaluate every N steps (also at step 0 and after the last step)")
+    eval_size: int = arg(500, "held-out questions for greedy pass@1")
+    save_every: int = arg(50, "checkpoint every N steps")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    device: str = arg("auto", "cuda, cpu, or auto")
+    micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    # Algorithm-specific arguments
+    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
+    loss_type: str = arg("grpo", "token aggregation of the loss", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    num_iterations: int = arg(1, "updates per batch of rollouts (mu); >1 computes old log-probs once")
+    beta: float = arg(0.04, "coefficient of the k3 penalty to the initial policy (0: no reference model)")
+    epsilon: float = arg(0.2, "lower clip range: ratio >= 1 - epsilon")
+    epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
+    teacher: str = arg("toy-large", "frozen teacher, same tokenizer as --model: hub id, bare Qwen name, local directory, or toy name")
+    kd_estimator: str = arg("k2", "estimator of KL(student||teacher) per sampled token; k2's gradient is the reverse-KL one", choices=("k1", "k2", "k3"))
+    kd_coef: float = arg(2e-3, "coefficient beta of the KD term (beta_0 with --kd-anneal; reported 5e-3 then)", toy=1.0)
+    kd_anneal: bool = arg(False, "anneal the KD coefficient: beta_t = max(kd_coef - kd_anneal_rate * t, kd_coef_min)")
+    kd_coef_min: float = arg(1e-3, "floor of the annealed KD coefficient", toy=0.2)
+    kd_anneal_rate: float = arg(5e-5, "decrease of the KD coefficient per step when annealing", toy=0.01)
+    kd_mask: str = arg("none", "reward-guided KD: none, response (skip correct completions), group (only prompts with no correct completion)", choices=("none", "response", "group"))
+
+
+# ALGO LOGIC: advantages and loss
+
+
+def compute_advantages(rewards, group_size: int, scale: str):
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch."""
+    r = rewards.view(-1, group_size)  # (N, G)
+    centred = r - r.mean(1, keepdim=True)  # (N, G)
+    if scale == "group":
+        centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + 1e-4)  # (N, G)
+    return centred.reshape(-1)  # (B,)
+
+
+def kd_coefficient(t: int, args) -> float:
+    """beta_t: --kd-coef, or with --kd-anneal max(beta_0 - delta * t, beta_min), t = steps taken."""
+    if not args.kd_anneal:
+        return args.kd_coef
+    return max(args.kd_coef - args.kd_anneal_rate * t, args.kd_coef_min)
+
+
+def kd_rows(rewards, group_size: int, mode: str):
+    """(B,) 1 for the completions that get the KD term (reward-guided KD). Correct means
+    reward >= 1, so a format bonus alone does not count."""
+    correct = rewards >= 1  # (B,)
+    if mode == "response":  # the teacher is not needed where the answer is already right
+        keep = ~correct  # (B,)
+    elif mode == "group":  # only where RL has no signal: no correct completion in the group
+        keep = ~correct.view(-1, group_size).any(1, keepdim=True).expand(-1, group_size).reshape(-1)  # (B,)
+    else:
+        keep = torch.ones_like(correct)  # (B,)
+    return keep.float()
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher, rollout, idx, kd_row, args, vocab_size=None):
+    """(b, T) teacher log-probs l_T of micro-batch `idx`, as the policy pass will see it. Only its
+    rows with kd_row = 1 go through the teacher; the others stay 0 (they are masked from KD)."""
+    mb = rollout.select(idx)
+    out = torch.zeros_like(mb.mask)  # (b, T)
+    keep = (kd_row[idx] > 0).cpu()  # (b,)
+    if keep.any():
+        lp = common.token_logprobs(teacher, rollout.select(idx[keep]), args.temperature, args.logprob_chunk,
+                                   vocab_size)  # (k, T_k), T_k <= T
+        out[keep.to(out.device), :lp.shape[1]] = lp
+    return out
+
+
+def kd_term(logp, teacher_logp, kd_mask, estimator: str):
+    """Per-token estimate of the reverse KL(pi_theta||pi_T) on the sampled tokens, with
+    R = sg(l_T) - l_theta (Schulman 2020; common.KL_ESTIMATORS): k1 = -R, k2 = R^2 / 2,
+    k3 = e^R - R - 1. As losses their expected gradients are 0, grad KL(pi_theta||pi_T) and
+    grad KL(pi_T||pi_theta). 0 where kd_mask is 0."""
+    log_ratio = torch.where(kd_mask > 0, teacher_logp.detach() - logp, 0.0)  # (b, T) R; 0 keeps e^R finite off KD
+    return common.KL_ESTIMATORS[estimator](log_ratio)  # (b, T)
+
+
+def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, n_tokens,
+                 teacher_logp, kd_mask, kd_coef: float):
+    """KDRL objective (arXiv 2506.02208; reconstructed): J = J_GRPO - beta_t KL(pi_theta||pi_T),
+    as a loss to minimise, per token:
+        L_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t + beta_t * kd_t M^KD_t,
+        rho_t = exp(l_t - l_old_t),  k3_t = exp(l_ref_t - l_t) - (l_ref_t - l_t) - 1,
+        kd_t = k(sg(l_T_t) - l_t) with k = --kd-estimator (see kd_term), M^KD = kd_mask,
+    aggregated by --loss-type (both terms alike). `n_seqs` and `n_tokens` are the whole step's
+    (all micro-batches), so that the summed micro-batch losses equal the full-batch loss."""
+    ratio = torch.exp(logp - old_logp)  # (b, T)
+    A = advantages[:, None]  # (b, 1)
+    clipped_ratio = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)  # (b, T)
+    per_token = -torch.min(ratio * A, clipped_ratio * A)  # (b, T)
+    kl_policy_ref_k3 = None
+    if ref_logp is not None:
+        kl_policy_ref_k3 = common.kl_k3(ref_logp - logp)  # (b, T) estimates KL(pi_theta||pi_ref)
+        per_token = per_token + args.beta * kl_policy_ref_k3  # (b, T)
+    kl_student_teacher = kd_term(logp, teacher_logp, kd_mask, args.kd_estimator)  # (b, T) KL(pi_theta||pi_T), 0 off KD
+    per_token = per_token + kd_coef * kl_student_teacher  # (b, T)
+    if args.loss_type == "grpo":  # mean over each sequence, then over sequences
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    elif args.loss_type == "bnpo":  # token mean of this micro-batch, micro-batches averaged
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1) * (len(mask) / n_seqs)
+    elif args.loss_type == "dr_grpo":  # constant normaliser: no length bias
+        loss = (per_token * mask).sum() / (n_seqs * args.max_new_tokens)
+    else:  # dapo: token mean over the whole step
+        loss = (per_token * mask).sum() / n_tokens
+    is_clipped = ((ratio < 1 - args.epsilon) & (A < 0)) | ((ratio > 1 + args.epsilon_high) & (A > 0))  # (b, T)
+    return loss, dict(kl=kl_policy_ref_k3, clipped=is_clipped.float(), kd=kl_student_teacher)
+
+
+def main():
+    args = common.parse_args(Args)
+    common.check_common_args(args)
+    if args.num_iterations < 1:
+        common.die(f"--num-iterations must be at least 1 (got {args.num_iterations})")
+    if min(args.kd_coef, args.kd_coef_min, args.kd_anneal_rate) < 0:
+        common.die("--kd-coef, --kd-coef-min and --kd-anneal-rate must be non-negative")
+    if args.kd_anneal and args.kd_coef_min > args.kd_coef:
+        common.die(f"--kd-coef-min ({args.kd_coef_min}) must not exceed --kd-coef ({args.kd_coef}) when annealing")
+    sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
+    eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
+    out = common.prepare_out(args, "kdrl")
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    G = args.group_size
+
+    start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
+    model, tok = common.load_model(start_from, device, gradient_checkpointing=args.gradient_checkpointing)
+    ref = common.freeze(common.load_model(args.model, device)[0]) if args.beta > 0 else None
+    teacher, teacher_tok = common.load_model(args.teacher, device)  # KDRL
+    common.check_same_tokenizer(tok, teacher_tok, args.model, args.teacher)
+    teacher = common.freeze(teacher)
+    vocab = model.get_output_embeddings().weight.shape[0]  # a larger teacher's padded rows are sliced off
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start = common.load_checkpoint(out, dict(policy=optimizer), sampler) if args.resume else 0
+    logger = common.Logger(out, resume_step=start if args.resume else None)
+
+    def evaluate(step):
+        acc = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens)
+        logger.log(step, {"eval/accuracy": acc})
+        return acc
+
+    acc0 = acc = evaluate(0) if start == 0 else float("nan")
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True)
+    for step in bar:
+        t_step = time.perf_counter()
+        # 1. sample
+        with common.Timer() as t_gen:
+            rows = sampler.next(args.prompts_per_step)
+            prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
+            rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
+        # 2. score
+        golds = [r["answer"] for r in rows for _ in range(G)]
+        rewards = common.rewards_for(rollout.texts, golds, args.format_coef).to(device)  # (B,)
+        # 3. ALGO LOGIC
+        advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)
+        kd_row = kd_rows(rewards, G, args.kd_mask)  # (B,) KDRL
+        kd_coef = kd_coefficient(step - 1, args)
+
+        # 4. update
+        with common.Timer() as t_upd:
+            batches = common.micro_batches(len(rewards), args.micro_batch_size)
+            n_tokens = rollout.mask.sum()
+            n_kd_tokens = (rollout.mask * kd_row[:, None]).sum()  # KDRL
+            with torch.no_grad():
+                old = ([common.token_logprobs(model, rollout.select(i), args.temperature, args.logprob_chunk)
+                        for i in batches] if args.num_iterations > 1 else None)
+                refs = ([common.token_logprobs(ref, rollout.select(i), args.temperature, args.logprob_chunk)
+                         for i in batches] if ref is not None else None)
+            teachers = [teacher_logprobs(teacher, rollout, i, kd_row, args, vocab) for i in batches]  # KDRL
+            model.train()
+            sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, kd=0.0, kd_kl=0.0)
+            for _ in range(args.num_iterations):
+                optimizer.zero_grad(set_to_none=True)
+                for j, idx in enumerate(batches):
+                    mb = rollout.select(idx)
+                    logp, entropy = common.token_logprobs(model, mb, args.temperature, args.logprob_chunk,
+                                                          with_entropy=True)  # (b, T)
+                    old_logp = old[j] if old is not None else logp.detach()  # (b, T)
+                    kd_mask = mb.mask * kd_row[idx][:, None]  # (b, T) KDRL
+                    loss, s = compute_loss(logp, old_logp, refs[j] if refs else None, advantages[idx],
+                                           mb.mask, args, len(rewards), n_tokens, teachers[j], kd_mask, kd_coef)
+                    loss.backward()
+                    sums["loss"] += loss.detach()
+                    sums["clipped"] += (s["clipped"] * mb.mask).sum()
+                    sums["entropy"] += (entropy * mb.mask).sum()
+                    sums["kd"] += (s["kd"].detach() * kd_mask).sum()
+                    log_ratio = torch.where(kd_mask > 0, teachers[j] - logp.detach(), 0.0)  # (b, T) off KD: 0
+                    sums["kd_kl"] += (common.kl_k3(log_ratio) * kd_mask).sum()
+                    if s["kl"] is not None:
+                        sums["kl"] += (s["kl"].detach() * mb.mask).sum()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                common.check_finite(sums["loss"], step, out)
+                optimizer.step()
+
+        # 5. log, evaluate, save
+        per_token = n_tokens * args.num_iterations
+        zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
+        metrics = {
+            "train/reward": rewards.mean(), "train/reward_std": rewards.std(),
+            "train/loss": sums["loss"] / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
+            "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
+            "train/truncated_frac": (rollout.mask[:, -1] == 1).float().mean() if rollout.mask.shape[1] == args.max_new_tokens else 0.0,
+            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm,
+            "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
+        }
+        if ref is not None:
+            metrics["train/kl"] = sums["kl"] / per_token
+        n_kd = (n_kd_tokens * args.num_iterations).clamp(min=1)  # KDRL
+        metrics["kd/term"] = sums["kd"] / n_kd  # the --kd-estimator's value (k2: not a KL estimate)
+        metrics["kd/kl"] = sums["kd_kl"] / n_kd  # k3: unbiased estimate of KL(student||teacher)
+        metrics["kd/coef"] = kd_coef
+        metrics["kd/masked_frac"] = 1 - n_kd_tokens / n_tokens
+        metrics["time/step"] = time.perf_counter() - t_step
+        logger.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate(step)
+        if step % args.save_every == 0 or step == args.steps:
+            common.save_checkpoint(out, step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")
+
+    common.save_final(out, {"": (model, tok)})
+    logger.close()
+    print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({out})")
+
+
+if __name__ == "__main__":
+    main()
