@@ -1,0 +1,290 @@
+"""CoDistill-GRPO: a small and a large model trained together by GRPO (arXiv 2605.08873).
+
+Two models learn at the same time and no trained oracle is needed. Only the small model S
+generates (G completions per question); the large model L scores those tokens in its own forward.
+- S is updated by GRPO on a reward with an on-policy KD term: r~_i = r_i - alpha * k1_i, where
+  k1_i = mean_t sg(l_S - l_L) estimates the per-token reverse KL(pi_S||pi_L) of completion i.
+  S is pulled towards L where S actually goes, and among equally rewarded completions the ones
+  L finds likely win (a signal even in groups whose rewards are all equal).
+- L is updated by GRPO on S's rollouts, advantages from r only, each token weighted by the
+  importance weight pi_L/pi_S,old (S sampled the token, L learns from it), truncated at C.
+L needs no generation of its own: the generation time of a separate GRPO run of L is saved.
+
+RECONSTRUCTED: there is no official code and the paper's method text could not be read; the
+recipe is rebuilt from its abstract and secondary sources (ALGORITHMS.md section 5). Ours:
+- the KD reward's form (k1, a per-token mean, subtracted from the task reward before the group
+  normalisation) and the defaults of --kd-coef and --is-cap;
+- how the importance weight meets the clipped surrogate. The weight is split in two:
+  pi_L/pi_S,old = (pi_L/pi_L,old) * (pi_L,old/pi_S,old). The first factor is L's own PPO ratio,
+  clipped to [1 - eps, 1 + eps] as in grpo.py (1 in value with --num-iterations 1); the second,
+  the behaviour mismatch, is a detached weight truncated at --is-cap C (truncated importance
+  sampling, as IMPALA's rho-bar, arXiv 1802.01561). Clipping pi_L/pi_S itself to 1 +- eps would
+  silence almost every token, since a better L disagrees with S by far more than eps. The
+  expected gradient is E_S[min(w, C) A grad l_L], the off-policy gradient up to the truncation;
+- --large-rollouts n > 0: L also samples n completions per question (weight 1: they are its
+  own); its advantages are then normalised over the G + n completions of each question.
+
+Deviations from the paper, besides those of grpo.py (loss types, verifiable rewards):
+1. No reference model and no KL penalty (the reported recipe uses none).
+2. The reported reward adds 0.25 per closing tag of a <think>/<answer> format; our prompts ask
+   for \\boxed{} (or `####`), and --format-coef is that format's bonus (default 0).
+3. The two tokenizers must be identical; L's logits are sliced to S's vocabulary rows when
+   scoring S's tokens (Qwen2.5 7B and up have 152,064 rows, 0.5B-3B 151,936).
+
+CPU (toy world, minutes):  python codistill.py          (small toy-small, large toy-large)
+GPU:                       python codistill.py --small Qwen2.5-0.5B --large Qwen2.5-1.5B
+"""
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import common
+from common import arg
+
+
+@dataclass
+class Args:
+    small: str = arg("toy-small", "the small model (the only one that generates): hub id, bare Qwen name, local directory, or toy name")
+    large: str = arg("toy-large", "the large model, same tokenizer as --small: hub id, bare Qwen name, local directory, or toy name")
+    dataset: str = arg("math", "gsm8k, math, toy, or a .jsonl path with question/answer fields", toy="toy")
+    steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
+    prompts_per_step: int = arg(32, "questions sampled per step", toy=8)
+    group_size: int = arg(8, "completions per question (G), sampled by the small model")
+    max_new_tokens: int = arg(512, "completion length limit", toy=8)
+    small_lr: float = arg(1e-6, "AdamW learning rate of the small model", toy=2e-5)
+    large_lr: float = arg(1e-6, "AdamW learning rate of the large model", toy=2e-5)
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (each model's own)")
+    temperature: float = arg(1.0, "sampling temperature (log-probs of both models use the same)")
+    format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
+    seed: int = arg(1, "random seed")
+    out: str = arg("", "output directory (default: runs/<script>-<time>)")
+    eval_every: int = arg(50, "evaluate both models every N steps (also at step 0 and after the last step)")
+    eval_size: int = arg(500, "held-out questions for greedy pass@1")
+    save_every: int = arg(50, "checkpoint every N steps")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    device: str = arg("auto", "cuda, cpu, or auto")
+    micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    # Algorithm-specific arguments
+    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
+    loss_type: str = arg("grpo", "token aggregation of both losses", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    num_iterations: int = arg(1, "updates per batch of rollouts (mu), for each model")
+    epsilon: float = arg(0.2, "lower clip range of each model's own ratio: ratio >= 1 - epsilon")
+    epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
+    kd_coef: float = arg(0.1, "alpha: the small model's reward is r - alpha * (its per-token reverse KL to the large model)", toy=0.5)
+    is_cap: float = arg(2.0, "C: the large model's importance weights pi_L/pi_S,old are truncated at C")
+    large_rollouts: int = arg(0, "completions per question the large model also samples itself (0: none)")
+
+
+# ALGO LOGIC: rewards, advantages, importance weights and loss
+
+
+def compute_advantages(rewards, group_size: int, scale: str):
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch."""
+    r = rewards.view(-1, group_size)  # (N, G)
+    centred = r - r.mean(1, keepdim=True)  # (N, G)
+    if scale == "group":
+        centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + 1e-4)  # (N, G)
+    return centred.reshape(-1)  # (B,)
+
+
+def kd_rewards(rewards, kl_small_large_k1, kd_coef: float):
+    """The small model's reward r~_i = r_i - alpha * k1_i, k1_i = mean_t sg(l_S - l_L): an on-policy
+    KD reward (reconstructed). The large model's advantages never see it."""
+    return rewards - kd_coef * kl_small_large_k1  # (B,)
+
+
+def large_advantages(rewards, own_rewards, group_size: int, scale: str):
+    """The large model's advantages from the task reward only: over the G small-model completions
+    of each question, and its own n (--large-rollouts) when it sampled any."""
+    if own_rewards is None:
+        return compute_advantages(rewards, group_size, scale), None
+    N = len(rewards) // group_size
+    both = torch.cat([rewards.view(N, -1), own_rewards.view(N, -1)], 1)  # (N, G + n)
+    A = compute_advantages(both.reshape(-1), both.shape[1], scale).view(N, -1)  # (N, G + n)
+    return A[:, :group_size].reshape(-1), A[:, group_size:].reshape(-1)  # (B,), (N n,)
+
+
+def importance_weights(large_old_logp, small_old_logp, is_cap: float):
+    """w_t = min(pi_L,old(o_t) / pi_S,old(o_t), C), detached: S sampled o_t, L learns from it.
+    The log-ratio is capped before exp, so padding positions cannot overflow."""
+    log_w = (large_old_logp - small_old_logp).detach()  # (b, T)
+    return torch.exp(log_w.clamp(max=math.log(is_cap)))  # (b, T)
+
+
+def compute_loss(logp, old_logp, advantages, mask, args, n_seqs: int, n_tokens, is_weight=None):
+    """GRPO objective (arXiv 2402.03300, eq. 3) of either model, as a loss to minimise, per token:
+        L_t = -w_t min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A),  rho_t = exp(l_t - l_old_t),
+    w_t = 1 for the small model (on-policy) and for the large model's own samples; on the small
+    model's samples the large model's w_t = min(pi_L,old / pi_S,old, C) (arXiv 2605.08873,
+    reconstructed: see the docstring). Aggregated by --loss-type over the whole step."""
+    ratio = torch.exp(logp - old_logp)  # (b, T)
+    A = advantages[:, None]  # (b, 1)
+    clipped_ratio = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)  # (b, T)
+    per_token = -torch.min(ratio * A, clipped_ratio * A)  # (b, T)
+    if is_weight is not None:
+        per_token = is_weight * per_token  # (b, T)
+    if args.loss_type == "grpo":  # mean over each sequence, then over sequences
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    elif args.loss_type == "bnpo":  # token mean of this micro-batch, micro-batches averaged
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1) * (len(mask) / n_seqs)
+    elif args.loss_type == "dr_grpo":  # constant normaliser: no length bias
+        loss = (per_token * mask).sum() / (n_seqs * args.max_new_tokens)
+    else:  # dapo: token mean over the whole step
+        loss = (per_token * mask).sum() / n_tokens
+    is_clipped = ((ratio < 1 - args.epsilon) & (A < 0)) | ((ratio > 1 + args.epsilon_high) & (A > 0))  # (b, T)
+    return loss, dict(clipped=is_clipped.float())
+
+
+def update(model, optimizer, pieces, args, vocab: int, step: int, out: str):
+    """--num-iterations epochs of one model's GRPO update over micro-batches `pieces`, each
+    (rollout, advantages (b,), old log-probs or None, behaviour log-probs or None). Old log-probs
+    None: this epoch-0 forward's own, detached (pi_old = pi_theta before the step; no extra pass).
+    Behaviour log-probs given: the tokens were sampled by the small model, so they are scored on
+    the shared vocabulary rows and importance-weighted. Returns the epoch-0 log-probs (the model
+    before its step), the step's sums and the gradient norm."""
+    n_seqs = sum(len(p[1]) for p in pieces)
+    n_tokens = sum(p[0].mask.sum() for p in pieces)
+    model.train()
+    first = [None] * len(pieces)
+    sums = dict(loss=0.0, clipped=0.0, entropy=0.0, is_weight=0.0, is_capped=0.0, is_tokens=0.0)
+    for epoch in range(args.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for j, (mb, adv, old, behaviour) in enumerate(pieces):
+            logp, entropy = common.token_logprobs(model, mb, args.temperature, args.logprob_chunk,
+                                                  vocab if behaviour is not None else None, with_entropy=True)  # (b, T)
+            if epoch == 0:
+                first[j] = logp.detach()  # (b, T)
+            old_logp = old if old is not None else first[j]  # (b, T)
+            w = importance_weights(old_logp, behaviour, args.is_cap) if behaviour is not None else None  # (b, T)
+            loss, s = compute_loss(logp, old_logp, adv, mb.mask, args, n_seqs, n_tokens, w)
+            loss.backward()
+            sums["loss"] += loss.detach()
+            sums["clipped"] += (s["clipped"] * mb.mask).sum()
+            sums["entropy"] += (entropy * mb.mask).sum()
+            if w is not None:
+                sums["is_weight"] += (w * mb.mask).sum()
+                sums["is_capped"] += ((old_logp - behaviour >= math.log(args.is_cap)) * mb.mask).sum()
+                sums["is_tokens"] += mb.mask.sum()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        common.check_finite(sums["loss"], step, out)
+        optimizer.step()
+    per_token = n_tokens * args.num_iterations
+    stats = {"loss": sums["loss"] / args.num_iterations, "clip_frac": sums["clipped"] / per_token,
+             "entropy": sums["entropy"] / per_token, "grad_norm": grad_norm}
+    if sums["is_tokens"]:
+        stats["is_weight"] = sums["is_weight"] / sums["is_tokens"]
+        stats["is_capped_frac"] = sums["is_capped"] / sums["is_tokens"]
+    return first, stats
+
+
+def main():
+    args = common.parse_args(Args)
+    common.check_common_args(args)
+    if args.num_iterations < 1:
+        common.die(f"--num-iterations must be at least 1 (got {args.num_iterations})")
+    if args.kd_coef < 0 or args.is_cap <= 0 or args.large_rollouts < 0:
+        common.die(f"--kd-coef must be non-negative, --is-cap positive and --large-rollouts non-negative "
+                   f"(got {args.kd_coef}, {args.is_cap}, {args.large_rollouts})")
+    sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
+    eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
+    out = common.prepare_out(args, "codistill")
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    G, n = args.group_size, args.large_rollouts
+
+    ckpt = os.path.join(out, "checkpoint")
+    small, tok = common.load_model(os.path.join(ckpt, "small") if args.resume else args.small, device,
+                                   gradient_checkpointing=args.gradient_checkpointing)
+    large, large_tok = common.load_model(os.path.join(ckpt, "large") if args.resume else args.large, device,
+                                         gradient_checkpointing=args.gradient_checkpointing)
+    common.check_same_tokenizer(tok, large_tok, args.small, args.large)
+    vocab = small.get_output_embeddings().weight.shape[0]  # the rows S samples from
+    if large.get_output_embeddings().weight.shape[0] < vocab:
+        common.die(f"'{args.large}' has fewer output rows than '{args.small}' ({vocab}): it cannot score every sampled id")
+    optimizers = dict(small=torch.optim.AdamW(small.parameters(), lr=args.small_lr, weight_decay=args.weight_decay),
+                      large=torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay))
+    start = common.load_checkpoint(out, optimizers, sampler) if args.resume else 0
+    logger = common.Logger(out, resume_step=start if args.resume else None)
+
+    def evaluate(step):
+        accs = {name: common.evaluate(m, tok, eval_rows, args.dataset, args.max_new_tokens)
+                for name, m in (("small", small), ("large", large))}
+        logger.log(step, {f"{name}/eval/accuracy": a for name, a in accs.items()})
+        return accs
+
+    acc0 = acc = evaluate(0) if start == 0 else dict(small=float("nan"), large=float("nan"))
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True)
+    for step in bar:
+        t_step = time.perf_counter()
+        # 1. sample: only the small model generates (the large one too with --large-rollouts n)
+        with common.Timer() as t_gen:
+            rows = sampler.next(args.prompts_per_step)
+            prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
+            rollout = common.sample(small, tok, prompts, G, args.max_new_tokens, args.temperature)
+            own = common.sample(large, tok, prompts, n, args.max_new_tokens, args.temperature) if n else None
+        # 2. score
+        golds = [r["answer"] for r in rows for _ in range(G)]
+        rewards = common.rewards_for(rollout.texts, golds, args.format_coef).to(device)  # (B,)
+        own_rewards = (common.rewards_for(own.texts, [r["answer"] for r in rows for _ in range(n)],
+                                          args.format_coef).to(device) if n else None)  # (N n,)
+        # 3. ALGO LOGIC (large): advantages from the task reward only
+        adv_large, adv_own = large_advantages(rewards, own_rewards, G, args.scale_rewards)  # (B,), (N n,)
+
+        # 4. update: the large model first; its log-probs before its step score the small model's tokens
+        batches = common.micro_batches(len(rewards), args.micro_batch_size)
+        with common.Timer() as t_large:
+            with torch.no_grad():
+                small_old = [common.token_logprobs(small, rollout.select(i), args.temperature, args.logprob_chunk)
+                             for i in batches]  # pi_S,old: the behaviour policy of every sampled token
+            pieces = [(rollout.select(i), adv_large[i], None, small_old[j]) for j, i in enumerate(batches)]
+            if n:
+                pieces += [(own.select(i), adv_own[i], None, None) for i in common.micro_batches(len(own_rewards),
+                                                                                           args.micro_batch_size)]
+            large_logp, large_stats = update(large, optimizers["large"], pieces, args, vocab, step, out)
+        with common.Timer() as t_small:
+            # ALGO LOGIC (small): the on-policy KD reward, then GRPO on the small model's own samples
+            kl_small_large_k1 = torch.cat([common.masked_mean(small_old[j] - large_logp[j], rollout.select(i).mask, 1)
+                                           for j, i in enumerate(batches)])  # (B,) KL(pi_S||pi_L) per token
+            adv_small = compute_advantages(kd_rewards(rewards, kl_small_large_k1, args.kd_coef), G,
+                                           args.scale_rewards)  # (B,)
+            pieces = [(rollout.select(i), adv_small[i], small_old[j], None) for j, i in enumerate(batches)]
+            _, small_stats = update(small, optimizers["small"], pieces, args, vocab, step, out)
+
+        # 5. log, evaluate, save
+        zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
+        metrics = {
+            "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/zero_std_frac": zero_std,
+            "train/completion_len": rollout.lengths.float().mean(),
+            "small/kd_kl": kl_small_large_k1.mean(), "small/kd_reward": (rewards - args.kd_coef * kl_small_large_k1).mean(),
+            **{f"small/{k}": v for k, v in small_stats.items()}, **{f"large/{k}": v for k, v in large_stats.items()},
+            "time/generate": t_gen.seconds, "time/update": t_large.seconds + t_small.seconds,
+            "time/update_large": t_large.seconds, "time/update_small": t_small.seconds,
+        }
+        if n:
+            metrics["large/reward"] = own_rewards.mean()
+        metrics["time/step"] = time.perf_counter() - t_step
+        logger.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate(step)
+        if step % args.save_every == 0 or step == args.steps:
+            common.save_checkpoint(out, step, dict(small=(small, tok), large=(large, large_tok)), optimizers, sampler)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", small=f"{acc['small']:.3f}", large=f"{acc['large']:.3f}")
+
+    common.save_final(out, dict(small=(small, tok), large=(large, large_tok)))
+    logger.close()
+    print(f"small eval/accuracy: {acc0['small']:.3f} -> {acc['small']:.3f}; "
+          f"large eval/accuracy: {acc0['large']:.3f} -> {acc['large']:.3f}  ({out})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""codistill.py: importance weights and their cap, the KD reward reaching the small model's
+advantages only, no gradient between the two models, the update on real toy models; end to end
+through its CLI, with resume and with the large model's own rollouts."""
+
+import math
+import shutil
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import codistill
+import common
+from conftest import read_metrics, run_script
+
+
+def loss_args(loss_type="grpo", eps=0.2, eps_high=0.2, max_new_tokens=4, is_cap=2.0, num_iterations=1):
+    return SimpleNamespace(loss_type=loss_type, epsilon=eps, epsilon_high=eps_high, max_new_tokens=max_new_tokens,
+                           is_cap=is_cap, num_iterations=num_iterations, temperature=1.0, logprob_chunk=7,
+                           max_grad_norm=1e9)
+
+
+# ---------------------------------------------------------------- importance weights
+
+def test_importance_weights_are_the_ratio_truncated_at_the_cap():
+    large = torch.log(torch.tensor([[0.5, 0.9, 0.1, 0.3]], dtype=torch.float64))
+    small = torch.log(torch.tensor([[0.5, 0.3, 0.4, 0.1]], dtype=torch.float64))
+    w = codistill.importance_weights(large, small, is_cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 2.0, 0.25, 2.0]], dtype=torch.float64))  # 3 -> 2, 3 -> 2
+    w = codistill.importance_weights(large, small, is_cap=5.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 3.0, 0.25, 3.0]], dtype=torch.float64))
+    # padding positions can hold any log-probs: the weight stays finite
+    assert torch.isfinite(codistill.importance_weights(torch.tensor([[0.0]]), torch.tensor([[-1e4]]), 2.0)).all()
+    # detached: no gradient flows through the weight
+    large.requires_grad_(True)
+    assert not codistill.importance_weights(large, small, 2.0).requires_grad
+
+
+def test_weighted_loss_gradient_is_truncated_weight_times_advantage():
+    """At mu = 1 (old = sg(logp)) the large model's gradient w.r.t. its log-probs is
+    -min(pi_L/pi_S, C) * A / (tokens of the sequence * sequences) for loss type grpo."""
+    g = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(3, 4, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    small = -torch.rand(3, 4, generator=g, dtype=torch.float64) * 3
+    adv = torch.tensor([1.2, -0.4, 0.3], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float64)
+    w = codistill.importance_weights(logp, small, 2.0)
+    loss, _ = codistill.compute_loss(logp, logp.detach(), adv, mask, loss_args(), 3, mask.sum(), w)
+    (grad,) = torch.autograd.grad(loss, logp)
+    expected = -torch.exp(logp.detach() - small).clamp(max=2.0) * adv[:, None] * mask / mask.sum(1, keepdim=True) / 3
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
+    assert (torch.exp(logp.detach() - small) > 2).any() and (torch.exp(logp.detach() - small) < 1).any()
+
+
+# ---------------------------------------------------------------- rewards and advantages
+
+def test_kd_reward_reaches_the_small_models_advantages_only():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # G = 4: mixed, all correct
+    kl = torch.tensor([0.1, 0.9, 0.3, 0.2, 0.5, 0.1, 0.4, 0.2])
+    torch.testing.assert_close(codistill.kd_rewards(rewards, kl, 0.5), rewards - 0.5 * kl)
+    adv_large, _ = codistill.large_advantages(rewards, None, 4, "group")
+    torch.testing.assert_close(adv_large, codistill.compute_advantages(rewards, 4, "group"))  # r only
+    torch.testing.assert_close(adv_large[4:], torch.zeros(4))  # all-correct group: no signal for L
+    adv_small = codistill.compute_advantages(codistill.kd_rewards(rewards, kl, 0.5), 4, "group")
+    assert (adv_small[4:].abs() > 0.5).all()  # ... but S gets one: the completions L finds likelier win
+    assert adv_small[5] > adv_small[7] > adv_small[6] > adv_small[4]  # ordered by -KL
+    torch.testing.assert_close(codistill.compute_advantages(codistill.kd_rewards(rewards, kl, 0.0), 4, "group"),
+                               adv_large)  # alpha = 0: both models see the same advantages
+
+
+def test_large_rollouts_join_the_large_models_groups():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # N = 2 questions, G = 3
+    own = torch.tensor([1.0, 1.0, 0.0, 0.0])  # n = 2 each
+    adv_small_rows, adv_own = codistill.large_advantages(rewards, own, 3, "group")
+    both = codistill.compute_advantages(torch.tensor([1.0, 0, 0, 1, 1, 0, 1, 1, 0, 0]), 5, "group").view(2, 5)
+    torch.testing.assert_close(adv_small_rows, both[:, :3].reshape(-1))
+    torch.testing.assert_close(adv_own, both[:, 3:].reshape(-1))
+
+
+# ---------------------------------------------------------------- the two models, for real
+
+@pytest.fixture(scope="module")
+def models_and_rollout():
+    device = torch.device("cpu")
+    small, tok = common.load_model("toy-small", device)
+    large, _ = common.load_model("toy-large", device)
+    torch.manual_seed(0)
+    prompts = [common.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01")]
+    rollout = common.sample(small, tok, prompts, 4, 8)  # 12 rows
+    return small, large, rollout
+
+
+def test_no_gradient_crosses_between_the_models(models_and_rollout):
+    """One step as main() runs it: the large model's update (IS-weighted, on S's samples), then
+    the small model's from the KD reward built with the large model's log-probs. The large step
+    leaves S untouched (no grad), the small step leaves L's weights and grads untouched."""
+    small, large, rollout = models_and_rollout
+    args = loss_args()
+    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1])
+    batches = common.micro_batches(12, 5)
+    small_opt = torch.optim.SGD(small.parameters(), lr=0.1)
+    large_opt = torch.optim.SGD(large.parameters(), lr=0.1)
+    with torch.no_grad():
+        small_old = [common.token_logprobs(small, rollout.select(i)) for i in batches]
+    s0 = [p.detach().clone() for p in small.parameters()]
+    adv_large, _ = codistill.large_advantages(rewards, None, 4, "group")
+    pieces = [(rollout.select(i), adv_large[i], None, small_old[j]) for j, i in enumerate(batches)]
+    vocab = small.get_output_embeddings().weight.shape[0]
+    large_logp, stats = codistill.update(large, large_opt, pieces, args, vocab, 1, "unused")
+    assert all(p.grad is None for p in small.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(s0, small.parameters()))
+    assert all(not lp.requires_grad for lp in large_logp)
+    # the logged weight is the masked mean of min(pi_L/pi_S,old, C) over the step's tokens
+    w = torch.cat([(codistill.importance_weights(large_logp[j], small_old[j], 2.0) * rollout.select(i).mask).sum()[None]
+                   for j, i in enumerate(batches)]).sum() / rollout.mask.sum()
+    assert float(stats["is_weight"]) == pytest.approx(float(w), rel=1e-5)
+    assert 0 < float(stats["is_capped_frac"]) < 1
+
+    l_params = [p.detach().clone() for p in large.parameters()]
+    l_grads = [p.grad.clone() for p in large.parameters()]
+    kl = torch.cat([common.masked_mean(small_old[j] - large_logp[j], rollout.select(i).mask, 1)
+                    for j, i in enumerate(batches)])  # (B,)
+    adv_small = codistill.compute_advantages(codistill.kd_rewards(rewards, kl, 0.5), 4, "group")
+    pieces = [(rollout.select(i), adv_small[i], small_old[j], None) for j, i in enumerate(batches)]
+    codistill.update(small, small_opt, pieces, args, vocab, 1, "unused")
+    assert all(torch.equal(a, b) for a, b in zip(l_params, large.parameters()))
+    assert all(torch.equal(a, b.grad) for a, b in zip(l_grads, large.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(s0, small.parameters()))  # S did learn
+
+
+# ---------------------------------------------------------------- command line
+
+KEYS = ("train/reward", "train/completion_len", "train/zero_std_frac", "small/kd_kl", "small/kd_reward", "small/loss",
+        "small/clip_frac", "small/entropy", "small/grad_norm", "large/loss", "large/clip_frac", "large/entropy",
+        "large/grad_norm", "large/is_weight", "large/is_capped_frac", "time/step", "time/generate", "time/update",
+        "time/update_large", "time/update_small")
+
+
+def test_codistill_end_to_end_with_resume(tmp_path):
+    common_flags = ["--eval-size", 20, "--eval-every", 100, "--save-every", 2, "--prompts-per-step", 4]
+    full, part = tmp_path / "full", tmp_path / "part"
+    p = run_script("codistill.py", "--steps", 3, "--out", full, *common_flags)
+    assert "small eval/accuracy:" in p.stdout and "large eval/accuracy:" in p.stdout
+    run_script("codistill.py", "--steps", 2, "--out", part, *common_flags)
+    run_script("codistill.py", "--steps", 3, "--out", part, "--resume", *common_flags)
+    a, b = read_metrics(full), read_metrics(part)
+    train = [r for r in a if "train/reward" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert [r["step"] for r in b if "train/reward" in r] == [1, 2, 3]
+    assert [r["step"] for r in a if "small/eval/accuracy" in r] == [0, 3]
+    for r in train:
+        for key in KEYS:
+            assert key in r and math.isfinite(r[key]), key
+        assert r["small/kd_kl"] > 0 and 0 < r["large/is_weight"] <= 2
+    keys = ("train/reward", "small/kd_kl", "large/is_weight")
+    assert [[r[k] for k in keys] for r in train] == [[r[k] for k in keys] for r in b if "train/reward" in r]
+    assert a[-1] == b[-1]  # the final evaluation of both models
+    from transformers import AutoModelForCausalLM
+    for name in ("small", "large"):
+        AutoModelForCausalLM.from_pretrained(full / "final" / name)
+
+
+def test_large_rollouts_end_to_end(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["codistill.py", "--steps", "2", "--eval-size", "10", "--prompts-per-step", "3",
+                                      "--large-rollouts", "2", "--num-iterations", "2", "--micro-batch-size", "5",
+                                      "--out", str(out)])
+    calls = []
+    real = common.sample
+    monkeypatch.setattr(common, "sample", lambda m, tok, prompts, g, *a, **k: calls.append((len(prompts), g, k.get("greedy", False))) or real(m, tok, prompts, g, *a, **k))
+    codistill.main()
+    assert calls.count((3, 8, False)) == 2 and calls.count((3, 2, False)) == 2  # S: G = 8, L: n = 2, each step
+    train = [r for r in read_metrics(out) if "train/reward" in r]
+    assert all(0 <= r["large/reward"] <= 1 for r in train)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--is-cap", 0], "--is-cap positive"),
+    (["--kd-coef", -0.1], "--kd-coef must be non-negative"),
+    (["--large-rollouts", -1], "--large-rollouts non-negative"),
+    (["--group-size", 1], "--group-size must be at least 2"),
+])
+def test_user_errors_are_one_line(tmp_path, flags, message):
+    p = run_script("codistill.py", "--out", tmp_path / "o", *flags, expect_ok=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+
+
+def test_mismatched_tokenizers_are_refused(tmp_path):
+    from transformers import AutoTokenizer
+    other = tmp_path / "toy-large-other-tokenizer"
+    shutil.copytree(common.toy_path("toy-large"), other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["x"])
+    tok.save_pretrained(other)
+    p = run_script("codistill.py", "--large", other, "--dataset", "toy", "--steps", 1, "--out", tmp_path / "o",
+                   expect_ok=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: 'toy-small' and ") and "different tokenizers" in lines[0]
