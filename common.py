@@ -521,9 +521,11 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)  # (B, P)
     prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0)  # (B, P)
     eos = eos_ids(model, tok)
+    # greedy ignores the sampling knobs; 50 is the top_k that transformers does not warn about then
+    knobs = dict(temperature=1.0 if greedy else temperature, top_p=1.0, top_k=50 if greedy else 0, min_p=None,
+                 typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
     gen = GenerationConfig(
-        do_sample=not greedy, temperature=1.0 if greedy else temperature, top_p=1.0, top_k=0, min_p=None,
-        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        do_sample=not greedy, **knobs, repetition_penalty=1.0, no_repeat_ngram_size=0,
         max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=eos, pad_token_id=tok.pad_token_id,
         num_beams=1, use_cache=True)
     with autocast(device):
@@ -544,7 +546,8 @@ def _chunk_logprobs(h, w, y, temperature: float, vocab: Optional[int], with_entr
     logits = (h @ w.T).float()  # (n, V)
     if vocab is not None:
         logits = logits[:, :vocab]
-    logits = logits / temperature
+    if temperature != 1.0:  # a (n, V) copy: skipped at T = 1, the on-policy default
+        logits = logits / temperature
     lse = torch.logsumexp(logits, -1)  # (n,)
     logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse  # (n,)
     if not with_entropy:
