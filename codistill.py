@@ -265,6 +265,7 @@ def main():
         metrics = {
             "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/zero_std_frac": zero_std,
             "train/completion_len": rollout.lengths.float().mean(),
+            "train/tokens": 2 * rollout.mask.sum() + (own.mask.sum() if n else 0),  # trained on: S's by both, L's own
             "small/kd_kl": kl_small_large_k1.mean(), "small/kd_reward": (rewards - args.kd_coef * kl_small_large_k1).mean(),
             **{f"small/{k}": v for k, v in small_stats.items()}, **{f"large/{k}": v for k, v in large_stats.items()},
             "time/generate": t_gen.seconds, "time/update": t_large.seconds + t_small.seconds,

@@ -243,7 +243,7 @@ def main():
             "train/loss": sums["loss"] / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": sampled.lengths.float().mean(),
             "train/truncated_frac": (sampled.mask[:, -1] == 1).float().mean() if sampled.mask.shape[1] == args.max_new_tokens else 0.0,
-            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm,
+            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens,
             "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
             "cppo/questions": len(rows), "cppo/kept_frac": len(kept) / len(rewards),  # CPPO:
             "cppo/reward_kept": rewards[kept].mean(), "cppo/abs_adv_kept": abs_adv[kept].mean(),  # CPPO:

@@ -179,7 +179,7 @@ def main():
             "train/loss": sums["loss"] / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
             "train/truncated_frac": (rollout.mask[:, -1] == 1).float().mean() if rollout.mask.shape[1] == args.max_new_tokens else 0.0,
-            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm,
+            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens,
             "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
         }
         if ref is not None:

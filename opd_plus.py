@@ -212,7 +212,7 @@ def main():
             "train/loss": sums["loss"], "train/kl": sums["kl"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
             "train/truncated_frac": (rollout.mask[:, -1] == 1).float().mean() if rollout.mask.shape[1] == args.max_new_tokens else 0.0,
-            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm,
+            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens,
             "opd/divergence": sums["divergence"] / per_token, "opd/adv_mean": adv_mean,
             "opd/adv_std": (sums["adv_sq"] / per_token - adv_mean ** 2).clamp(min=0).sqrt(),
             "opd/log_u_clip_frac": sums["clipped"] / per_token,
