@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,13 @@ def run_script(script, *args, expect_ok=True, timeout=600):
     return p
 
 
+def assert_user_error(script, *args, message):
+    """The script refuses these arguments with exit code 2 and one line 'error: ...<message>...'."""
+    p = run_script(script, *args, expect_ok=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+
+
 def read_metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -30,3 +38,16 @@ def toy_models():
     """Build (or find cached) toy-small and toy-large once, before any test times a script."""
     import common
     return {name: common.toy_path(name) for name in common.TOY_MODELS}
+
+
+@pytest.fixture
+def other_tokenizer(tmp_path):
+    """A copy of toy-small whose tokenizer has one token more: a partner that must be refused."""
+    import common
+    from transformers import AutoTokenizer
+    path = tmp_path / "toy-small-other-tokenizer"
+    shutil.copytree(common.toy_path("toy-small"), path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_tokens(["x"])
+    tok.save_pretrained(path)
+    return str(path)

@@ -3,7 +3,6 @@ advantages only, no gradient between the two models, the update on real toy mode
 through its CLI, with resume and with the large model's own rollouts."""
 
 import math
-import shutil
 import sys
 from types import SimpleNamespace
 
@@ -12,7 +11,7 @@ import torch
 
 import codistill
 import common
-from conftest import read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_script
 
 
 def loss_args(loss_type="grpo", eps=0.2, eps_high=0.2, max_new_tokens=4, is_cap=2.0, num_iterations=1):
@@ -182,20 +181,9 @@ def test_large_rollouts_end_to_end(tmp_path, monkeypatch):
     (["--group-size", 1], "--group-size must be at least 2"),
 ])
 def test_user_errors_are_one_line(tmp_path, flags, message):
-    p = run_script("codistill.py", "--out", tmp_path / "o", *flags, expect_ok=False)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+    assert_user_error("codistill.py", "--out", tmp_path / "o", *flags, message=message)
 
 
-def test_mismatched_tokenizers_are_refused(tmp_path):
-    from transformers import AutoTokenizer
-    other = tmp_path / "toy-large-other-tokenizer"
-    shutil.copytree(common.toy_path("toy-large"), other)
-    tok = AutoTokenizer.from_pretrained(other)
-    tok.add_tokens(["x"])
-    tok.save_pretrained(other)
-    p = run_script("codistill.py", "--large", other, "--dataset", "toy", "--steps", 1, "--out", tmp_path / "o",
-                   expect_ok=False)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1, p.stderr
-    assert lines[0].startswith("error: 'toy-small' and ") and "different tokenizers" in lines[0]
+def test_mismatched_tokenizers_are_refused(tmp_path, other_tokenizer):
+    assert_user_error("codistill.py", "--large", other_tokenizer, "--dataset", "toy", "--steps", 1, "--out", tmp_path / "o",
+                      message=f"'toy-small' and '{other_tokenizer}' have different tokenizers")

@@ -10,7 +10,7 @@ import torch
 import common
 import cppo
 import grpo
-from conftest import read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_script
 
 
 def test_kept_per_group_is_floor_without_float_error():
@@ -201,7 +201,4 @@ def test_prune_rate_zero_is_grpo(tmp_path):
     (["--prune-rate", -0.1], "--prune-rate must be in [0, 1)"),
 ])
 def test_prune_rate_that_keeps_nothing_is_a_one_line_error(tmp_path, flags, message):
-    p = run_script("cppo.py", "--out", tmp_path / "o", *flags, expect_ok=False)
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+    assert_user_error("cppo.py", "--out", tmp_path / "o", *flags, message=message)

@@ -10,7 +10,7 @@ import torch
 
 import common
 import grpo
-from conftest import read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_script
 
 
 def test_advantages_closed_form():
@@ -140,16 +140,12 @@ def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path)
     (["--num-iterations", 0], "--num-iterations must be at least 1"),
 ])
 def test_user_errors_are_one_line(tmp_path, flags, message):
-    p = run_script("grpo.py", "--out", tmp_path / "o", *flags, expect_ok=False)
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+    assert_user_error("grpo.py", "--out", tmp_path / "o", *flags, message=message)
 
 
 def test_occupied_out_needs_resume(tmp_path):
     run_script("grpo.py", "--steps", 0, "--eval-size", 4, "--out", tmp_path / "o")
-    p = run_script("grpo.py", "--steps", 1, "--out", tmp_path / "o", expect_ok=False)
-    assert p.returncode == 2 and "already holds a run" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert_user_error("grpo.py", "--steps", 1, "--out", tmp_path / "o", message="already holds a run")
 
 
 def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch, capsys):

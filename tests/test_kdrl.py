@@ -1,7 +1,6 @@
 """kdrl.py: the KD estimators' expected gradients through compute_loss, reward-guided masking,
 the teacher pass on KD rows only, annealing, tokenizer refusal; end to end through its CLI."""
 
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import common
 import grpo
 import kdrl
-from conftest import read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_script
 
 
 def loss_args(loss_type="bnpo", estimator="k2", beta=0.0, max_new_tokens=4):
@@ -144,23 +143,12 @@ def test_annealing_follows_its_schedule():
     (["--kd-coef", -1], "must be non-negative"),
 ])
 def test_user_errors_are_one_line(tmp_path, flags, message):
-    p = run_script("kdrl.py", "--out", tmp_path / "o", *flags, expect_ok=False)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+    assert_user_error("kdrl.py", "--out", tmp_path / "o", *flags, message=message)
 
 
-def test_mismatched_tokenizers_are_refused(tmp_path):
-    from transformers import AutoTokenizer
-    other = tmp_path / "toy-small-other-tokenizer"
-    shutil.copytree(common.toy_path("toy-small"), other)
-    tok = AutoTokenizer.from_pretrained(other)
-    tok.add_tokens(["x"])
-    tok.save_pretrained(other)
-    p = run_script("kdrl.py", "--teacher", other, "--dataset", "toy", "--steps", 1, "--out", tmp_path / "o",
-                   expect_ok=False)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1, p.stderr
-    assert lines[0].startswith("error: 'toy-small' and ") and "different tokenizers" in lines[0]
+def test_mismatched_tokenizers_are_refused(tmp_path, other_tokenizer):
+    assert_user_error("kdrl.py", "--teacher", other_tokenizer, "--dataset", "toy", "--steps", 1, "--out", tmp_path / "o",
+                      message=f"'toy-small' and '{other_tokenizer}' have different tokenizers")
 
 
 def test_kdrl_end_to_end(tmp_path):

@@ -231,18 +231,6 @@ def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path,
     assert a[-1]["eval/accuracy"] == b[-1]["eval/accuracy"]
 
 
-@pytest.fixture
-def other_tokenizer(tmp_path):
-    """toy-small saved with one extra token: a model whose vocabulary differs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = common.toy_path("toy-small")
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.add_tokens(["x"])
-    AutoModelForCausalLM.from_pretrained(path).save_pretrained(tmp_path / "other")
-    tok.save_pretrained(tmp_path / "other")
-    return str(tmp_path / "other")
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--teacher", "OTHER"], "have different tokenizers"),
     (["--group-size", "1"], "--group-size must be at least 2"),
