@@ -1,11 +1,17 @@
-"""Speed and memory of grpo.py steps: generation and update timed apart, peak memory.
+"""Speed and memory of training steps: generation and update timed apart, peak memory.
 
-Runs grpo.py in this process with the flags you give (after `--`), then reads its metrics.jsonl.
-The first --warmup steps are left out of the means (allocator and kernel warm-up).
+Runs a script (--script, default grpo) in this process with the flags you give (after `--`),
+then reads its metrics.jsonl. The first --warmup steps are left out of the means (allocator and
+kernel warm-up). --random-model H,L writes a random-weight Qwen2 (hidden H, L layers, the toy
+tokenizer) to a temporary directory and passes it as --model: a model larger than the toys that
+still fits a CPU (its completions are random, so every reward is 0; the timings are real).
 
     python bench.py -- --steps 20 --prompts-per-step 8 --group-size 8 --max-new-tokens 16 --beta 0.04
+    python bench.py --script cppo -- --group-size 16 --prune-rate 0.875 --steps 10
+    python bench.py --script cppo --random-model 512,8 -- --dataset toy --group-size 16 --prune-rate 0.875 --max-new-tokens 32 --steps 6
     python bench.py -- --model Qwen2.5-0.5B-Instruct --dataset gsm8k --steps 10 --eval-every 1000 --eval-size 0
     python bench.py --trl -- --steps 20 ...   # the same step in TRL's GRPOTrainer (pip install trl)
+    python bench.py --logprob-memory          # chunked vs naive log-probs at Qwen's vocabulary size
 
 Not a test: timings depend on the machine. Peak memory is torch.cuda.max_memory_allocated on a
 GPU, the process's peak resident set on a CPU.
@@ -15,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,17 +40,37 @@ def summarize(metrics_path: str, warmup: int) -> dict:
     train = [r for r in rows if "time/step" in r and r["step"] > warmup]
     mean = lambda k: sum(r[k] for r in train) / len(train)
     return dict(steps=len(train), step_s=mean("time/step"), generate_s=mean("time/generate"),
-                update_s=mean("time/update"), completion_len=mean("train/completion_len"))
+                update_s=mean("time/update"), trained_tokens=mean("train/tokens"),
+                update_ms_per_trained_token=1000 * mean("time/update") / mean("train/tokens"),
+                completion_len=mean("train/completion_len"))
 
 
-def bench_ours(flags: list, warmup: int) -> dict:
-    import grpo
+def random_model(spec: str) -> str:
+    """A random-weight Qwen2 with hidden size H and L layers ('H,L') and the toy tokenizer, saved."""
+    import common
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hidden, layers = map(int, spec.split(","))
+    tok = common.toy_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    path = tempfile.mkdtemp(prefix=f"bench-random-{hidden}x{layers}-")
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def bench_ours(script: str, flags: list, warmup: int) -> dict:
+    import importlib
+    module = importlib.import_module(script)
     out = tempfile.mkdtemp(prefix="bench-")
-    sys.argv = ["grpo.py", *flags, "--out", os.path.join(out, "run"), "--eval-every", "1000000", "--eval-size", "0",
+    sys.argv = [f"{script}.py", *flags, "--out", os.path.join(out, "run"), "--eval-every", "1000000", "--eval-size", "0",
                 "--save-every", "1000000"]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    grpo.main()
+    module.main()
     res = summarize(os.path.join(out, "run", "metrics.jsonl"), warmup)
     res["peak_mem_gib"] = peak_memory_gib()
     return res
@@ -93,16 +120,88 @@ def bench_trl(flags: list, warmup: int) -> dict:
     return dict(steps=len(t), step_s=sum(t) / len(t), peak_mem_gib=peak_memory_gib())
 
 
+def current_rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int, chunk: int) -> dict:
+    """One forward + backward of the sampled tokens' log-probs, as in a training step, on a
+    random-weight Qwen2 with a `vocab`-row LM head: common.token_logprobs (chunked) or the full
+    log_softmax (naive). Memory is what the pass adds to the model's: peak minus the level before."""
+    import common
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    device = common.get_device("auto")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg).to(device)
+    P = 16  # prompt positions; the rest are completion tokens
+    ids = torch.randint(vocab, (batch, positions), device=device)
+    ones = torch.ones(batch, positions, device=device)
+    rollout = common.Rollout(ids[:, :P], ones[:, :P].long(), ids[:, P:], ones[:, P:],
+                             torch.full((batch,), positions - P, device=device), [""] * batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**30
+    else:
+        before = current_rss_gib()
+    t0 = time.perf_counter()
+    if mode == "chunked":
+        logp = common.token_logprobs(model, rollout, 1.0, chunk)
+    else:
+        with common.autocast(device):
+            logp = common.naive_token_logprobs(model, rollout)
+    (logp * rollout.mask).sum().backward()
+    seconds = time.perf_counter() - t0
+    added = peak_memory_gib() - before
+    return dict(mode=mode, positions=f"{batch} x {positions}", vocab=vocab, chunk=chunk if mode == "chunked" else None,
+                added_peak_gib=round(added, 2), seconds=round(seconds, 1))
+
+
+def logprob_memory(opts):
+    """Each mode in a fresh process, so that one's peak does not hide the other's."""
+    rows = []
+    for mode in ("naive", "chunked"):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--logprob-one", mode, "--batch", str(opts.batch),
+                            "--positions", str(opts.positions), "--vocab", str(opts.vocab), "--hidden", str(opts.hidden),
+                            "--chunk", str(opts.chunk)], capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(p.stderr[-2000:])
+        rows.append(json.loads(p.stdout))
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--script", default="grpo", choices=("grpo", "cppo", "kdrl", "opd_plus", "codistill"))
+    p.add_argument("--random-model", default=None, help="'H,L': a random-weight Qwen2 as --model")
     p.add_argument("--trl", action="store_true", help="time TRL's GRPOTrainer instead of grpo.py")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the means")
+    p.add_argument("--logprob-memory", action="store_true", help="peak memory of chunked vs naive log-probs")
+    p.add_argument("--logprob-one", choices=("naive", "chunked"), help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=8, help="--logprob-memory: sequences")
+    p.add_argument("--positions", type=int, default=512, help="--logprob-memory: positions per sequence")
+    p.add_argument("--vocab", type=int, default=151936, help="--logprob-memory: LM-head rows (Qwen2.5: 151,936)")
+    p.add_argument("--hidden", type=int, default=128, help="--logprob-memory: hidden size of the random model")
+    p.add_argument("--chunk", type=int, default=1024, help="--logprob-memory: positions per chunk (--logprob-chunk)")
     argv = sys.argv[1:]
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     opts = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    res = bench_trl(flags, opts.warmup) if opts.trl else bench_ours(flags, opts.warmup)
+    if opts.logprob_one:
+        print(json.dumps(logprob_pass(opts.logprob_one, opts.batch, opts.positions, opts.vocab, opts.hidden, opts.chunk)))
+        return
+    if opts.logprob_memory:
+        dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+        for row in logprob_memory(opts):
+            print(json.dumps(dict(device=dev, **row)))
+        return
+    if opts.random_model:
+        flags = ["--small" if opts.script == "codistill" else "--model", random_model(opts.random_model), *flags]
+    res = bench_trl(flags, opts.warmup) if opts.trl else bench_ours(opts.script, flags, opts.warmup)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(json.dumps(dict(which="trl" if opts.trl else "grpo.py", device=dev, flags=" ".join(flags), **res), indent=1))
+    print(json.dumps(dict(which="trl" if opts.trl else f"{opts.script}.py", device=dev, flags=" ".join(flags), **res), indent=1))
 
 
 if __name__ == "__main__":
