@@ -1,0 +1,204 @@
+"""Results: every algorithm on the toy world with the same budget, three seeds, one table and one plot.
+
+    python results.py                          # the README's table and plot (about 20 minutes, 2 CPU cores)
+    python results.py --seeds 1 --only GRPO KDRL --out /tmp/r
+
+Each run goes through the script's real command line in a subprocess, one CPU thread each,
+--jobs at a time, with the toy defaults (200 steps, 8 questions x 8 completions, 8 new tokens)
+and an evaluation every --eval-every steps for the curves. Writes OUT/results.md (the table),
+OUT/curves.png (eval accuracy vs step and vs training time; needs matplotlib, optional, used by
+this script alone) and OUT/runs/<row>-s<seed>/ (each run's metrics.jsonl). Not a test.
+
+Columns: final greedy eval accuracy (mean +- std over seeds); training time (the sum of the
+logged step times: generation + update, no evaluation or loading) and its generation / update
+split; the training time at which the eval accuracy first reached --target; the process's peak
+resident memory; completion tokens trained on per second of training time; the mean gradient norm
+(before clipping); and the paper's reported claim.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# (row, script, flags, what the paper reports for it)
+ROWS = [
+    ("GRPO", "grpo.py", [], "baseline (DeepSeekMath 2402.03300)"),
+    ("CPPO P=0.5", "cppo.py", ["--prune-rate", "0.5"], "k = 8 of 16: 77.7% vs GRPO 77.1%, 1.81x faster (GSM8K, 1.5B)"),
+    ("CPPO P=0.875", "cppo.py", ["--prune-rate", "0.875"], "k = 2 of 16: 80.4% vs 77.1%, 4.89x faster"),
+    ("CPPO P=0.875 no allocation", "cppo.py", ["--prune-rate", "0.875", "--no-dynamic-allocation"],
+     "(pruning alone: 8 questions a step, 1 completion each trained)"),
+    ("KDRL", "kdrl.py", [], "56.8 vs GRPO 54.6 and on-policy KD 56.1 (avg.)"),
+    ("KDRL annealed", "kdrl.py", ["--kd-anneal"], "57.2, the best"),
+    ("OPD rkl", "opd_plus.py", ["--divergence", "rkl", "--estimator", "opd"], "on-policy KD: 48.96 (OPD+ 48.99)"),
+    ("OPD fkl", "opd_plus.py", ["--divergence", "fkl", "--estimator", "opd"], "collapses"),
+    ("OPD jsd", "opd_plus.py", ["--divergence", "jsd", "--estimator", "opd"], "collapses"),
+    ("OPD+ fkl", "opd_plus.py", ["--divergence", "fkl", "--estimator", "opd+"], "trains: 46.39"),
+    ("OPD+ jsd", "opd_plus.py", ["--divergence", "jsd", "--estimator", "opd+"], "trains: 48.85"),
+    ("CoDistill", "codistill.py", [], ""),
+    ("GRPO toy-large", "grpo.py", ["--model", "toy-large"], "the baseline of CoDistill's large model"),
+    ("GRPO G=16", "grpo.py", ["--group-size", "16"], "(CPPO's setting: G = 16)"),
+    ("CPPO G=16 P=0.875", "cppo.py", ["--group-size", "16", "--prune-rate", "0.875"], "k = 2 of 16: 4.89x faster (vLLM on its own GPU)"),
+]
+CODISTILL_CLAIMS = {"small": "+6.0 over GRPO (Minerva, 1.5B)", "large": "nearly GRPO's accuracy, ~18% less time (7B)"}
+
+
+def run_one(script, flags, out, eval_every):
+    """Run one script to completion; return (wall seconds, peak RSS GiB) or raise with its log."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    log = open(out + ".log", "w")
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags, "--out", out,
+                          "--eval-every", str(eval_every)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    log.close()
+    if p.returncode != 0:
+        raise RuntimeError(f"{script} {' '.join(flags)} failed; see {out}.log")
+    return time.perf_counter() - t0, usage.ru_maxrss / 2**20  # KiB on Linux
+
+
+def read_run(out, prefix=""):
+    """The numbers of one run; `prefix` picks codistill's small/ or large/ accuracy."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    train = [r for r in rows if "time/step" in r]
+    key = f"{prefix}eval/accuracy"
+    elapsed, t = {0: 0.0}, 0.0
+    for r in train:
+        t += r["time/step"]
+        elapsed[r["step"]] = t
+    curve = [(r["step"], elapsed[r["step"]], r[key]) for r in rows if key in r]
+    grad_key = f"{prefix}grad_norm" if prefix else "train/grad_norm"
+    return dict(acc=curve[-1][2], curve=curve, train_s=t,
+                gen_s=sum(r["time/generate"] for r in train), upd_s=sum(r["time/update"] for r in train),
+                tok_s=sum(r["train/tokens"] for r in train) / t,
+                grad=statistics.mean(r[grad_key] for r in train))
+
+
+def mean_std(xs, fmt="{:.3f}"):
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs))}"
+
+
+def table(results, seeds, target):
+    lines = [f"| algorithm | eval accuracy | train time (s) | generate / update (s) | time to {target} (s) | "
+             "peak memory (GiB) | trained tokens/s | grad norm | paper reports |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, runs, claim in results:
+        reached = [next((t for _, t, a in r["curve"] if a >= target), None) for r in runs]
+        hit = [t for t in reached if t is not None]
+        to_target = (mean_std(hit, "{:.1f}") + ("" if len(hit) == len(runs) else f" ({len(hit)}/{len(runs)} seeds)")
+                     if hit else f"never (0/{len(runs)})")
+        if all(r["curve"][0][2] >= target for r in runs):
+            to_target = "(starts above)"
+        lines.append(
+            f"| {name} | {mean_std([r['acc'] for r in runs])} | {mean_std([r['train_s'] for r in runs], '{:.1f}')} | "
+            f"{statistics.mean(r['gen_s'] for r in runs):.1f} / {statistics.mean(r['upd_s'] for r in runs):.1f} | "
+            f"{to_target} | {statistics.mean(r['rss'] for r in runs):.2f} | "
+            f"{statistics.mean(r['tok_s'] for r in runs):.0f} | {statistics.mean(r['grad'] for r in runs):.2f} | {claim} |")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for i, (name, runs, _) in enumerate(results):
+        steps = [s for s, _, _ in runs[0]["curve"]]
+        acc = [statistics.mean(r["curve"][j][2] for r in runs) for j in range(len(steps))]
+        secs = [statistics.mean(r["curve"][j][1] for r in runs) for j in range(len(steps))]
+        style = dict(label=name, color=plt.cm.tab20(i % 20), ls="--" if "large" in name else "-", marker=".")
+        a.plot(steps, acc, **style)
+        b.plot(secs, acc, **style)
+    a.set_xlabel("step")
+    b.set_xlabel("training time (s, generation + update)")
+    a.set_ylabel(f"greedy eval accuracy (mean of {len(results[0][1])} seeds)")
+    b.legend(fontsize=8, loc="lower right")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--only", nargs="+", default=None, help="row names to run (default: all)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
+    p.add_argument("--eval-every", type=int, default=20, help="evaluation interval of each run (for the curves)")
+    p.add_argument("--target", type=float, default=0.8, help="eval accuracy whose time-to-reach is reported")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the toy default, 200)")
+    p.add_argument("--out", default="results")
+    opts = p.parse_args()
+    rows = [r for r in ROWS if opts.only is None or r[0] in opts.only]
+    if not rows:
+        sys.exit(f"error: --only matches no row; rows: {', '.join(r[0] for r in ROWS)}")
+
+    sys.path.insert(0, ROOT)
+    import common
+    for name in common.TOY_MODELS:  # build (or find) the toy models once, before the parallel runs
+        common.toy_path(name)
+    jobs = [(name, script, flags, seed) for name, script, flags, _ in rows for seed in opts.seeds]
+    t0 = time.time()
+
+    def work(job):
+        name, script, flags, seed = job
+        out = os.path.join(opts.out, "runs", f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
+        if os.path.exists(out):
+            import shutil
+            shutil.rmtree(out)
+        steps = ["--steps", str(opts.steps)] if opts.steps else []
+        wall, rss = run_one(script, [*flags, *steps, "--seed", str(seed)], out, opts.eval_every)
+        print(f"[{time.time() - t0:6.0f}s] {name} seed {seed}: {wall:.0f}s", flush=True)
+        return job, out, rss
+
+    with ThreadPoolExecutor(opts.jobs) as pool:
+        done = list(pool.map(work, jobs))
+
+    results = []
+    for name, script, flags, claim in rows:
+        mine = [(out, rss) for (n, *_), out, rss in done if n == name]
+        for prefix, label, c in ((("small/", "CoDistill small", CODISTILL_CLAIMS["small"]),
+                                  ("large/", "CoDistill large", CODISTILL_CLAIMS["large"]))
+                                 if script == "codistill.py" else (("", name, claim),)):
+            runs = [dict(read_run(out, prefix), rss=rss) for out, rss in mine]
+            results.append((label, runs, c))
+
+    by = {name: runs for name, runs, _ in results}
+    notes = []
+    if {"CoDistill small", "GRPO", "GRPO toy-large"} <= set(by):
+        mean = lambda runs, k: statistics.mean(r[k] for r in runs)
+        separate = mean(by["GRPO"], "train_s") + mean(by["GRPO toy-large"], "train_s")
+        together = mean(by["CoDistill small"], "train_s")
+        notes.append(f"CoDistill trains both models in {together:.1f} s of training time; GRPO on toy-small plus GRPO "
+                     f"on toy-large take {separate:.1f} s ({100 * (1 - together / separate):+.0f}% saved); the "
+                     f"large model's generation that CoDistill skips is {mean(by['GRPO toy-large'], 'gen_s'):.1f} s.")
+    machine = f"{os.cpu_count()} CPU cores, one thread per run, {opts.jobs} runs at a time"
+    md = [f"Toy world, {len(opts.seeds)} seeds ({' '.join(map(str, opts.seeds))}), {machine}; "
+          f"made by `python results.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` "
+          f"in {(time.time() - t0) / 60:.0f} min.", "", table(results, opts.seeds, opts.target), "", *notes]
+    os.makedirs(opts.out, exist_ok=True)
+    with open(os.path.join(opts.out, "results.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    png = os.path.join(opts.out, "curves.png")
+    print("\n".join(md))
+    if plot(results, png):
+        print(f"\nwrote {os.path.join(opts.out, 'results.md')} and {png}")
+
+
+if __name__ == "__main__":
+    main()
