@@ -151,9 +151,11 @@ def update(model, optimizer, pieces, args, vocab: int, step: int, out: str):
     None: this epoch-0 forward's own, detached (pi_old = pi_theta before the step; no extra pass).
     Behaviour log-probs given: the tokens were sampled by the small model, so they are scored on
     the shared vocabulary rows and importance-weighted. Returns the epoch-0 log-probs (the model
-    before its step), the step's sums and the gradient norm."""
-    n_seqs = sum(len(p[1]) for p in pieces)
-    n_tokens = sum(p[0].mask.sum() for p in pieces)
+    before its step) and the step's statistics. Under torchrun the loss is normalised by the
+    step's counts over all ranks and the gradients are summed over ranks."""
+    n_tokens = sum(p[0].mask.sum() for p in pieces)  # this rank's
+    n_seqs_all = sum(len(p[1]) for p in pieces) * common.world_size()
+    n_tokens_all = common.all_sum(n_tokens)
     model.train()
     first = [None] * len(pieces)
     sums = dict(loss=0.0, clipped=0.0, entropy=0.0, is_weight=0.0, is_capped=0.0, is_tokens=0.0)
@@ -166,7 +168,7 @@ def update(model, optimizer, pieces, args, vocab: int, step: int, out: str):
                 first[j] = logp.detach()  # (b, T)
             old_logp = old if old is not None else first[j]  # (b, T)
             w = importance_weights(old_logp, behaviour, args.is_cap) if behaviour is not None else None  # (b, T)
-            loss, s = compute_loss(logp, old_logp, adv, mb.mask, args, n_seqs, n_tokens, w)
+            loss, s = compute_loss(logp, old_logp, adv, mb.mask, args, n_seqs_all, n_tokens_all, w)
             loss.backward()
             sums["loss"] += loss.detach()
             sums["clipped"] += (s["clipped"] * mb.mask).sum()
@@ -175,11 +177,12 @@ def update(model, optimizer, pieces, args, vocab: int, step: int, out: str):
                 sums["is_weight"] += (w * mb.mask).sum()
                 sums["is_capped"] += ((old_logp - behaviour >= math.log(args.is_cap)) * mb.mask).sum()
                 sums["is_tokens"] += mb.mask.sum()
+        common.all_reduce_grads(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         common.check_finite(sums["loss"], step, out)
         optimizer.step()
     per_token = n_tokens * args.num_iterations
-    stats = {"loss": sums["loss"] / args.num_iterations, "clip_frac": sums["clipped"] / per_token,
+    stats = {"loss": common.all_sum(sums["loss"]) / args.num_iterations, "clip_frac": sums["clipped"] / per_token,
              "entropy": sums["entropy"] / per_token, "grad_norm": grad_norm}
     if sums["is_tokens"]:
         stats["is_weight"] = sums["is_weight"] / sums["is_tokens"]
@@ -197,9 +200,9 @@ def main():
                    f"(got {args.kd_coef}, {args.is_cap}, {args.large_rollouts})")
     sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
     eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
+    device = common.init_distributed(args.device)  # one process, or one rank of torchrun
     out = common.prepare_out(args, "codistill")
-    common.seed_everything(args.seed)
-    device = common.get_device(args.device)
+    common.seed_everything(args.seed + common.rank())  # ranks sample different completions
     G, n = args.group_size, args.large_rollouts
 
     ckpt = os.path.join(out, "checkpoint")
@@ -223,12 +226,13 @@ def main():
         return accs
 
     acc0 = acc = evaluate(0) if start == 0 else dict(small=float("nan"), large=float("nan"))
-    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True)
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
+               disable=common.rank() != 0)
     for step in bar:
         t_step = time.perf_counter()
         # 1. sample: only the small model generates (the large one too with --large-rollouts n)
         with common.Timer() as t_gen:
-            rows = sampler.next(args.prompts_per_step)
+            rows = common.shard(sampler.next(args.prompts_per_step))  # this rank's questions
             prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
             rollout = common.sample(small, tok, prompts, G, args.max_new_tokens, args.temperature)
             own = common.sample(large, tok, prompts, n, args.max_new_tokens, args.temperature) if n else None
@@ -265,7 +269,7 @@ def main():
         metrics = {
             "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/zero_std_frac": zero_std,
             "train/completion_len": rollout.lengths.float().mean(),
-            "train/tokens": 2 * rollout.mask.sum() + (own.mask.sum() if n else 0),  # trained on: S's by both, L's own
+            "train/tokens": common.all_sum(2 * rollout.mask.sum() + (own.mask.sum() if n else 0)),  # S's (both), L's own
             "small/kd_kl": kl_small_large_k1.mean(), "small/kd_reward": (rewards - args.kd_coef * kl_small_large_k1).mean(),
             **{f"small/{k}": v for k, v in small_stats.items()}, **{f"large/{k}": v for k, v in large_stats.items()},
             "time/generate": t_gen.seconds, "time/update": t_large.seconds + t_small.seconds,
@@ -274,6 +278,7 @@ def main():
         if n:
             metrics["large/reward"] = own_rewards.mean()
         metrics["time/step"] = time.perf_counter() - t_step
+        metrics = common.mean_over_ranks(metrics)
         logger.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
@@ -283,8 +288,9 @@ def main():
 
     common.save_final(out, dict(small=(small, tok), large=(large, large_tok)))
     logger.close()
-    print(f"small eval/accuracy: {acc0['small']:.3f} -> {acc['small']:.3f}; "
-          f"large eval/accuracy: {acc0['large']:.3f} -> {acc['large']:.3f}  ({out})")
+    if common.rank() == 0:
+        print(f"small eval/accuracy: {acc0['small']:.3f} -> {acc['small']:.3f}; "
+              f"large eval/accuracy: {acc0['large']:.3f} -> {acc['large']:.3f}  ({out})")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ change their inputs in place.
 """
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -28,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -89,6 +91,9 @@ def check_common_args(args):
                 f"(got {getattr(args, name)})")
     if args.temperature <= 0:
         die(f"--temperature must be positive for on-policy sampling (got {args.temperature})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: every rank takes whole questions
+    if args.prompts_per_step % world:
+        die(f"--prompts-per-step ({args.prompts_per_step}) must be a multiple of the number of processes ({world})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +112,83 @@ def get_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {name} asked for, but no CUDA device is visible")
     return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun): data parallel. With one process every helper here is a no-op.
+#
+# Each rank samples its own share of the step's questions (whole groups: a group never straddles
+# ranks), normalises its loss by the step's GLOBAL sequence and token counts, and the gradients
+# are summed over ranks before clipping, so the update is the single-process update of the whole
+# batch. Only rank 0 writes (metrics, evaluation, checkpoints, final model).
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def init_distributed(name: str = "auto") -> torch.device:
+    """The device of this process. Under torchrun (WORLD_SIZE > 1) it also joins the process group:
+    NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU."""
+    device = get_device(name)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+    return device
+
+
+def shard(rows: list) -> list:
+    """This rank's contiguous share of the step's questions (every rank drew the same list)."""
+    n = len(rows) // world_size()
+    return rows[rank() * n:(rank() + 1) * n]
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a tensor (a new one; the input is left as it is)."""
+    x = x.clone()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_grads(model, bucket_numel: int = 2**25):
+    """Sum every gradient over ranks, in flat buckets (each rank's loss is already its share of the
+    global mean). Our log-prob pass calls the decoder and the LM head apart, past DDP's forward
+    hooks, so the reduction is done here, once per optimizer step."""
+    if not dist.is_initialized():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # a parameter no token reached on this rank still joins the sum
+            p.grad = torch.zeros_like(p)
+    bucket = []
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        if sum(g.numel() for g in bucket) >= bucket_numel or i == len(params) - 1:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+            bucket = []
+
+
+def mean_over_ranks(metrics: dict) -> dict:
+    """Each logged number averaged over ranks (ranks hold equal shares of the step)."""
+    if not dist.is_initialized():
+        return metrics
+    keys = list(metrics)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    x = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(x)
+    return dict(zip(keys, (x / world_size()).tolist()))
 
 
 def autocast(device: torch.device):
@@ -665,16 +747,18 @@ def f_divergence(name: str, alpha: float = 0.5):
 
 @torch.no_grad()
 def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, batch_size: int = 64) -> float:
-    """Greedy pass@1: the fraction of `rows` whose greedy completion has the gold answer."""
+    """Greedy pass@1: the fraction of `rows` whose greedy completion has the gold answer. Under
+    torchrun each rank answers its share and the counts are summed."""
     if not rows:
         return float("nan")
+    mine = rows[rank()::world_size()]
     correct = 0
-    for s in range(0, len(rows), batch_size):
-        part = rows[s:s + batch_size]
+    for s in range(0, len(mine), batch_size):
+        part = mine[s:s + batch_size]
         ro = sample(model, tok, [format_prompt(tok, r["question"], dataset) for r in part], 1,
                     max_new_tokens, greedy=True)
         correct += sum(is_correct(t, r["answer"]) for t, r in zip(ro.texts, part))
-    return correct / len(rows)
+    return float(all_sum(torch.tensor(float(correct), device=next(model.parameters()).device))) / len(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,8 +766,14 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, batch_si
 
 
 def prepare_out(args, script: str) -> str:
-    """DIR for this run. Refuse a directory that holds another run unless --resume."""
+    """DIR for this run. Refuse a directory that holds another run unless --resume. Rank 0 decides
+    and writes; the other ranks get its answer."""
     out = args.out or os.path.join("runs", f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if dist.is_initialized():
+        box = [out]
+        dist.broadcast_object_list(box, src=0)
+        if rank() != 0:
+            return box[0]
     occupied = os.path.exists(os.path.join(out, "metrics.jsonl")) or os.path.exists(os.path.join(out, "checkpoint"))
     if args.resume and not os.path.exists(os.path.join(out, "checkpoint", "state.pt")):
         die(f"--resume: no checkpoint in '{out}/checkpoint' to resume from")
@@ -697,9 +787,12 @@ def prepare_out(args, script: str) -> str:
 
 class Logger:
     """metrics.jsonl, appended and flushed line by line. On resume at step s, lines after s (from
-    steps after the last checkpoint) are dropped, so no step is lost or repeated."""
+    steps after the last checkpoint) are dropped, so no step is lost or repeated. Only rank 0 writes."""
 
     def __init__(self, out: str, resume_step: Optional[int] = None):
+        self.f = None
+        if rank() != 0:
+            return
         self.path = os.path.join(out, "metrics.jsonl")
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
@@ -709,27 +802,37 @@ class Logger:
         self.f = open(self.path, "a")
 
     def log(self, step: int, metrics: dict):
+        if self.f is None:
+            return
         row = {"step": step}
         row.update({k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in metrics.items()})
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
 
     def close(self):
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 def save_checkpoint(out: str, step: int, models: dict, optimizers: dict, sampler: PromptSampler):
-    """DIR/checkpoint: each model (save_pretrained), optimizer states, RNG states, the step.
-    Written to a temporary directory first, so a kill mid-save keeps the previous checkpoint."""
+    """DIR/checkpoint: each model (save_pretrained), optimizer states, every rank's RNG states, the
+    step. Written to a temporary directory first, so a kill mid-save keeps the previous checkpoint.
+    Every rank calls it (their RNG states are gathered); rank 0 writes."""
+    rng = dict(torch=torch.get_rng_state(), np=np.random.get_state(), py=random.getstate(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    rngs = [rng]
+    if dist.is_initialized():
+        rngs = [None] * world_size() if rank() == 0 else None
+        dist.gather_object(rng, rngs, dst=0)
+    if rank() != 0:
+        return
     tmp, final = os.path.join(out, "checkpoint.tmp"), os.path.join(out, "checkpoint")
     shutil.rmtree(tmp, ignore_errors=True)
     for name, (model, tok) in models.items():
         model.save_pretrained(os.path.join(tmp, name))
         tok.save_pretrained(os.path.join(tmp, name))
     state = dict(step=step, optimizers={k: o.state_dict() for k, o in optimizers.items()},
-                 sampler=sampler.state_dict(), torch_rng=torch.get_rng_state(), np_rng=np.random.get_state(),
-                 py_rng=random.getstate(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                 sampler=sampler.state_dict(), rng=rngs)
     torch.save(state, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -742,15 +845,21 @@ def load_checkpoint(out: str, optimizers: dict, sampler: PromptSampler) -> int:
     for k, o in optimizers.items():
         o.load_state_dict(state["optimizers"][k])
     sampler.load_state_dict(state["sampler"])
-    torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["np_rng"])
-    random.setstate(state["py_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if len(state["rng"]) != world_size():
+        die(f"the checkpoint in '{out}' was written by {len(state['rng'])} processes: resume with as many "
+            f"(now {world_size()})")
+    rng = state["rng"][rank()]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["np"])
+    random.setstate(rng["py"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state["step"]
 
 
 def save_final(out: str, models: dict):
+    if rank() != 0:
+        return
     for name, (model, tok) in models.items():
         path = os.path.join(out, "final", name) if name else os.path.join(out, "final")
         model.save_pretrained(path)
@@ -758,6 +867,8 @@ def save_final(out: str, models: dict):
 
 
 def check_finite(loss: torch.Tensor, step: int, out: str):
+    """Stop every rank on a NaN or inf loss (the step's loss summed over ranks)."""
+    loss = all_sum(loss.detach())
     if not torch.isfinite(loss):
         die(f"loss is {loss.item()} at step {step}; stopping. The last checkpoint is in '{out}/checkpoint'")
 

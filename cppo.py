@@ -165,13 +165,13 @@ def main():
                    f"(floor(G (1 - P)) < 1): use at most 1 - 1/G = {1 - 1 / args.group_size:g}")
     sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
     eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
+    device = common.init_distributed(args.device)  # one process, or one rank of torchrun
     out = common.prepare_out(args, "cppo")
-    common.seed_everything(args.seed)
-    device = common.get_device(args.device)
+    common.seed_everything(args.seed + common.rank())  # ranks sample different completions
     G = args.group_size
     k = kept_per_group(G, args.prune_rate)  # CPPO: completions kept per question
-    budget = args.prompts_per_step * (G if args.dynamic_allocation else k)  # CPPO: completions trained per step
-    n_questions = math.ceil(budget / k)  # CPPO: questions sampled per step
+    budget = args.prompts_per_step // common.world_size() * (G if args.dynamic_allocation else k)  # CPPO: completions trained per step (per rank)
+    n_questions = math.ceil(budget / k)  # CPPO: questions sampled per step (per rank)
 
     start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, gradient_checkpointing=args.gradient_checkpointing)
@@ -186,12 +186,13 @@ def main():
         return acc
 
     acc0 = acc = evaluate(0) if start == 0 else float("nan")
-    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True)
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
+               disable=common.rank() != 0)
     for step in bar:
         t_step = time.perf_counter()
         # 1. sample
         with common.Timer() as t_gen:
-            rows = sampler.next(n_questions)
+            rows = common.shard(sampler.next(n_questions * common.world_size()))  # this rank's questions
             prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
             rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
         # 2. score
@@ -208,6 +209,7 @@ def main():
         with common.Timer() as t_upd:
             batches = common.micro_batches(len(advantages), args.micro_batch_size)
             n_tokens = rollout.mask.sum()
+            n_seqs_all, n_tokens_all = len(advantages) * common.world_size(), common.all_sum(n_tokens)  # the step's
             with torch.no_grad():
                 old = ([common.token_logprobs(model, rollout.select(i), args.temperature, args.logprob_chunk)
                         for i in batches] if args.num_iterations > 1 else None)
@@ -223,13 +225,14 @@ def main():
                                                           with_entropy=True)  # (b, T)
                     old_logp = old[j] if old is not None else logp.detach()  # (b, T)
                     loss, s = compute_loss(logp, old_logp, refs[j] if refs else None, advantages[idx],
-                                           mb.mask, args, len(advantages), n_tokens)
+                                           mb.mask, args, n_seqs_all, n_tokens_all)
                     loss.backward()
                     sums["loss"] += loss.detach()
                     sums["clipped"] += (s["clipped"] * mb.mask).sum()
                     sums["entropy"] += (entropy * mb.mask).sum()
                     if s["kl"] is not None:
                         sums["kl"] += (s["kl"].detach() * mb.mask).sum()
+                common.all_reduce_grads(model)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 common.check_finite(sums["loss"], step, out)
                 optimizer.step()
@@ -240,12 +243,12 @@ def main():
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
             "train/reward": rewards.mean(), "train/reward_std": rewards.std(),
-            "train/loss": sums["loss"] / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
+            "train/loss": common.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": sampled.lengths.float().mean(),
             "train/truncated_frac": (sampled.mask[:, -1] == 1).float().mean() if sampled.mask.shape[1] == args.max_new_tokens else 0.0,
-            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens,
+            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens_all,
             "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
-            "cppo/questions": len(rows), "cppo/kept_frac": len(kept) / len(rewards),  # CPPO:
+            "cppo/questions": len(rows) * common.world_size(), "cppo/kept_frac": len(kept) / len(rewards),  # CPPO:
             "cppo/reward_kept": rewards[kept].mean(), "cppo/abs_adv_kept": abs_adv[kept].mean(),  # CPPO:
         }
         if dropped.any():  # CPPO: absent when nothing is pruned (P = 0)
@@ -253,6 +256,7 @@ def main():
         if ref is not None:
             metrics["train/kl"] = sums["kl"] / per_token
         metrics["time/step"] = time.perf_counter() - t_step
+        metrics = common.mean_over_ranks(metrics)
         logger.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
@@ -262,7 +266,8 @@ def main():
 
     common.save_final(out, {"": (model, tok)})
     logger.close()
-    print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({out})")
+    if common.rank() == 0:
+        print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({out})")
 
 
 if __name__ == "__main__":
