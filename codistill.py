@@ -210,10 +210,7 @@ def main():
                                    gradient_checkpointing=args.gradient_checkpointing)
     large, large_tok = common.load_model(os.path.join(ckpt, "large") if args.resume else args.large, device,
                                          gradient_checkpointing=args.gradient_checkpointing)
-    common.check_same_tokenizer(tok, large_tok, args.small, args.large)
-    vocab = small.get_output_embeddings().weight.shape[0]  # the rows S samples from
-    if large.get_output_embeddings().weight.shape[0] < vocab:
-        common.die(f"'{args.large}' has fewer output rows than '{args.small}' ({vocab}): it cannot score every sampled id")
+    vocab = common.shared_vocab(small, tok, large, large_tok, args.small, args.large)  # the rows S samples from
     optimizers = dict(small=torch.optim.AdamW(small.parameters(), lr=args.small_lr, weight_decay=args.weight_decay),
                       large=torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay))
     start = common.load_checkpoint(out, optimizers, sampler) if args.resume else 0

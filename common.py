@@ -274,6 +274,18 @@ def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str):
             "the per-token log-prob ratios need the same token ids")
 
 
+def shared_vocab(model, tok, other, other_tok, name: str, other_name: str) -> int:
+    """The LM-head rows that `model` samples from, once `other` is known to score every one of them:
+    identical tokenizers, and at least as many rows in `other` (Qwen2.5 7B and up pad to 152,064
+    rows, 0.5B to 3B to 151,936; `other`'s extra rows are sliced off its logits)."""
+    check_same_tokenizer(tok, other_tok, name, other_name)
+    rows = model.get_output_embeddings().weight.shape[0]
+    if other.get_output_embeddings().weight.shape[0] < rows:
+        die(f"'{other_name}' has fewer LM-head rows than '{name}' ({other.get_output_embeddings().weight.shape[0]} "
+            f"< {rows}): it cannot score every id that '{name}' can sample")
+    return rows
+
+
 def freeze(model):
     """A frozen model (teacher, reference): eval mode, no grads, bf16 weights on CUDA."""
     model.eval()

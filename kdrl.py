@@ -193,9 +193,8 @@ def main():
     model, tok = common.load_model(start_from, device, gradient_checkpointing=args.gradient_checkpointing)
     ref = common.freeze(common.load_model(args.model, device)[0]) if args.beta > 0 else None
     teacher, teacher_tok = common.load_model(args.teacher, device)  # KDRL
-    common.check_same_tokenizer(tok, teacher_tok, args.model, args.teacher)
+    vocab = common.shared_vocab(model, tok, teacher, teacher_tok, args.model, args.teacher)  # the student's rows
     teacher = common.freeze(teacher)
-    vocab = model.get_output_embeddings().weight.shape[0]  # a larger teacher's padded rows are sliced off
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = common.load_checkpoint(out, dict(policy=optimizer), sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)

@@ -147,11 +147,8 @@ def main():
     start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, gradient_checkpointing=args.gradient_checkpointing)
     teacher, teacher_tok = common.load_model(args.teacher, device)
-    common.check_same_tokenizer(tok, teacher_tok, args.model, args.teacher)
+    vocab = common.shared_vocab(model, tok, teacher, teacher_tok, args.model, args.teacher)  # the student's rows
     teacher = common.freeze(teacher)
-    vocab = model.get_output_embeddings().weight.shape[0]  # the student samples from these rows
-    if teacher.get_output_embeddings().weight.shape[0] < vocab:
-        common.die(f"'{args.teacher}' has fewer output rows than '{args.model}' ({vocab}): it cannot score every sampled id")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = common.load_checkpoint(out, dict(policy=optimizer), sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)

@@ -327,3 +327,19 @@ def test_logger_drops_lines_after_resume_step(tmp_path):
     log.close()
     steps = [json.loads(l)["step"] for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
     assert steps == [0, 1, 2, 3, 4]
+
+
+def test_shared_vocab_slices_a_larger_partner_and_refuses_a_smaller_one(capsys):
+    """A partner padded to more LM-head rows (Qwen2.5 7B: 152,064 vs 151,936) can score every
+    sampled id: the sampler's rows are returned. One with fewer rows is refused in one line."""
+    device = torch.device("cpu")
+    small, tok = common.load_model("toy-small", device)
+    padded, padded_tok = common.load_model("toy-large", device)
+    padded.resize_token_embeddings(len(tok) + 17)
+    assert common.shared_vocab(small, tok, padded, padded_tok, "toy-small", "padded") == len(tok)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        common.shared_vocab(padded, padded_tok, small, tok, "padded", "toy-small")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'toy-small' has fewer LM-head rows than 'padded' ({len(tok)} < {len(tok) + 17})" in err[0]
