@@ -303,9 +303,9 @@ def freeze(model):
 # systematic, human way: the carry is dropped ("57+68=15") with probability `drop_carry`.
 # toy-small is warm-started on data where the carry is dropped more often than not, so its
 # greedy answer to most carrying sums is wrong while the right one is sampled often: exactly the
-# situation RL fixes. toy-large (4x the parameters) is taught with the carry mostly kept, so it
-# is a clearly better teacher. Both share one character-level tokenizer. Built once (well under
-# a minute on 2 CPU cores) and cached under $TOY_CACHE (default ~/.cache/rl-reasoning-toy).
+# situation RL fixes. toy-large (6x the parameters) is taught with the carry mostly kept, so it
+# is a clearly better teacher. Both share one character-level tokenizer. Built once (2-3 minutes
+# for both on 2 CPU cores) and cached under $TOY_CACHE (default ~/.cache/rl-reasoning-toy).
 
 TOY_CHARS = "0123456789+="
 TOY_RECIPES = {
