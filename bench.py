@@ -8,7 +8,8 @@ still fits a CPU (its completions are random, so every reward is 0; the timings 
 
     python bench.py -- --steps 20 --prompts-per-step 8 --group-size 8 --max-new-tokens 16 --beta 0.04
     python bench.py --script cppo -- --group-size 16 --prune-rate 0.875 --steps 10
-    python bench.py --script cppo --random-model 512,8 -- --dataset toy --group-size 16 --prune-rate 0.875 --max-new-tokens 32 --steps 6
+    python bench.py --script cppo --warmup 1 --random-model 512,8 -- --dataset toy --group-size 16 --prompts-per-step 2 \
+        --max-new-tokens 32 --steps 5 --micro-batch-size 32 --beta 0 --num-iterations 1 --prune-rate 0.875
     python bench.py -- --model Qwen2.5-0.5B-Instruct --dataset gsm8k --steps 10 --eval-every 1000 --eval-size 0
     python bench.py --trl -- --steps 20 ...   # the same step in TRL's GRPOTrainer (pip install trl)
     python bench.py --logprob-memory          # chunked vs naive log-probs at Qwen's vocabulary size
