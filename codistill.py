@@ -243,22 +243,23 @@ def main():
 
         # 4. update: the large model first; its log-probs before its step score the small model's tokens
         batches = common.micro_batches(len(rewards), args.micro_batch_size)
+        mbs = [rollout.select(i) for i in batches]
         with common.Timer() as t_large:
             with torch.no_grad():
-                small_old = [common.token_logprobs(small, rollout.select(i), args.temperature, args.logprob_chunk)
-                             for i in batches]  # pi_S,old: the behaviour policy of every sampled token
-            pieces = [(rollout.select(i), adv_large[i], None, small_old[j]) for j, i in enumerate(batches)]
+                small_old = [common.token_logprobs(small, mb, args.temperature, args.logprob_chunk)
+                             for mb in mbs]  # pi_S,old: the behaviour policy of every sampled token
+            pieces = [(mb, adv_large[i], None, small_old[j]) for j, (i, mb) in enumerate(zip(batches, mbs))]
             if n:
                 pieces += [(own.select(i), adv_own[i], None, None) for i in common.micro_batches(len(own_rewards),
                                                                                            args.micro_batch_size)]
             large_logp, large_stats = update(large, optimizers["large"], pieces, args, vocab, step, out)
         with common.Timer() as t_small:
             # ALGO LOGIC (small): the on-policy KD reward, then GRPO on the small model's own samples
-            kl_small_large_k1 = torch.cat([common.masked_mean(small_old[j] - large_logp[j], rollout.select(i).mask, 1)
-                                           for j, i in enumerate(batches)])  # (B,) KL(pi_S||pi_L) per token
-            adv_small = compute_advantages(kd_rewards(rewards, kl_small_large_k1, args.kd_coef), G,
-                                           args.scale_rewards)  # (B,)
-            pieces = [(rollout.select(i), adv_small[i], small_old[j], None) for j, i in enumerate(batches)]
+            kl_small_large_k1 = torch.cat([common.masked_mean(small_old[j] - large_logp[j], mb.mask, 1)
+                                           for j, mb in enumerate(mbs)])  # (B,) KL(pi_S||pi_L) per token
+            small_rewards = kd_rewards(rewards, kl_small_large_k1, args.kd_coef)  # (B,)
+            adv_small = compute_advantages(small_rewards, G, args.scale_rewards)  # (B,)
+            pieces = [(mb, adv_small[i], small_old[j], None) for j, (i, mb) in enumerate(zip(batches, mbs))]
             _, small_stats = update(small, optimizers["small"], pieces, args, vocab, step, out)
 
         # 5. log, evaluate, save
@@ -267,7 +268,7 @@ def main():
             "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/zero_std_frac": zero_std,
             "train/completion_len": rollout.lengths.float().mean(),
             "train/tokens": common.all_sum(2 * rollout.mask.sum() + (own.mask.sum() if n else 0)),  # S's (both), L's own
-            "small/kd_kl": kl_small_large_k1.mean(), "small/kd_reward": (rewards - args.kd_coef * kl_small_large_k1).mean(),
+            "small/kd_kl": kl_small_large_k1.mean(), "small/kd_reward": small_rewards.mean(),
             **{f"small/{k}": v for k, v in small_stats.items()}, **{f"large/{k}": v for k, v in large_stats.items()},
             "time/generate": t_gen.seconds, "time/update": t_large.seconds + t_small.seconds,
             "time/update_large": t_large.seconds, "time/update_small": t_small.seconds,

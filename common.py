@@ -169,15 +169,16 @@ def all_reduce_grads(model, bucket_numel: int = 2**25):
     for p in params:
         if p.grad is None:  # a parameter no token reached on this rank still joins the sum
             p.grad = torch.zeros_like(p)
-    bucket = []
+    bucket, numel = [], 0
     for i, p in enumerate(params):
         bucket.append(p.grad)
-        if sum(g.numel() for g in bucket) >= bucket_numel or i == len(params) - 1:
+        numel += p.grad.numel()
+        if numel >= bucket_numel or i == len(params) - 1:
             flat = torch.cat([g.reshape(-1) for g in bucket])
             dist.all_reduce(flat)
             for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
                 g.copy_(part.view_as(g))
-            bucket = []
+            bucket, numel = [], 0
 
 
 def mean_over_ranks(metrics: dict) -> dict:
@@ -279,10 +280,10 @@ def shared_vocab(model, tok, other, other_tok, name: str, other_name: str) -> in
     identical tokenizers, and at least as many rows in `other` (Qwen2.5 7B and up pad to 152,064
     rows, 0.5B to 3B to 151,936; `other`'s extra rows are sliced off its logits)."""
     check_same_tokenizer(tok, other_tok, name, other_name)
-    rows = model.get_output_embeddings().weight.shape[0]
-    if other.get_output_embeddings().weight.shape[0] < rows:
-        die(f"'{other_name}' has fewer LM-head rows than '{name}' ({other.get_output_embeddings().weight.shape[0]} "
-            f"< {rows}): it cannot score every id that '{name}' can sample")
+    rows, other_rows = (m.get_output_embeddings().weight.shape[0] for m in (model, other))
+    if other_rows < rows:
+        die(f"'{other_name}' has fewer LM-head rows than '{name}' ({other_rows} < {rows}): it cannot score "
+            f"every id that '{name}' can sample")
     return rows
 
 

@@ -137,9 +137,9 @@ def kd_term(logp, teacher_logp, kd_mask, estimator: str):
     """Per-token estimate of the reverse KL(pi_theta||pi_T) on the sampled tokens, with
     R = sg(l_T) - l_theta (Schulman 2020; common.KL_ESTIMATORS): k1 = -R, k2 = R^2 / 2,
     k3 = e^R - R - 1. As losses their expected gradients are 0, grad KL(pi_theta||pi_T) and
-    grad KL(pi_T||pi_theta). 0 where kd_mask is 0."""
+    grad KL(pi_T||pi_theta). 0 where kd_mask is 0. Returns the estimate and R."""
     log_ratio = torch.where(kd_mask > 0, teacher_logp.detach() - logp, 0.0)  # (b, T) R; 0 keeps e^R finite off KD
-    return common.KL_ESTIMATORS[estimator](log_ratio)  # (b, T)
+    return common.KL_ESTIMATORS[estimator](log_ratio), log_ratio  # (b, T), (b, T)
 
 
 def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, n_tokens,
@@ -159,7 +159,7 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
     if ref_logp is not None:
         kl_policy_ref_k3 = common.kl_k3(ref_logp - logp)  # (b, T) estimates KL(pi_theta||pi_ref)
         per_token = per_token + args.beta * kl_policy_ref_k3  # (b, T)
-    kl_student_teacher = kd_term(logp, teacher_logp, kd_mask, args.kd_estimator)  # (b, T) KL(pi_theta||pi_T), 0 off KD
+    kl_student_teacher, log_ratio_teacher_student = kd_term(logp, teacher_logp, kd_mask, args.kd_estimator)  # (b, T) KL(pi_theta||pi_T), 0 off KD
     per_token = per_token + kd_coef * kl_student_teacher  # (b, T)
     if args.loss_type == "grpo":  # mean over each sequence, then over sequences
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
@@ -170,7 +170,8 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
     else:  # dapo: token mean over the whole step
         loss = (per_token * mask).sum() / n_tokens
     is_clipped = ((ratio < 1 - args.epsilon) & (A < 0)) | ((ratio > 1 + args.epsilon_high) & (A > 0))  # (b, T)
-    return loss, dict(kl=kl_policy_ref_k3, clipped=is_clipped.float(), kd=kl_student_teacher)
+    return loss, dict(kl=kl_policy_ref_k3, clipped=is_clipped.float(), kd=kl_student_teacher,
+                      kd_kl=common.kl_k3(log_ratio_teacher_student.detach()))  # k3: the unbiased KL value
 
 
 def main():
@@ -251,8 +252,7 @@ def main():
                     sums["clipped"] += (s["clipped"] * mb.mask).sum()
                     sums["entropy"] += (entropy * mb.mask).sum()
                     sums["kd"] += (s["kd"].detach() * kd_mask).sum()
-                    log_ratio = torch.where(kd_mask > 0, teachers[j] - logp.detach(), 0.0)  # (b, T) off KD: 0
-                    sums["kd_kl"] += (common.kl_k3(log_ratio) * kd_mask).sum()
+                    sums["kd_kl"] += (s["kd_kl"] * kd_mask).sum()
                     if s["kl"] is not None:
                         sums["kl"] += (s["kl"].detach() * mb.mask).sum()
                 common.all_reduce_grads(model)

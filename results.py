@@ -19,6 +19,7 @@ resident memory; completion tokens trained on per second of training time; the m
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -158,9 +159,7 @@ def main():
     def work(job):
         name, script, flags, seed = job
         out = os.path.join(opts.out, "runs", f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
-        if os.path.exists(out):
-            import shutil
-            shutil.rmtree(out)
+        shutil.rmtree(out, ignore_errors=True)
         steps = ["--steps", str(opts.steps)] if opts.steps else []
         wall, rss = run_one(script, [*flags, *steps, "--seed", str(seed)], out, opts.eval_every)
         print(f"[{time.time() - t0:6.0f}s] {name} seed {seed}: {wall:.0f}s", flush=True)
