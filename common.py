@@ -653,6 +653,19 @@ def _chunk_logprobs(h, w, y, temperature: float, vocab: Optional[int], with_entr
     return logp, ent
 
 
+def last_hidden_state(model, ids, attn, pos) -> torch.Tensor:
+    """The decoder's output (B, S, D), taken by a hook during the model's own forward, so that the
+    model's hooks run, with logits at no position and no KV cache (the decoder alone builds one)."""
+    out = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, o: out.append(o.last_hidden_state))
+    try:
+        model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+              logits_to_keep=torch.zeros(0, dtype=torch.long, device=ids.device))
+    finally:
+        hook.remove()
+    return out[0]
+
+
 def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int = 1024,
                    vocab_size: Optional[int] = None, with_entropy: bool = False):
     """log pi(o_t | q, o_<t) of each completion token at the sampling temperature, (B, T).
@@ -664,11 +677,11 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size
     ids, attn = rollout.input_ids(), rollout.attention_mask()  # (B, P+T)
     B, T = rollout.completion_ids.shape
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B, P+T) left padding shifts positions
-    w = model.get_output_embeddings().weight  # (V, D)
     logps, ents = [], []
-    with autocast(w.device):
-        h = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    with autocast(ids.device):
+        h = last_hidden_state(model, ids, attn, pos)  # (B, P+T, D)
         h = h[:, -T - 1:-1].reshape(B * T, -1)  # (B*T, D) the state before each completion token
+        w = model.get_output_embeddings().weight  # (V, D)
         y = rollout.completion_ids.reshape(B * T)  # (B*T,)
         for s in range(0, B * T, chunk_size):
             args = (h[s:s + chunk_size], w, y[s:s + chunk_size], temperature, vocab_size, with_entropy)
