@@ -13,6 +13,7 @@ still fits a CPU (its completions are random, so every reward is 0; the timings 
     python bench.py -- --model Qwen2.5-0.5B-Instruct --dataset gsm8k --steps 10 --eval-every 1000 --eval-size 0
     python bench.py --trl -- --steps 20 ...   # the same step in TRL's GRPOTrainer (pip install trl)
     python bench.py --logprob-memory          # chunked vs naive log-probs at Qwen's vocabulary size
+    torchrun --nproc_per_node 2 bench.py --random-model 1024,12 -- --dataset toy --fsdp ...   # per-rank peak
 
 Not a test: timings depend on the machine. Peak memory is torch.cuda.max_memory_allocated on a
 GPU, the process's peak resident set on a CPU.
@@ -201,6 +202,12 @@ def main():
     if opts.random_model:
         flags = ["--small" if opts.script == "codistill" else "--model", random_model(opts.random_model), *flags]
     res = bench_trl(flags, opts.warmup) if opts.trl else bench_ours(opts.script, flags, opts.warmup)
+    if torch.distributed.is_initialized():  # under torchrun: the largest peak over ranks, printed once
+        peak = torch.tensor(res["peak_mem_gib"], device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        res.update(peak_mem_gib=peak.item(), processes=torch.distributed.get_world_size())
+        if torch.distributed.get_rank() != 0:
+            return
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(json.dumps(dict(which="trl" if opts.trl else f"{opts.script}.py", device=dev, flags=" ".join(flags), **res), indent=1))
 

@@ -72,6 +72,7 @@ class Args:
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
     # Algorithm-specific arguments
     scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
     loss_type: str = arg("grpo", "token aggregation of both losses", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
@@ -177,8 +178,7 @@ def update(model, optimizer, pieces, args, vocab: int, step: int, out: str):
                 sums["is_weight"] += (w * mb.mask).sum()
                 sums["is_capped"] += ((old_logp - behaviour >= math.log(args.is_cap)) * mb.mask).sum()
                 sums["is_tokens"] += mb.mask.sum()
-        common.all_reduce_grads(model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = common.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
         common.check_finite(sums["loss"], step, out)
         optimizer.step()
     per_token = n_tokens * args.num_iterations
@@ -207,13 +207,13 @@ def main():
 
     ckpt = os.path.join(out, "checkpoint")
     small, tok = common.load_model(os.path.join(ckpt, "small") if args.resume else args.small, device,
-                                   gradient_checkpointing=args.gradient_checkpointing)
+                                   args.gradient_checkpointing, fsdp=args.fsdp)
     large, large_tok = common.load_model(os.path.join(ckpt, "large") if args.resume else args.large, device,
-                                         gradient_checkpointing=args.gradient_checkpointing)
+                                         args.gradient_checkpointing, fsdp=args.fsdp)
     vocab = common.shared_vocab(small, tok, large, large_tok, args.small, args.large)  # the rows S samples from
     optimizers = dict(small=torch.optim.AdamW(small.parameters(), lr=args.small_lr, weight_decay=args.weight_decay),
                       large=torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay))
-    start = common.load_checkpoint(out, optimizers, sampler) if args.resume else 0
+    start = common.load_checkpoint(out, dict(small=small, large=large), optimizers, sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)
 
     def evaluate(step):

@@ -115,12 +115,19 @@ def get_device(name: str = "auto") -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------
-# Several processes (torchrun): data parallel. With one process every helper here is a no-op.
+# Several processes (torchrun). With one process every helper here is a no-op.
 #
 # Each rank samples its own share of the step's questions (whole groups: a group never straddles
 # ranks), normalises its loss by the step's GLOBAL sequence and token counts, and the gradients
 # are summed over ranks before clipping, so the update is the single-process update of the whole
 # batch. Only rank 0 writes (metrics, evaluation, checkpoints, final model).
+#
+# Two ways to hold the models. Data parallel (default): every rank holds whole models and the
+# gradients are all-reduced once per optimizer step. --fsdp (FSDP2, for models that do not fit
+# one GPU): each rank holds 1/N of every parameter, gradient and AdamW state; a decoder layer is
+# gathered just before it runs and freed after; the root unit (embeddings, final norm, LM head)
+# stays gathered between a forward and its backward. Every forward is then a collective: all
+# ranks must run the same number of them.
 
 
 def rank() -> int:
@@ -159,26 +166,83 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_reduce_grads(model, bucket_numel: int = 2**25):
-    """Sum every gradient over ranks, in flat buckets (each rank's loss is already its share of the
-    global mean). Our log-prob pass calls the decoder and the LM head apart, past DDP's forward
-    hooks, so the reduction is done here, once per optimizer step."""
-    if not dist.is_initialized():
-        return
+def apply_fsdp(model):
+    """FSDP2 over all ranks: one unit per decoder layer, the rest (embeddings, final norm, LM head:
+    one tensor when tied, as in Qwen2.5 0.5B-3B) in the root unit. On CUDA the gathered weights are
+    bf16 (what autocast would make of them) and gradients are reduced in fp32. A no-op in one process."""
+    if world_size() == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size(),))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+          else MixedPrecisionPolicy())
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    return fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def reduce_and_clip_grads(model, max_norm: float, bucket_numel: int = 2**25) -> torch.Tensor:
+    """Sum the gradients over ranks (each rank's loss is already its share of the global mean),
+    clip them to `max_norm` and return their norm before clipping. FSDP has reduce-scattered them
+    in backward, as a mean over ranks: times N makes it the sum. Data parallel: one all-reduce
+    here, in flat buckets, once per optimizer step. (DDP's wrapper would overlap the last backward
+    with it, but needs no_sync() on every other micro-batch and unwrapping for generate and
+    save_pretrained.)"""
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:  # a parameter no token reached on this rank still joins the sum
-            p.grad = torch.zeros_like(p)
-    bucket, numel = [], 0
-    for i, p in enumerate(params):
-        bucket.append(p.grad)
-        numel += p.grad.numel()
-        if numel >= bucket_numel or i == len(params) - 1:
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-                g.copy_(part.view_as(g))
-            bucket, numel = [], 0
+    if is_sharded(model):
+        grads = [p.grad for p in params if p.grad is not None]
+        torch._foreach_mul_(grads, float(world_size()))
+    elif dist.is_initialized():
+        for p in params:
+            if p.grad is None:  # a parameter no token reached on this rank still joins the sum
+                p.grad = torch.zeros_like(p)
+        bucket, numel = [], 0
+        for i, p in enumerate(params):
+            bucket.append(p.grad)
+            numel += p.grad.numel()
+            if numel >= bucket_numel or i == len(params) - 1:
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                dist.all_reduce(flat)
+                for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                    g.copy_(part.view_as(g))
+                bucket, numel = [], 0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP: keep every layer gathered while the model generates, so that each is all-gathered
+    once per batch rather than once per new token; freed after. A no-op otherwise."""
+    if not is_sharded(model):
+        yield
+        return
+    layers = model.get_decoder().layers
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+        reshard(model)
+
+
+def reshard(model):
+    """FSDP: free every gathered unit (the root stays gathered after a forward, for its backward),
+    so that the model holds its own shards again, as its optimizer does."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def mean_over_ranks(metrics: dict) -> dict:
@@ -219,10 +283,12 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False):
+def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, frozen: bool = False,
+               fsdp: bool = False):
     """(model, tokenizer) from a toy name, a local `save_pretrained` directory or a hub id.
-    Weights in fp32 (trained models keep fp32 master weights; `freeze` casts frozen ones to bf16
-    on CUDA); compute runs under `autocast`."""
+    Weights in fp32 (trained models keep fp32 master weights; `frozen` ones are `freeze`d, bf16 on
+    CUDA); compute runs under `autocast`. `fsdp`: sharded over the ranks (`apply_fsdp`); build the
+    optimizer after this, on the sharded parameters."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -242,7 +308,10 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
         tok.pad_token = tok.eos_token
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-    return model.to(device), tok
+    model = model.to(device)
+    if frozen:
+        freeze(model)
+    return (apply_fsdp(model) if fsdp else model), tok
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -623,8 +692,9 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
         do_sample=not greedy, **knobs, repetition_penalty=1.0, no_repeat_ngram_size=0,
         max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=eos, pad_token_id=tok.pad_token_id,
         num_beams=1, use_cache=True)
-    with autocast(device):
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+    with autocast(device), gathered(model):  # FSDP: ranks step together until the last one is done
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen,
+                             synced_gpus=is_sharded(model))
     completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
     mask, lengths = completion_mask(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
@@ -655,7 +725,7 @@ def _chunk_logprobs(h, w, y, temperature: float, vocab: Optional[int], with_entr
 
 def last_hidden_state(model, ids, attn, pos) -> torch.Tensor:
     """The decoder's output (B, S, D), taken by a hook during the model's own forward, so that the
-    model's hooks run, with logits at no position and no KV cache (the decoder alone builds one)."""
+    model's hooks run (FSDP gathers parameters in them), with logits at no position and no KV cache."""
     out = []
     hook = model.get_decoder().register_forward_hook(lambda module, args, o: out.append(o.last_hidden_state))
     try:
@@ -681,7 +751,7 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size
     with autocast(ids.device):
         h = last_hidden_state(model, ids, attn, pos)  # (B, P+T, D)
         h = h[:, -T - 1:-1].reshape(B * T, -1)  # (B*T, D) the state before each completion token
-        w = model.get_output_embeddings().weight  # (V, D)
+        w = model.get_output_embeddings().weight  # (V, D) read after the forward: FSDP has gathered it
         y = rollout.completion_ids.reshape(B * T)  # (B*T,)
         for s in range(0, B * T, chunk_size):
             args = (h[s:s + chunk_size], w, y[s:s + chunk_size], temperature, vocab_size, with_entropy)
@@ -778,12 +848,14 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, batch_si
     if not rows:
         return float("nan")
     mine = rows[rank()::world_size()]
+    per_rank = -(-len(rows) // world_size())
+    mine += [None] * (per_rank - len(mine))  # FSDP: every rank makes as many generate calls (None: not counted)
     correct = 0
     for s in range(0, len(mine), batch_size):
         part = mine[s:s + batch_size]
-        ro = sample(model, tok, [format_prompt(tok, r["question"], dataset) for r in part], 1,
+        ro = sample(model, tok, [format_prompt(tok, (r or rows[0])["question"], dataset) for r in part], 1,
                     max_new_tokens, greedy=True)
-        correct += sum(is_correct(t, r["answer"]) for t, r in zip(ro.texts, part))
+        correct += sum(r is not None and is_correct(t, r["answer"]) for t, r in zip(ro.texts, part))
     return float(all_sum(torch.tensor(float(correct), device=next(model.parameters()).device))) / len(rows)
 
 
@@ -840,40 +912,67 @@ class Logger:
             self.f.close()
 
 
+def save_pretrained(model, tok, path: str):
+    """`save_pretrained` of a model and its tokenizer, loadable by `load_model`. Every rank calls it:
+    FSDP first gathers the shards (on CPU, rank 0's copy only); rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = None
+    if is_sharded(model):
+        reshard(model)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        first = {}  # the gathered copies of a tied weight are separate tensors: keep its first name only
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) != name:
+                state.pop(name, None)
+    if rank() == 0:
+        model.save_pretrained(path, state_dict=state)
+        tok.save_pretrained(path)
+
+
 def save_checkpoint(out: str, step: int, models: dict, optimizers: dict, sampler: PromptSampler):
-    """DIR/checkpoint: each model (save_pretrained), optimizer states, every rank's RNG states, the
-    step. Written to a temporary directory first, so a kill mid-save keeps the previous checkpoint.
-    Every rank calls it (their RNG states are gathered); rank 0 writes."""
+    """DIR/checkpoint: each model (save_pretrained), optimizer states (keyed by parameter name, so
+    that data-parallel and FSDP runs read each other's), every rank's RNG states, the step. Written
+    to a temporary directory first, so a kill mid-save keeps the previous checkpoint. Every rank
+    calls it (FSDP gathers shards, RNG states are gathered); rank 0 writes. The keys of
+    `optimizers` are keys of `models` (name: (model, tokenizer))."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     rng = dict(torch=torch.get_rng_state(), np=np.random.get_state(), py=random.getstate(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     rngs = [rng]
     if dist.is_initialized():
         rngs = [None] * world_size() if rank() == 0 else None
         dist.gather_object(rng, rngs, dst=0)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    for model, _ in models.values():
+        reshard(model)
+    optimizer_states = {k: get_optimizer_state_dict(models[k][0], o, options=full) for k, o in optimizers.items()}
+    tmp, final = os.path.join(out, "checkpoint.tmp"), os.path.join(out, "checkpoint")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, (model, tok) in models.items():
+        save_pretrained(model, tok, os.path.join(tmp, name))
     if rank() != 0:
         return
-    tmp, final = os.path.join(out, "checkpoint.tmp"), os.path.join(out, "checkpoint")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name, (model, tok) in models.items():
-        model.save_pretrained(os.path.join(tmp, name))
-        tok.save_pretrained(os.path.join(tmp, name))
-    state = dict(step=step, optimizers={k: o.state_dict() for k, o in optimizers.items()},
-                 sampler=sampler.state_dict(), rng=rngs)
+    state = dict(step=step, optimizers=optimizer_states, sampler=sampler.state_dict(), rng=rngs)
     torch.save(state, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
 
-def load_checkpoint(out: str, optimizers: dict, sampler: PromptSampler) -> int:
+def load_checkpoint(out: str, models: dict, optimizers: dict, sampler: PromptSampler) -> int:
     """Restore optimizer, sampler and RNG states; return the step the checkpoint was taken at.
-    (The models are loaded from DIR/checkpoint/<name> by the script.)"""
-    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
-    for k, o in optimizers.items():
-        o.load_state_dict(state["optimizers"][k])
-    sampler.load_state_dict(state["sampler"])
+    (The models are loaded from DIR/checkpoint/<name> by the script; `models`: name: model.)"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False, mmap=True)
     if len(state["rng"]) != world_size():
         die(f"the checkpoint in '{out}' was written by {len(state['rng'])} processes: resume with as many "
             f"(now {world_size()})")
+    for k, o in optimizers.items():
+        set_optimizer_state_dict(models[k], o, state["optimizers"][k], options=StateDictOptions(full_state_dict=True))
+    sampler.load_state_dict(state["sampler"])
     rng = state["rng"][rank()]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["np"])
@@ -884,12 +983,9 @@ def load_checkpoint(out: str, optimizers: dict, sampler: PromptSampler) -> int:
 
 
 def save_final(out: str, models: dict):
-    if rank() != 0:
-        return
+    """DIR/final (one model) or DIR/final/<name>. Every rank calls it; rank 0 writes."""
     for name, (model, tok) in models.items():
-        path = os.path.join(out, "final", name) if name else os.path.join(out, "final")
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
+        save_pretrained(model, tok, os.path.join(out, "final", name) if name else os.path.join(out, "final"))
 
 
 def check_finite(loss: torch.Tensor, step: int, out: str):

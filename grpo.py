@@ -53,6 +53,7 @@ class Args:
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
     # Algorithm-specific arguments
     scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
     loss_type: str = arg("grpo", "token aggregation of the loss", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
@@ -115,10 +116,10 @@ def main():
     G = args.group_size
 
     start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
-    model, tok = common.load_model(start_from, device, gradient_checkpointing=args.gradient_checkpointing)
-    ref = common.freeze(common.load_model(args.model, device)[0]) if args.beta > 0 else None
+    model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
+    ref = common.load_model(args.model, device, frozen=True, fsdp=args.fsdp)[0] if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start = common.load_checkpoint(out, dict(policy=optimizer), sampler) if args.resume else 0
+    start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)
 
     def evaluate(step):
@@ -169,8 +170,7 @@ def main():
                     sums["entropy"] += (entropy * mb.mask).sum()
                     if s["kl"] is not None:
                         sums["kl"] += (s["kl"].detach() * mb.mask).sum()
-                common.all_reduce_grads(model)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm = common.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
                 common.check_finite(sums["loss"], step, out)
                 optimizer.step()
 

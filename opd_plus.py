@@ -73,6 +73,7 @@ class Args:
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
     # Algorithm-specific arguments
     teacher: str = arg("toy-large", "frozen teacher that scores the student's tokens (same tokenizer as --model)")
     divergence: str = arg("rkl", "f of D_f(teacher||student): reverse KL, forward KL, JSD, total variation, alpha", choices=common.DIVERGENCES)
@@ -145,12 +146,11 @@ def main():
     G = args.group_size
 
     start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
-    model, tok = common.load_model(start_from, device, gradient_checkpointing=args.gradient_checkpointing)
-    teacher, teacher_tok = common.load_model(args.teacher, device)
+    model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
+    teacher, teacher_tok = common.load_model(args.teacher, device, frozen=True, fsdp=args.fsdp)
     vocab = common.shared_vocab(model, tok, teacher, teacher_tok, args.model, args.teacher)  # the student's rows
-    teacher = common.freeze(teacher)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start = common.load_checkpoint(out, dict(policy=optimizer), sampler) if args.resume else 0
+    start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)
 
     def evaluate(step):
@@ -198,8 +198,7 @@ def main():
                 sums["divergence"] += (s["divergence"] * mb.mask).sum()
                 sums["adv"] += (s["advantage"] * mb.mask).sum()
                 sums["adv_sq"] += (s["advantage"] ** 2 * mb.mask).sum()
-            common.all_reduce_grads(model)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = common.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
             common.check_finite(sums["loss"], step, out)
             optimizer.step()
 

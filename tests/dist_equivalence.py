@@ -1,12 +1,14 @@
 """Run a script's main() with completions that depend only on the question, the step and the
 weights, not on which process samples them or next to what: then one process and torchrun see
-the same batch, and their updates can be compared (tests/test_distributed.py).
+the same batch, and their updates can be compared (tests/test_distributed.py). It also writes
+DIR/params-rank<r>.json: the parameters each loaded model holds on this rank (its shard under FSDP).
 
     python tests/dist_equivalence.py grpo --out DIR [flags]
     torchrun --standalone --nproc_per_node 2 tests/dist_equivalence.py grpo --out DIR [flags]
 """
 
 import importlib
+import json
 import os
 import sys
 import zlib
@@ -18,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 real_sample = common.sample
-calls = [0]
+real_load = common.load_model
+calls, loaded = [0], []
 
 
 def concat(parts: list, pad: int) -> common.Rollout:
@@ -45,8 +48,22 @@ def sample_per_question(model, tok, prompts, group_size, max_new_tokens, tempera
     return concat(parts, tok.pad_token_id)
 
 
+def load_and_record(*args, **kwargs):
+    model, tok = real_load(*args, **kwargs)
+    loaded.append(model)
+    return model, tok
+
+
+def local_numel(p):
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+
 if __name__ == "__main__":
-    common.sample = sample_per_question
+    common.sample, common.load_model = sample_per_question, load_and_record
     script = importlib.import_module(sys.argv[1])
     sys.argv = [sys.argv[1] + ".py", *sys.argv[2:]]
     script.main()
+    out = sys.argv[sys.argv.index("--out") + 1]
+    with open(os.path.join(out, f"params-rank{common.rank()}.json"), "w") as f:
+        json.dump([dict(sharded=common.is_sharded(m), total=sum(p.numel() for p in m.parameters()),
+                        local=sum(local_numel(p) for p in m.parameters())) for m in loaded], f)
