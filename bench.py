@@ -73,6 +73,8 @@ def bench_ours(script: str, flags: list, warmup: int) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     module.main()
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:  # rank 0 alone wrote metrics
+        return dict(peak_mem_gib=peak_memory_gib())
     res = summarize(os.path.join(out, "run", "metrics.jsonl"), warmup)
     res["peak_mem_gib"] = peak_memory_gib()
     return res
