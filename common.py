@@ -196,6 +196,7 @@ def reduce_and_clip_grads(model, max_norm: float, bucket_numel: int = 2**25) -> 
     here, in flat buckets, once per optimizer step. (DDP's wrapper would overlap the last backward
     with it, but needs no_sync() on every other micro-batch and unwrapping for generate and
     save_pretrained.)"""
+    reshard(model)  # FSDP: the model holds the sharded parameters (and their gradients) that the optimizer steps
     params = [p for p in model.parameters() if p.requires_grad]
     if is_sharded(model):
         grads = [p.grad for p in params if p.grad is not None]
