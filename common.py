@@ -774,7 +774,7 @@ def naive_token_logprobs(model, rollout: Rollout, temperature: float = 1.0):
     ids, attn = rollout.input_ids(), rollout.attention_mask()
     T = rollout.completion_ids.shape[1]
     pos = (attn.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -T - 1:-1].float()
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, -T - 1:-1].float()
     return torch.log_softmax(logits / temperature, -1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
 
 
@@ -918,9 +918,9 @@ def save_pretrained(model, tok, path: str):
     FSDP first gathers the shards (on CPU, rank 0's copy only); rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    reshard(model)  # FSDP: the model holds its shards again (the root stays gathered after a forward)
     state = None
     if is_sharded(model):
-        reshard(model)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         first = {}  # the gathered copies of a tied weight are separate tensors: keep its first name only
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -945,15 +945,13 @@ def save_checkpoint(out: str, step: int, models: dict, optimizers: dict, sampler
     if dist.is_initialized():
         rngs = [None] * world_size() if rank() == 0 else None
         dist.gather_object(rng, rngs, dst=0)
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    for model, _ in models.values():
-        reshard(model)
-    optimizer_states = {k: get_optimizer_state_dict(models[k][0], o, options=full) for k, o in optimizers.items()}
     tmp, final = os.path.join(out, "checkpoint.tmp"), os.path.join(out, "checkpoint")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     for name, (model, tok) in models.items():
-        save_pretrained(model, tok, os.path.join(tmp, name))
+        save_pretrained(model, tok, os.path.join(tmp, name))  # also reshards: the optimizers' parameters
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer_states = {k: get_optimizer_state_dict(models[k][0], o, options=full) for k, o in optimizers.items()}
     if rank() != 0:
         return
     state = dict(step=step, optimizers=optimizer_states, sampler=sampler.state_dict(), rng=rngs)
