@@ -96,7 +96,7 @@ def bench_trl(flags: list, warmup: int) -> dict:
                             for r in rows])
 
     def reward(completions, answer, **kw):
-        return common.rewards_for(completions, answer).tolist()
+        return common.rewards_for(completions, answer).reward.tolist()
 
     class StepTimes(TrainerCallback):
         def __init__(self):

@@ -235,9 +235,11 @@ def main():
             own = common.sample(large, tok, prompts, n, args.max_new_tokens, args.temperature) if n else None
         # 2. score
         golds = [r["answer"] for r in rows for _ in range(G)]
-        rewards = common.rewards_for(rollout.texts, golds, args.format_coef).to(device)  # (B,)
-        own_rewards = (common.rewards_for(own.texts, [r["answer"] for r in rows for _ in range(n)],
-                                          args.format_coef).to(device) if n else None)  # (N n,)
+        scores = common.rewards_for(rollout.texts, golds, args.format_coef)
+        rewards = scores.reward.to(device)  # (B,)
+        own_scores = common.rewards_for(own.texts, [r["answer"] for r in rows for _ in range(n)],
+                                        args.format_coef) if n else None
+        own_rewards = own_scores.reward.to(device) if n else None  # (N n,)
         # 3. ALGO LOGIC (large): advantages from the task reward only
         adv_large, adv_own = large_advantages(rewards, own_rewards, G, args.scale_rewards)  # (B,), (N n,)
 
@@ -266,6 +268,7 @@ def main():
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
             "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/zero_std_frac": zero_std,
+            "train/grade_errors": scores.grade_errors + (own_scores.grade_errors if n else 0),
             "train/completion_len": rollout.lengths.float().mean(),
             "train/tokens": common.all_sum(2 * rollout.mask.sum() + (own.mask.sum() if n else 0)),  # S's (both), L's own
             "small/kd_kl": kl_small_large_k1.mean(), "small/kd_reward": small_rewards.mean(),

@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -623,12 +623,26 @@ def is_correct(completion: str, gold: str) -> bool:
     return pred is not None and normalize_answer(pred) == normalize_answer(gold)
 
 
-def rewards_for(completions: list, golds: list, format_coef: float = 0.0) -> torch.Tensor:
-    """(B,) reward: 1 for a correct final answer, plus `format_coef` when the answer is given in
-    the asked-for form (\\boxed{} or ####)."""
-    r = [float(is_correct(c, g)) + format_coef * float(last_boxed(c) is not None or "####" in c)
-         for c, g in zip(completions, golds)]
-    return torch.tensor(r)
+class Scores(NamedTuple):
+    """What grading a batch of completions gives the training loop."""
+    reward: torch.Tensor   # (B,) float: correctness plus the format bonus
+    correct: torch.Tensor  # (B,) bool: the final answer is right (the bonus alone never counts)
+    grade_errors: int      # completions whose grading failed (scored as wrong)
+
+
+def rewards_for(completions: list, golds: list, format_coef: float = 0.0) -> Scores:
+    """Reward 1 for a correct final answer, plus `format_coef` when the answer is given in the
+    asked-for form (\\boxed{} or ####). A completion whose grading raises scores 0 and is counted."""
+    correct, errors = [], 0
+    for c, g in zip(completions, golds):
+        try:
+            correct.append(is_correct(c, g))
+        except Exception:  # a strange completion must never stop a run
+            correct.append(False)
+            errors += 1
+    fmt = [float(last_boxed(c) is not None or "####" in c) for c in completions]
+    correct = torch.tensor(correct, dtype=torch.bool)
+    return Scores(correct.float() + format_coef * torch.tensor(fmt), correct, errors)
 
 
 # ----------------------------------------------------------------------------------------------

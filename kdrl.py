@@ -219,7 +219,8 @@ def main():
             rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
         # 2. score
         golds = [r["answer"] for r in rows for _ in range(G)]
-        rewards = common.rewards_for(rollout.texts, golds, args.format_coef).to(device)  # (B,)
+        scores = common.rewards_for(rollout.texts, golds, args.format_coef)
+        rewards = scores.reward.to(device)  # (B,)
         # 3. ALGO LOGIC
         advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)
         kd_row = kd_rows(rewards, G, args.kd_mask)  # (B,) KDRL
@@ -265,7 +266,7 @@ def main():
         per_token = n_tokens * args.num_iterations
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": rewards.std(),
+            "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/grade_errors": scores.grade_errors,
             "train/loss": common.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
             "train/truncated_frac": (rollout.mask[:, -1] == 1).float().mean() if rollout.mask.shape[1] == args.max_new_tokens else 0.0,

@@ -48,8 +48,9 @@ def test_gold_answers_of_real_formats():
 
 
 def test_rewards_and_format_bonus():
-    r = common.rewards_for(["\\boxed{4}", "4", "#### 5", "nothing"], ["4", "4", "4", "4"], format_coef=0.25)
-    assert r.tolist() == [1.25, 1.0, 0.25, 0.0]
+    s = common.rewards_for(["\\boxed{4}", "4", "#### 5", "nothing"], ["4", "4", "4", "4"], format_coef=0.25)
+    assert s.reward.tolist() == [1.25, 1.0, 0.25, 0.0]
+    assert s.correct.tolist() == [True, True, False, False] and s.grade_errors == 0
 
 
 # ---------------------------------------------------------------- masks
