@@ -66,6 +66,8 @@ class Args:
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
     eval_every: int = arg(50, "evaluate both models every N steps (also at step 0 and after the last step)")
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
+    pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
+    pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
     save_every: int = arg(50, "checkpoint every N steps")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
@@ -217,10 +219,10 @@ def main():
     logger = common.Logger(out, resume_step=start if args.resume else None)
 
     def evaluate(step):
-        accs = {name: common.evaluate(m, tok, eval_rows, args.dataset, args.max_new_tokens)
-                for name, m in (("small", small), ("large", large))}
-        logger.log(step, {f"{name}/eval/accuracy": a for name, a in accs.items()})
-        return accs
+        metrics = {name: common.evaluate(m, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k)
+                   for name, m in (("small", small), ("large", large))}
+        logger.log(step, {f"{name}/{k}": v for name, ms in metrics.items() for k, v in ms.items()})
+        return {name: ms["eval/accuracy"] for name, ms in metrics.items()}
 
     acc0 = acc = evaluate(0) if start == 0 else dict(small=float("nan"), large=float("nan"))
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,

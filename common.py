@@ -84,11 +84,15 @@ def check_common_args(args):
     if args.group_size < 2:
         die(f"--group-size must be at least 2 (got {args.group_size}): "
             "group-relative advantages need two completions to compare")
-    for name, least in (("steps", 0), ("eval_size", 0), ("prompts_per_step", 1), ("max_new_tokens", 1),
+    for name, least in (("steps", 0), ("eval_size", 0), ("pass_n", 0), ("prompts_per_step", 1), ("max_new_tokens", 1),
                         ("micro_batch_size", 1)):
         if getattr(args, name) < least:
             die(f"--{name.replace('_', '-')} must be {'non-negative' if least == 0 else 'positive'} "
                 f"(got {getattr(args, name)})")
+    ks = parse_pass_k(args.pass_k)
+    if args.pass_n > 0 and (not ks or not all(1 <= k <= args.pass_n for k in ks)):
+        die(f"--pass-k {args.pass_k}: each k must be between 1 and --pass-n ({args.pass_n}), the answers sampled "
+            "per question")
     if args.temperature <= 0:
         die(f"--temperature must be positive for on-policy sampling (got {args.temperature})")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: every rank takes whole questions
@@ -856,22 +860,58 @@ def f_divergence(name: str, alpha: float = 0.5):
 # Evaluation
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, arXiv 2107.03374):
+    1 - C(n-c, k) / C(n, k), the chance that k of the n drawn without replacement hold a correct one."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def parse_pass_k(spec) -> list:
+    """The k of --pass-k ("1,4,16") as ints; a list of ints as it is."""
+    if not isinstance(spec, str):
+        return [int(k) for k in spec]
+    try:
+        return [int(k) for k in spec.split(",") if k.strip()]
+    except ValueError:
+        die(f"--pass-k must be comma-separated integers like 1,4,16 (got '{spec}')")
+
+
 @torch.no_grad()
-def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, batch_size: int = 64) -> float:
-    """Greedy pass@1: the fraction of `rows` whose greedy completion has the gold answer. Under
-    torchrun each rank answers its share and the counts are summed."""
+def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: int = 0, pass_k="1,4,16",
+             batch_size: int = 64) -> dict:
+    """The held-out metrics of `rows`: eval/accuracy (greedy pass@1) and time/eval (seconds); with
+    `pass_n` > 0 also eval/pass@k for each k of `pass_k`, from `pass_n` answers per question
+    sampled at temperature 1 (pass_n times the greedy generation; time/eval_pass_at_k is its cost).
+    A generate call holds at most `batch_size` answers. Under torchrun each rank answers its share
+    and the counts are summed."""
     if not rows:
-        return float("nan")
+        return {"eval/accuracy": float("nan")}
+    ks = parse_pass_k(pass_k) if pass_n > 0 else []
     mine = rows[rank()::world_size()]
     per_rank = -(-len(rows) // world_size())
     mine += [None] * (per_rank - len(mine))  # FSDP: every rank makes as many generate calls (None: not counted)
-    correct = 0
-    for s in range(0, len(mine), batch_size):
-        part = mine[s:s + batch_size]
-        ro = sample(model, tok, [format_prompt(tok, (r or rows[0])["question"], dataset) for r in part], 1,
-                    max_new_tokens, greedy=True)
-        correct += sum(r is not None and is_correct(t, r["answer"]) for t, r in zip(ro.texts, part))
-    return float(all_sum(torch.tensor(float(correct), device=next(model.parameters()).device))) / len(rows)
+    prompts = [format_prompt(tok, (r or rows[0])["question"], dataset) for r in mine]
+    sums = torch.zeros(1 + len(ks), dtype=torch.float64)  # correct greedy answers, then pass@k summed over questions
+    with Timer() as t_greedy:
+        for s in range(0, len(mine), batch_size):
+            ro = sample(model, tok, prompts[s:s + batch_size], 1, max_new_tokens, greedy=True)
+            sums[0] += sum(r is not None and is_correct(t, r["answer"]) for t, r in zip(ro.texts, mine[s:]))
+    device = next(model.parameters()).device
+    # the RNG is forked, so that training continues as it would without pass@k (and resumes the same)
+    with Timer() as t_pass, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        step = max(1, batch_size // max(pass_n, 1))  # questions per generate call
+        for s in range(0, len(mine) if ks else 0, step):
+            ro = sample(model, tok, prompts[s:s + step], pass_n, max_new_tokens, temperature=1.0)
+            for i, r in enumerate(mine[s:s + step]):
+                if r is not None:
+                    c = sum(is_correct(t, r["answer"]) for t in ro.texts[i * pass_n:(i + 1) * pass_n])
+                    sums[1:] += torch.tensor([pass_at_k(pass_n, c, k) for k in ks], dtype=torch.float64)
+    sums = all_sum(sums.to(device)).cpu() / len(rows)
+    metrics = {"eval/accuracy": sums[0].item(), **{f"eval/pass@{k}": v.item() for k, v in zip(ks, sums[1:])},
+               "time/eval": t_greedy.seconds + t_pass.seconds}
+    if ks:
+        metrics["time/eval_pass_at_k"] = t_pass.seconds
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ class Args:
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
     eval_every: int = arg(50, "evaluate every N steps (also at step 0 and after the last step)")
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
+    pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
+    pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
     save_every: int = arg(50, "checkpoint every N steps")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
@@ -123,9 +125,9 @@ def main():
     logger = common.Logger(out, resume_step=start if args.resume else None)
 
     def evaluate(step):
-        acc = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens)
-        logger.log(step, {"eval/accuracy": acc})
-        return acc
+        metrics = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k)
+        logger.log(step, metrics)
+        return metrics["eval/accuracy"]
 
     acc0 = acc = evaluate(0) if start == 0 else float("nan")
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,

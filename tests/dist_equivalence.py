@@ -21,7 +21,8 @@ import common  # noqa: E402
 
 real_sample = common.sample
 real_load = common.load_model
-calls, loaded = [0], []
+calls, loaded, evaluations, evaluating = [0], [], [0], [0]
+real_evaluate = common.evaluate
 
 
 def concat(parts: list, pad: int) -> common.Rollout:
@@ -40,12 +41,23 @@ def concat(parts: list, pad: int) -> common.Rollout:
 def sample_per_question(model, tok, prompts, group_size, max_new_tokens, temperature=1.0, greedy=False):
     if greedy:
         return real_sample(model, tok, prompts, group_size, max_new_tokens, temperature, greedy=True)
-    calls[0] += 1
+    if not evaluating[0]:  # evaluation's pass@k samples: keyed by the evaluation, not by the call
+        calls[0] += 1
     parts = []
     for p in prompts:
-        torch.manual_seed(zlib.crc32(p.encode()) + 1_000_003 * calls[0])
+        torch.manual_seed(zlib.crc32(p.encode()) + 1_000_003 * calls[0] + 7_000_003 * evaluating[0])
         parts.append(real_sample(model, tok, [p], group_size, max_new_tokens, temperature))
     return concat(parts, tok.pad_token_id)
+
+
+def evaluate_numbered(*args, **kwargs):
+    """common.evaluate, its sampling numbered by the evaluation: ranks make fewer calls than one process."""
+    evaluations[0] += 1
+    evaluating[0] = evaluations[0]
+    try:
+        return real_evaluate(*args, **kwargs)
+    finally:
+        evaluating[0] = 0
 
 
 def load_and_record(*args, **kwargs):
@@ -59,7 +71,7 @@ def local_numel(p):
 
 
 if __name__ == "__main__":
-    common.sample, common.load_model = sample_per_question, load_and_record
+    common.sample, common.load_model, common.evaluate = sample_per_question, load_and_record, evaluate_numbered
     script = importlib.import_module(sys.argv[1])
     sys.argv = [sys.argv[1] + ".py", *sys.argv[2:]]
     script.main()

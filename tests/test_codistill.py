@@ -148,13 +148,17 @@ def test_codistill_end_to_end_with_resume(tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3]
     assert [r["step"] for r in b if "train/reward" in r] == [1, 2, 3]
     assert [r["step"] for r in a if "small/eval/accuracy" in r] == [0, 3]
+    for r in (r for r in a if "small/eval/accuracy" in r):  # pass@k of both models, on by default for the toy
+        for name in ("small", "large"):
+            assert 0 < r[f"{name}/eval/pass@1"] <= r[f"{name}/eval/pass@16"] <= 1 and r[f"{name}/time/eval"] > 0
     for r in train:
         for key in KEYS:
             assert key in r and math.isfinite(r[key]), key
         assert r["small/kd_kl"] > 0 and 0 < r["large/is_weight"] <= 2
     keys = ("train/reward", "small/kd_kl", "large/is_weight")
     assert [[r[k] for k in keys] for r in train] == [[r[k] for k in keys] for r in b if "train/reward" in r]
-    assert a[-1] == b[-1]  # the final evaluation of both models
+    untimed = lambda r: {k: v for k, v in r.items() if "time/" not in k}
+    assert untimed(a[-1]) == untimed(b[-1])  # the final evaluation of both models, pass@k included
     from transformers import AutoModelForCausalLM
     for name in ("small", "large"):
         AutoModelForCausalLM.from_pretrained(full / "final" / name)

@@ -306,6 +306,56 @@ def test_sampling_rollout_layout():
     assert (ro.completion_ids[ro.mask == 0] == tok.pad_token_id).all()
 
 
+# ---------------------------------------------------------------- pass@k
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
+def test_pass_at_k_equals_brute_force_enumeration(n):
+    """The fraction of all k-subsets of n samples (c of them correct) that hold a correct one."""
+    import itertools
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(range(n), k))
+            brute = sum(any(i < c for i in s) for s in subsets) / len(subsets)
+            assert common.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_is_unbiased():
+    """E over c ~ Binomial(n, p) of the estimate is 1 - (1 - p)^k, the chance that k fresh samples hold a correct one."""
+    import math
+    n, p = 7, 0.23
+    for k in (1, 3, 7):
+        expected = sum(math.comb(n, c) * p ** c * (1 - p) ** (n - c) * common.pass_at_k(n, c, k) for c in range(n + 1))
+        assert expected == pytest.approx(1 - (1 - p) ** k, abs=1e-12)
+
+
+def test_evaluate_counts_each_questions_samples(monkeypatch):
+    """evaluate() with a sampler that answers question i right c_i = i mod (n + 1) times out of n
+    (and greedily right for even i): pass@k is the mean of the estimator over questions, across
+    generate calls that split the questions unevenly."""
+    n, ks = 4, [1, 2, 4]
+    rows = [dict(question=f"q{i}", answer=str(1000 + i)) for i in range(11)]
+
+    def fake_sample(model, tok, prompts, group_size, max_new_tokens, temperature=1.0, greedy=False):
+        texts = []
+        for p in prompts:
+            i = int(p[1:].split("=")[0])
+            right = [i % 2 == 0] if greedy else [j < i % (n + 1) for j in range(group_size)]
+            texts += [str(1000 + i) if r else "7" for r in right]
+        return common.Rollout(None, None, None, None, None, texts)
+
+    monkeypatch.setattr(common, "sample", fake_sample)
+    tok = common.toy_tokenizer()
+    model = torch.nn.Linear(1, 1)
+    m = common.evaluate(model, tok, rows, "toy", 8, pass_n=n, pass_k="1,2,4", batch_size=12)  # 3 questions a call
+    assert m["eval/accuracy"] == pytest.approx(6 / 11)
+    for k in ks:
+        assert m[f"eval/pass@{k}"] == pytest.approx(sum(common.pass_at_k(n, i % (n + 1), k) for i in range(11)) / 11)
+    assert m["eval/pass@4"] == pytest.approx(sum(i % 5 > 0 for i in range(11)) / 11)  # pass@n: any right
+    assert m["time/eval"] >= m["time/eval_pass_at_k"] > 0
+    off = common.evaluate(model, tok, rows, "toy", 8)
+    assert set(off) == {"eval/accuracy", "time/eval"}
+
+
 # ---------------------------------------------------------------- arguments, logging
 
 def test_parse_args_defaults_follow_the_model():
@@ -314,6 +364,7 @@ def test_parse_args_defaults_follow_the_model():
     assert toy.model == "toy-small" and toy.dataset == "toy" and toy.max_new_tokens == 8
     real = common.parse_args(grpo.Args, ["--model", "Qwen2.5-0.5B-Instruct"])
     assert real.dataset == "gsm8k" and real.max_new_tokens == 512 and real.lr == 1e-6
+    assert toy.pass_n == 16 and real.pass_n == 0  # pass@k: on for the toy, off where it costs GPU hours
     given = common.parse_args(grpo.Args, ["--max-new-tokens", "5", "--no-resume", "--loss-type", "dapo"])
     assert given.max_new_tokens == 5 and given.dataset == "toy" and given.loss_type == "dapo"
 

@@ -47,7 +47,8 @@ def untied(tmp_path_factory):
 
 
 KEYS = ("train/reward", "train/tokens", "train/loss", "train/grad_norm", "small/loss", "small/grad_norm",
-        "large/loss", "large/grad_norm", "small/kd_kl", "eval/accuracy", "small/eval/accuracy", "large/eval/accuracy")
+        "large/loss", "large/grad_norm", "small/kd_kl", "eval/accuracy", "small/eval/accuracy", "large/eval/accuracy",
+        "eval/pass@1", "eval/pass@16", "small/eval/pass@4", "large/eval/pass@16")
 CASES = {  # script: its flags, {final model directory: where it started}
     "grpo": (["--loss-type", "dapo", "--beta", "0.04", "--lr", "3e-4"], {"final": "toy-small"}),
     "cppo": (["--beta", "0.04", "--lr", "3e-4"], {"final": "toy-small"}),

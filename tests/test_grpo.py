@@ -109,6 +109,10 @@ def test_grpo_end_to_end(tmp_path):
                 "train/grad_norm", "train/completion_len", "time/step", "time/generate", "time/update"):
         assert key in train[0], key
     assert 0 <= evals[0]["eval/accuracy"] <= 1
+    for r in evals:  # pass@k is on by default for the toy: n = 16, k = 1, 4, 16
+        assert 0 < r["eval/pass@1"] <= r["eval/pass@4"] <= r["eval/pass@16"] <= 1
+        assert r["eval/pass@1"] < r["eval/pass@16"]  # toy-small is often wrong: more tries help
+        assert r["time/eval"] > r["time/eval_pass_at_k"] > 0
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out / "final")
     assert (out / "config.json").exists() and (out / "checkpoint" / "state.pt").exists()
@@ -138,6 +142,8 @@ def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path)
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--dataset", "missing.jsonl"], "dataset file 'missing.jsonl' does not exist"),
     (["--num-iterations", 0], "--num-iterations must be at least 1"),
+    (["--pass-n", 8], "--pass-k 1,4,16: each k must be between 1 and --pass-n (8)"),
+    (["--pass-k", "1,four"], "--pass-k must be comma-separated integers"),
 ])
 def test_user_errors_are_one_line(tmp_path, flags, message):
     assert_user_error("grpo.py", "--out", tmp_path / "o", *flags, message=message)
