@@ -16,13 +16,18 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import fractions
+import functools
 import json
+import logging
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -565,6 +570,24 @@ class PromptSampler:
 
 # ----------------------------------------------------------------------------------------------
 # Answers and rewards
+#
+# Graded as the benchmarks grade: the final answer of a completion (last \boxed{}, else after
+# ####, else the answer sentence's number) is compared with the gold by an exact match of the
+# tidied text, exactly as numbers when both are plain decimals (never through floats), and
+# otherwise by math-verify (the grader of TRL and open-r1), with the normalisation that reads
+# \frac43, \sqrt2, units and thousands separators. One time limit covers each check.
+
+GRADE_TIMEOUT_S = 1.0  # a check taking more CPU seconds than this scores 0 and counts in train/grade_errors
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: the limit is ours
+
+
+class GradingError(Exception):
+    """A completion could not be graded (time limit): scored as wrong and counted."""
+
+
+class _Deadline(BaseException):
+    """Raised by the alarm; a BaseException so that no `except Exception` in sympy or math-verify
+    swallows it."""
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -583,7 +606,12 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")  # 1,072  $18.50  14/3  .5
+ANSWER_PHRASE = re.compile(r"answer\s*(?:is\b|:|=)", re.IGNORECASE)
+INLINE_MATH = re.compile(r"\s*(?:\$([^$]*\\[^$]*)\$|\\\((.*?)\\\))")  # $...$ holding LaTeX, or \(...\)
+THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+RATIO = re.compile(r"(-?)(?:\\frac\{(\d+)\}\{(\d+)\}|\\frac(\d)(\d)|(\d+)/(\d+))")  # \frac{a}{b}  \frac43  a/b
 
 
 def gold_answer(text: str) -> str:
@@ -592,35 +620,107 @@ def gold_answer(text: str) -> str:
 
 
 def extract_answer(text: str) -> Optional[str]:
-    """The final answer of a completion: the last \\boxed{}, else the text after the last ####,
-    else the last number."""
+    """The final answer of a completion: the last \\boxed{}; else the first number after the last
+    ####, when that line has one (a line without one is a markdown heading); else what follows
+    the last 'answer is' / 'answer:' (LaTeX in $...$, or its first number: words or a second
+    number after it are no answer); else the last number."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
+    text = text.replace("{,}", ",")
     if "####" in text:
-        return text.split("####")[-1].strip().split("\n")[0].strip()
+        nums = NUMBER.findall(text.split("####")[-1].split("\n")[0])
+        if nums:
+            return nums[0]
+    phrase = list(ANSWER_PHRASE.finditer(text))
+    if phrase:
+        tail = text[phrase[-1].end():]
+        m = INLINE_MATH.match(tail)
+        if m:
+            return m.group(1) if m.group(1) is not None else m.group(2)
+        nums = NUMBER.findall(tail)
+        if nums:
+            return nums[0]
     nums = NUMBER.findall(text)
     return nums[-1] if nums else None
 
 
-def normalize_answer(s: str) -> str:
-    """'$1,000.00', '1000', '1000.0' and '\\$1000' all become '1000'; LaTeX wrappers are dropped."""
-    s = s.strip().strip(".").replace("\\!", "").replace("\\,", "").replace("\\$", "").replace("$", "")
-    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
-    s = s.replace("\\left", "").replace("\\right", "").replace("dfrac", "frac").replace("tfrac", "frac")
-    s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("\\%", "").replace("%", "")
-    s = s.replace(" ", "")
-    num = s.replace(",", "")
+def tidy_answer(s: str) -> str:
+    """What an answer's text means, for the exact match: '$1{,}000.$' and '\\$1,000' become
+    '1000'; \\dfrac and \\tfrac are \\frac; \\left, \\right, LaTeX spacing and spaces go."""
+    s = s.strip().replace("{,}", ",").replace("\\$", "").replace("$", "")
+    for a, b in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""), ("\\left", ""), ("\\right", ""),
+                 ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), (" ", "")):
+        s = s.replace(a, b)
+    s = s.rstrip(".,")
+    return s.replace(",", "") if THOUSANDS.fullmatch(s) else s
+
+
+def _rational(s: str) -> Optional[fractions.Fraction]:
+    """The exact value of a tidied plain number or fraction of integers; None for anything else."""
+    if DECIMAL.fullmatch(s):
+        return fractions.Fraction(s)
+    m = RATIO.fullmatch(s)
+    if m is None:
+        return None
+    a, b = [int(x) for x in m.groups()[1:] if x is not None]
+    return fractions.Fraction(-a if m.group(1) else a, b) if b else None
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _parsed(answer: str):
+    """math-verify's reading of one answer (cached: a group's golds repeat, and so do answers).
+    Its own timeouts are off (whole seconds, main thread only, and silent): is_correct times."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    return parse("\\boxed{" + answer + "}", [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+                 parsing_timeout=None)
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """A signal after `seconds` of the process's CPU time (not wall time: a busy machine must not
+    turn right answers into timeouts). Python runs signal handlers only in a process's main thread
+    (each torchrun rank is one): in any other thread the check runs without a limit rather than
+    failing, as math-verify's own signal.alarm timeouts would."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    armed = [True]
+
+    def on_alarm(signum, frame):
+        if armed:
+            raise _Deadline
+
+    old = signal.signal(signal.SIGVTALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
     try:
-        x = float(num)
-        return str(int(x)) if x == int(x) else repr(x)
-    except (ValueError, OverflowError):
-        return s
+        yield
+    finally:
+        armed.clear()
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, old)
 
 
 def is_correct(completion: str, gold: str) -> bool:
+    """Whether the completion's final answer equals the gold; an empty gold or answer never does.
+    Raises GradingError when the check takes longer than GRADE_TIMEOUT_S."""
     pred = extract_answer(completion)
-    return pred is not None and normalize_answer(pred) == normalize_answer(gold)
+    if pred is None:
+        return False
+    p, g = tidy_answer(pred), tidy_answer(gold)
+    if not p or not g:
+        return False
+    if p == g:
+        return True
+    p_num, g_num = _rational(p), _rational(g)
+    if p_num is not None and g_num is not None:  # exact: '.35625' is not '35625', 2**53 + 1 is not 2**53
+        return p_num == g_num
+    from math_verify import verify
+    try:
+        with _time_limit(GRADE_TIMEOUT_S):
+            return verify(_parsed(gold.strip()), _parsed(pred.strip()), timeout_seconds=None)
+    except _Deadline:
+        raise GradingError(f"grading took more than {GRADE_TIMEOUT_S} s of CPU time") from None
 
 
 class Scores(NamedTuple):
@@ -870,7 +970,8 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, batch_si
         part = mine[s:s + batch_size]
         ro = sample(model, tok, [format_prompt(tok, (r or rows[0])["question"], dataset) for r in part], 1,
                     max_new_tokens, greedy=True)
-        correct += sum(r is not None and is_correct(t, r["answer"]) for t, r in zip(ro.texts, part))
+        graded = rewards_for(ro.texts, [(r or rows[0])["answer"] for r in part]).correct  # errors score 0
+        correct += sum(r is not None and ok for ok, r in zip(graded.tolist(), part))
     return float(all_sum(torch.tensor(float(correct), device=next(model.parameters()).device))) / len(rows)
 
 

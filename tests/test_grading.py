@@ -1,0 +1,138 @@
+"""common.is_correct on real answers, the time limit, and where a completion ends.
+
+The golds are public: MATH-500 answers (the test split of github.com/openai/prm800k) and GSM8K
+test answers (github.com/openai/grade-school-math); each is paired with completions of every kind
+that a grader gets wrong when it compares strings or floats. Agreement on the full sets is
+measured by tests/measure_grading.py (see the README)."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+# gold, completion, verdict, kind
+CASES = [
+    # MATH-500: correct answers written another way
+    ("\\frac{14}{3}", "So $x = \\boxed{14/3}$.", True, "a/b for \\frac{a}{b}"),
+    ("\\frac{14}{3}", "The answer is 14/3.", True, "a/b in the answer sentence"),
+    ("\\frac{3}{2}", "\\boxed{1.5}", True, "decimal for a fraction"),
+    ("\\frac{3}{2}", "\\boxed{\\frac32}", True, "\\frac32 for \\frac{3}{2}"),
+    ("\\frac{3}{2}", "\\boxed{\\dfrac{3}{2}}", True, "dfrac"),
+    ("\\frac43", "\\boxed{\\frac{4}{3}}", True, "gold without braces"),
+    ("\\frac 59", "\\boxed{\\frac{5}{9}}", True, "gold without braces"),
+    ("\\frac9{19}", "\\boxed{\\frac{9}{19}}", True, "gold without braces"),
+    ("11\\sqrt2", "\\boxed{11\\sqrt{2}}", True, "gold without braces"),
+    ("\\sqrt{5}", "\\boxed{\\sqrt 5}", True, "\\sqrt 5 for \\sqrt{5}"),
+    ("42", "\\boxed{42 \\text{ inches}}", True, "units after the number"),
+    ("864 \\mbox{ inches}^2", "\\boxed{864}", True, "units dropped"),
+    ("\\frac{270}7\\text{ degrees}", "\\boxed{\\frac{270}{7}}", True, "units dropped"),
+    ("5.4 \\text{ cents}", "\\boxed{5.4}", True, "units dropped"),
+    ("90^\\circ", "\\boxed{90}", True, "degrees dropped"),
+    ("5", "\\boxed{x = 5}", True, "x = 5 for 5"),
+    ("\\text{(C)}", "\\boxed{C}", True, "C for \\text{(C)}"),
+    ("\\text{(C)}", "\\boxed{(C)}", True, "(C) for \\text{(C)}"),
+    ("\\text{Evelyn}", "\\boxed{Evelyn}", True, "a name without \\text"),
+    ("\\$32,\\!348", "\\boxed{32348}", True, "no thousands separator"),
+    ("\\$18.90", "The total is \\boxed{\\$18.9}.", True, "dollars, trailing zero"),
+    ("3, 5, 7", "\\boxed{7, 3, 5}", True, "a list in another order"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\frac{\\pi}{2})}", True, "\\left( \\right) dropped"),
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}",
+     "\\boxed{\\begin{pmatrix} -\\frac{1}{3} \\\\ \\frac{2}{3} \\\\ \\frac{5}{3} \\end{pmatrix}}", True, "a vector"),
+    (".0000672", "\\boxed{6.72 \\times 10^{-5}}", True, "scientific notation"),
+    # MATH train writes thousands with {,}
+    ("10{,}000", "\\boxed{10000}", True, "no thousands separator"),
+    ("2{,}220", "\\boxed{2,220}", True, "thousands separator ,"),
+    # MATH-500: wrong answers that strings or floats accept
+    ("3, 5, 7", "\\boxed{357}", False, "list digits run together"),
+    ("3, 5, 7", "\\boxed{3, 5}", False, "a list missing one"),
+    (".35625", "\\boxed{35625}", False, "decimal point dropped"),
+    ("52_8", "\\boxed{528}", False, "base subscript glued (float('52_8') == 528)"),
+    ("9007199254740993", "\\boxed{9007199254740992}", False, "integers past 2**53"),
+    ("3.21", "\\boxed{3.2100001}", False, "a decimal past math-verify's 6 places"),
+    ("\\frac{14}{3}", "\\boxed{4.67}", False, "a rounded decimal"),
+    ("\\frac{14}{3}", "\\boxed{\\frac{3}{14}}", False, "fraction inverted"),
+    ("11\\sqrt2", "\\boxed{22}", False, "root dropped"),
+    ("\\text{(C)}", "\\boxed{D}", False, "another choice"),
+    ("\\text{Evelyn}", "\\boxed{\\text{Navin}}", False, "another name"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(\\frac{\\pi}{2}, 3)}", False, "a pair in another order"),
+    ("5", "\\boxed{x = 6}", False, "x = 6 for 5"),
+    ("10{,}000", "\\boxed{2{,}220}", False, "another number with {,}"),
+    ("", "\\boxed{}", False, "empty gold, empty box"),
+    ("", "\\boxed{5}", False, "empty gold"),
+    ("5", "\\boxed{}", False, "empty box"),
+    ("5", "I do not know.", False, "no answer"),
+    # GSM8K: the final answer where a model writes it
+    ("18", "She makes 9 * 2 = $18 every day.\n#### 18", True, "after ####"),
+    ("18", "The answer is 18 (that is, 2 times the first amount).", True, "a number after the answer"),
+    ("18", "She earns \\boxed{18 \\text{ dollars}}.", True, "units in the box"),
+    ("18", "9 * 2 = 18\n#### 18 dollars", True, "units after ####"),
+    ("18", "9 eggs at $2 each.\n\n#### Final answer\nShe makes $18 every day.", True, "a markdown heading"),
+    ("18", "#### Final answer\n\nThe answer is $18.00.", True, "a markdown heading, dollars"),
+    ("70000", "The profit is 200,000 - 130,000 = $70,000.\n#### 70,000", True, "thousands separator"),
+    ("18", "She makes 13 * 2 = $<<13*2=26>>26\nA: 26", False, "a real wrong model solution"),
+    ("18", "The answer is 17 (that is, 18 minus 1).", False, "the gold after a wrong answer"),
+    ("18", "#### 17 dollars\nor 18?", False, "a number after the #### line"),
+]
+
+
+@pytest.mark.parametrize("gold, completion, verdict, kind", CASES, ids=[f"{i}:{c[3]}" for i, c in enumerate(CASES)])
+def test_real_answers(gold, completion, verdict, kind):
+    assert common.is_correct(completion, gold) is verdict
+
+
+def test_every_kind_has_right_and_wrong_cases():
+    right = sum(v for _, _, v, _ in CASES)
+    assert right >= 30 and len(CASES) - right >= 20
+
+
+def test_grading_in_another_thread_has_no_time_limit_and_the_same_verdicts():
+    """Signals reach only the main thread: in a worker the checks run unlimited, never raising."""
+    got = {}
+
+    def work():
+        got["v"] = [common.is_correct(c, g) for g, c, _, _ in CASES]
+        got["s"] = common.rewards_for([c for _, c, _, _ in CASES], [g for g, _, _, _ in CASES])
+
+    common._parsed.cache_clear()
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert got["v"] == [v for _, _, v, _ in CASES]
+    assert got["s"].grade_errors == 0 and got["s"].correct.tolist() == got["v"]
+
+
+def test_a_check_over_the_time_limit_scores_zero_and_is_counted(monkeypatch):
+    import signal
+    monkeypatch.setattr(common, "GRADE_TIMEOUT_S", 1e-4)  # CPU seconds: any math-verify check takes longer
+    common._parsed.cache_clear()
+    pair = ("\\boxed{(x+1)^9 - 3x^7}", "x^9 + 9x^8 + 33x^7 + 84x^6 + 126x^5 + 126x^4 + 84x^3 + 36x^2 + 9x + 1")
+    with pytest.raises(common.GradingError):
+        common.is_correct(*pair)
+    assert signal.getitimer(signal.ITIMER_VIRTUAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGVTALRM) in (signal.SIG_DFL, None)  # put back as it was
+    s = common.rewards_for([pair[0], "\\boxed{4}", "\\boxed{5}"], [pair[1], "4", "4"], format_coef=0.5)
+    assert s.grade_errors == 1
+    assert s.correct.tolist() == [False, True, False] and s.reward.tolist() == [0.5, 1.5, 0.5]
+    monkeypatch.setattr(common, "GRADE_TIMEOUT_S", 5.0)
+    assert common.is_correct(*pair) is True  # the same check in time: a verdict ((x+1)^9 - 3x^7 expands to it)
+
+
+def test_time_limit_under_torchrun():
+    """Each torchrun rank is a process whose main thread grades: the limit applies on every rank."""
+    code = ("import os, sys; sys.path.insert(0, os.getcwd()); import common\n"
+            "ok = common.rewards_for(['\\\\boxed{14/3}', '\\\\boxed{357}'], ['\\\\frac{14}{3}', '3, 5, 7'])\n"
+            "common.GRADE_TIMEOUT_S = 1e-4; common._parsed.cache_clear()\n"
+            "late = common.rewards_for(['\\\\boxed{(x+1)^9}'], ['x^9 + 9x^8 + 36x^7'])\n"
+            "print('rank', os.environ['RANK'], ok.correct.tolist(), ok.grade_errors, late.grade_errors)\n")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "--no-python", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = sorted(line for line in p.stdout.splitlines() if line.startswith("rank"))
+    assert lines == ["rank 0 [True, False] 0 1", "rank 1 [True, False] 0 1"], p.stdout
