@@ -136,3 +136,65 @@ def test_time_limit_under_torchrun():
     assert p.returncode == 0, p.stderr[-2000:]
     lines = sorted(line for line in p.stdout.splitlines() if line.startswith("rank"))
     assert lines == ["rank 0 [True, False] 0 1", "rank 1 [True, False] 0 1"], p.stdout
+
+
+# ---------------------------------------------------------------- where a completion ends
+
+def bigram_qwen(tok, chain):
+    """A random-shaped Qwen2 (151,936-row head, hidden 16, one layer) that writes `chain`: its
+    layer adds nothing (o_proj = down_proj = 0), so the next token depends on the current one
+    alone, and each token's embedding is a basis vector that the head maps to its successor."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from qwen_like import QWEN_VOCAB_ROWS
+    config = Qwen2Config(vocab_size=QWEN_VOCAB_ROWS, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for i, (a, b) in enumerate(zip(chain, chain[1:])):
+            model.model.embed_tokens.weight[a, i] = 1.0
+            model.lm_head.weight[b, i] = 30.0
+    model.generation_config.eos_token_id = None  # what a base checkpoint's config may say: nothing else
+    return model
+
+
+@pytest.mark.parametrize("instruct", [False, True])
+def test_generation_stops_at_the_end_of_the_assistant_turn(instruct):
+    """A base Qwen's EOS is <|endoftext|>; prompts use the chat template, whose turn ends with
+    <|im_end|>. A model that closes its turn and then writes a new one must be cut there: the
+    answer graded is the first turn's, not the one it gives to its own question."""
+    from qwen_like import qwen_tokenizer
+    tok = qwen_tokenizer(instruct=instruct)
+    im_end, im_start = tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    assert common.eos_ids(None, tok) == sorted({tok.eos_token_id, im_end})
+    prompt = common.format_prompt(tok, "What is 3 + 4?", "gsm8k")
+    ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+    seven, nine, user = ids("7"), ids("9"), ids("user")
+    assert len(seven) == len(nine) == 1 and ids(prompt)[-1] not in seven + nine + user
+    # "7<|im_end|><|im_start|>user9999..." (the last token repeats itself)
+    chain = [ids(prompt)[-1], *seven, im_end, im_start, *user, *nine, *nine]
+    assert len(set(chain[:-1])) == len(chain) - 1
+    model = bigram_qwen(tok, chain)
+    ro = common.sample(model, tok, [prompt], group_size=2, max_new_tokens=12, greedy=True)
+    assert ro.completion_ids[:, :2].tolist() == [[seven[0], im_end]] * 2  # written, then cut
+    assert ro.lengths.tolist() == [2, 2] and ro.mask.tolist() == [[1.0, 1.0]] * 2
+    assert ro.texts == ["7", "7"]
+    assert common.rewards_for(ro.texts, ["7", "7"]).correct.tolist() == [True, True]
+    mask, lengths = common.completion_mask(ro.completion_ids, common.eos_ids(model, tok))
+    assert lengths.tolist() == [2, 2]
+
+
+def test_end_of_turn_comes_from_the_template():
+    from qwen_like import qwen_tokenizer
+    tok = common.toy_tokenizer()  # a template that writes nothing after a message: no end-of-turn token
+    assert common.end_of_turn_id(tok) is None and common.eos_ids(None, tok) == [tok.eos_token_id]
+    tok = qwen_tokenizer()
+    tok.chat_template = tok.chat_template.replace("<|im_end|>", "<|endoftext|>")  # another template, another token
+    assert common.end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|endoftext|>")
+    tok.chat_template = None
+    assert common.end_of_turn_id(tok) is None
