@@ -509,8 +509,10 @@ BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer wit
 
 def load_data(name: str, split: str) -> list:
     """[{question, answer}] for split 'train' or 'eval'. gsm8k: openai/gsm8k main (train/test);
-    math: MATH train (the lighteval copy) and MATH-500 for eval; toy; or a .jsonl path with
-    question/answer fields (a GSM8K-style '... #### n' answer is cut to n)."""
+    math: MATH train (the lighteval copy, config default) and MATH-500 for eval; toy; or a .jsonl
+    path with question/answer fields (a GSM8K-style '... #### n' answer is cut to n). Rows whose
+    gold answer is empty (a MATH solution without \\boxed{}) are dropped: any answer would match
+    nothing, and an empty one must never earn the reward."""
     if name == "toy":
         return [dict(question=f"{a:02d}+{b:02d}", answer=str(a + b)) for a, b in toy_problems(split)]
     if name.endswith(".jsonl") or os.path.exists(name):
@@ -523,12 +525,19 @@ def load_data(name: str, split: str) -> list:
                     continue
                 try:
                     r = json.loads(line)
-                    rows.append(dict(question=str(r["question"]), answer=gold_answer(str(r["answer"]))))
+                    q, a = r["question"], r["answer"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     die(f"{name}:{n}: each line must be a JSON object with 'question' and 'answer'")
+                if not isinstance(q, str) or not isinstance(a, (str, int, float)) or isinstance(a, bool):
+                    die(f"{name}:{n}: 'question' must be a string and 'answer' a string or a number, "
+                        f"not {type(q).__name__} and {type(a).__name__}")
+                gold = gold_answer(str(a))
+                if gold.count("{") != gold.count("}"):
+                    die(f"{name}:{n}: the gold answer {gold[:60]!r} cannot be parsed: its braces are unbalanced")
+                rows.append(dict(question=q, answer=gold))
         if not rows:
             die(f"dataset file '{name}' holds no rows")
-        return rows
+        return drop_empty_golds(rows, name)
     if name not in DATASETS:
         die(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .jsonl file "
             "with 'question' and 'answer' fields")
@@ -536,15 +545,26 @@ def load_data(name: str, split: str) -> list:
     try:
         if name == "gsm8k":
             ds = load_dataset("openai/gsm8k", "main", split="train" if split == "train" else "test")
-            return [dict(question=r["question"], answer=gold_answer(r["answer"])) for r in ds]
-        if split == "train":
-            ds = load_dataset("DigitalLearningGmbH/MATH-lighteval", split="train")
-            return [dict(question=r["problem"], answer=last_boxed(r["solution"]) or "") for r in ds]
-        ds = load_dataset("HuggingFaceH4/MATH-500", split="test")
-        return [dict(question=r["problem"], answer=r["answer"]) for r in ds]
+            rows = [dict(question=r["question"], answer=gold_answer(r["answer"])) for r in ds]
+        elif split == "train":
+            ds = load_dataset("DigitalLearningGmbH/MATH-lighteval", "default", split="train")
+            rows = [dict(question=r["problem"], answer=last_boxed(r["solution"]) or "") for r in ds]
+        else:
+            ds = load_dataset("HuggingFaceH4/MATH-500", "default", split="test")
+            rows = [dict(question=r["problem"], answer=r["answer"]) for r in ds]
     except Exception as e:  # datasets raises many types when offline
         die(f"cannot load dataset '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
             "offline, use --dataset toy or a local .jsonl file")
+    return drop_empty_golds(rows, f"{name} {split}")
+
+
+def drop_empty_golds(rows: list, name: str) -> list:
+    kept = [r for r in rows if r["answer"].strip()]
+    if len(kept) < len(rows) and rank() == 0:
+        print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} rows whose gold answer is empty", file=sys.stderr)
+    if not kept:
+        die(f"dataset '{name}' has no row with a gold answer")
+    return kept
 
 
 def prompt_instruction(dataset: str) -> str:

@@ -198,3 +198,45 @@ def test_end_of_turn_comes_from_the_template():
     assert common.end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|endoftext|>")
     tok.chat_template = None
     assert common.end_of_turn_id(tok) is None
+
+
+# ---------------------------------------------------------------- golds at load
+
+def test_jsonl_golds(tmp_path, capsys):
+    import json
+    path = tmp_path / "d.jsonl"
+    rows = [dict(question="1+1?", answer="It is 2.\n#### 2"), dict(question="Prove it.", answer=""),
+            dict(question="2+2?", answer=4), dict(question="Show it.", answer="Done.\n#### ")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert common.load_data(str(path), "train") == [dict(question="1+1?", answer="2"), dict(question="2+2?", answer="4")]
+    err = capsys.readouterr().err.strip()
+    assert err == f"{path}: dropped 2 of 4 rows whose gold answer is empty"
+    for bad, message in ((dict(question="q", answer=None), ":2: 'question' must be a string and 'answer' a string"),
+                         (dict(question="q", answer="\\frac{1}{2"), ":2: the gold answer '\\\\frac{1}{2' cannot be parsed")):
+        path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(SystemExit) as e:
+            common.load_data(str(path), "train")
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and err.startswith(f"error: {path}{message}"), err
+
+
+def test_hub_datasets_name_their_config_and_drop_empty_golds(monkeypatch, capsys):
+    """MATH train golds come from the solution's last \\boxed{}: a solution without one is dropped."""
+    import datasets
+    calls = []
+
+    def fake(path, name=None, split=None):
+        calls.append((path, name, split))
+        if path == "openai/gsm8k":
+            return [dict(question="q", answer="a\n#### 72")]
+        if path == "HuggingFaceH4/MATH-500":
+            return [dict(problem="p", answer="\\frac43")]
+        return [dict(problem="p1", solution="so $\\boxed{\\frac{1}{2}}$"), dict(problem="p2", solution="No box.")]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert common.load_data("math", "train") == [dict(question="p1", answer="\\frac{1}{2}")]
+    assert capsys.readouterr().err.strip() == "math train: dropped 1 of 2 rows whose gold answer is empty"
+    assert common.load_data("math", "eval") == [dict(question="p", answer="\\frac43")]
+    assert common.load_data("gsm8k", "eval") == [dict(question="q", answer="72")]
+    assert calls == [("DigitalLearningGmbH/MATH-lighteval", "default", "train"),
+                     ("HuggingFaceH4/MATH-500", "default", "test"), ("openai/gsm8k", "main", "test")]
