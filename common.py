@@ -561,7 +561,8 @@ def load_data(name: str, split: str) -> list:
 def drop_empty_golds(rows: list, name: str) -> list:
     kept = [r for r in rows if r["answer"].strip()]
     if len(kept) < len(rows) and rank() == 0:
-        print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} rows whose gold answer is empty", file=sys.stderr)
+        print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} rows whose gold answer is empty",
+              file=sys.stderr)
     if not kept:
         die(f"dataset '{name}' has no row with a gold answer")
     return kept

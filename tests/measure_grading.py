@@ -5,7 +5,8 @@ Needs local copies (no download here):
   GSM8K      grade_school_math/data/test.jsonl and example_model_solutions.jsonl of
              github.com/openai/grade-school-math (the latter: 4 models' solutions with is_correct labels)
 
-  python tests/measure_grading.py --math500 test.jsonl --gsm8k test.jsonl --gsm8k-solutions example_model_solutions.jsonl
+  python tests/measure_grading.py --math500 test.jsonl --gsm8k test.jsonl \
+      --gsm8k-solutions example_model_solutions.jsonl
 
 Prints: MATH-500 reference solutions graded correct; acceptance of equivalent rewrites and
 rejection of wrong ones, by kind (rules below, applied to every gold they fit); GSM8K reference
@@ -85,7 +86,8 @@ def equivalent(gold):
     if m:
         out += [("C for \\text{(C)}", box(m.group(1))), ("(C) for \\text{(C)}", box(f"({m.group(1)})"))]
     parts = [p.strip() for p in g.split(",")]
-    if len(parts) >= 2 and not common.THOUSANDS.fullmatch(g) and not re.search(r"[()\[\]{}]", g) and all(re.fullmatch(r"-?\d+", p) for p in parts):
+    if (len(parts) >= 2 and not common.THOUSANDS.fullmatch(g) and not re.search(r"[()\[\]{}]", g)
+            and all(re.fullmatch(r"-?\d+", p) for p in parts)):
         out.append(("list in another order", box(", ".join(reversed(parts)))))
     return out
 

@@ -208,11 +208,13 @@ def test_jsonl_golds(tmp_path, capsys):
     rows = [dict(question="1+1?", answer="It is 2.\n#### 2"), dict(question="Prove it.", answer=""),
             dict(question="2+2?", answer=4), dict(question="Show it.", answer="Done.\n#### ")]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert common.load_data(str(path), "train") == [dict(question="1+1?", answer="2"), dict(question="2+2?", answer="4")]
+    want = [dict(question="1+1?", answer="2"), dict(question="2+2?", answer="4")]
+    assert common.load_data(str(path), "train") == want
     err = capsys.readouterr().err.strip()
     assert err == f"{path}: dropped 2 of 4 rows whose gold answer is empty"
     for bad, message in ((dict(question="q", answer=None), ":2: 'question' must be a string and 'answer' a string"),
-                         (dict(question="q", answer="\\frac{1}{2"), ":2: the gold answer '\\\\frac{1}{2' cannot be parsed")):
+                         (dict(question="q", answer="\\frac{1}{2"),
+                          ":2: the gold answer '\\\\frac{1}{2' cannot be parsed")):
         path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(SystemExit) as e:
             common.load_data(str(path), "train")
