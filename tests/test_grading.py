@@ -123,6 +123,11 @@ def test_a_check_over_the_time_limit_scores_zero_and_is_counted(monkeypatch):
     assert common.is_correct(*pair) is True  # the same check in time: a verdict ((x+1)^9 - 3x^7 expands to it)
 
 
+def test_a_tower_of_powers_is_a_grading_error_not_a_hang():
+    s = common.rewards_for(["\\boxed{9^{9^{9^{9}}}}", "\\boxed{5}"], ["5", "5"])
+    assert s.grade_errors == 1 and s.correct.tolist() == [False, True]
+
+
 def test_time_limit_under_torchrun():
     """Each torchrun rank is a process whose main thread grades: the limit applies on every rank."""
     code = ("import os, sys; sys.path.insert(0, os.getcwd()); import common\n"
