@@ -612,9 +612,9 @@ class PromptSampler:
 #
 # Graded as the benchmarks grade: the final answer of a completion (last \boxed{}, else after
 # ####, else the answer sentence's number) is compared with the gold by an exact match of the
-# tidied text, exactly as numbers when both are plain decimals (never through floats), and
-# otherwise by math-verify (the grader of TRL and open-r1), with the normalisation that reads
-# \frac43, \sqrt2, units and thousands separators. One time limit covers each check.
+# tidied text, as exact rationals when both are plain numbers or fractions (never through floats:
+# '35625' is not '.35625'), and otherwise by math-verify (the grader of TRL and open-r1), with
+# the normalisation that reads \frac43, \sqrt2 and units. One CPU-time limit covers each check.
 
 GRADE_TIMEOUT_S = 1.0  # a check taking more CPU seconds than this scores 0 and counts in train/grade_errors
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: the limit is ours
@@ -742,7 +742,7 @@ def _time_limit(seconds: float):
 
 def is_correct(completion: str, gold: str) -> bool:
     """Whether the completion's final answer equals the gold; an empty gold or answer never does.
-    Raises GradingError when the check takes longer than GRADE_TIMEOUT_S."""
+    Raises GradingError when the check takes more than GRADE_TIMEOUT_S of CPU time."""
     pred = extract_answer(completion)
     if pred is None:
         return False
