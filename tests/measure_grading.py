@@ -208,7 +208,7 @@ def main():
         print(f"CPU time per check over {len(times)} checks: median {statistics.median(times) * 1e3:.2f} ms, "
               f"p99 {sorted(times)[int(len(times) * 0.99)] * 1e3:.1f} ms, max {max(times) * 1e3:.0f} ms")
     if a.math500:
-        step_time(rows, rng, "warm (after the checks above)")
+        step_time([json.loads(line) for line in open(a.math500)], rng, "warm (after the checks above)")
 
 
 if __name__ == "__main__":
