@@ -95,6 +95,31 @@ def test_clipping_stops_the_gradient_outside_the_trust_region():
 
 # ---------------------------------------------------------------- end to end
 
+@pytest.mark.parametrize("script", ["grpo", "cppo", "kdrl", "opd_plus"])
+def test_truncated_frac_counts_completions_without_eos(script, monkeypatch, tmp_path):
+    """A completion is truncated when it has no EOS. With --max-new-tokens 4 the toy's answers
+    (3 digits, then EOS) mostly end on the last allowed position: those are not truncated."""
+    import importlib
+    module = importlib.import_module(script)
+    real_sample, rollouts = common.sample, []
+
+    def sample(model, tok, *a, **kw):
+        ro = real_sample(model, tok, *a, **kw)
+        if not kw.get("greedy"):
+            last = ro.completion_ids.gather(1, (ro.lengths - 1)[:, None])[:, 0]  # (B,) the last kept token
+            rollouts.append((last != tok.eos_token_id, ro.lengths))
+        return ro
+
+    monkeypatch.setattr(common, "sample", sample)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--steps", "2", "--eval-size", "4", "--eval-every", "100",
+                                      "--prompts-per-step", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "o")])
+    module.main()
+    train = [r for r in read_metrics(tmp_path / "o") if "train/reward" in r]
+    assert len(train) == len(rollouts) == 2
+    for r, (no_eos, lengths) in zip(train, rollouts):
+        assert ((lengths == 4) & ~no_eos).any()  # the case that matters: EOS on the 4th token
+        assert r["train/truncated_frac"] == pytest.approx(no_eos.float().mean().item(), abs=1e-6)
+
 def test_grpo_end_to_end(tmp_path):
     out = tmp_path / "run"
     p = run_script("grpo.py", "--steps", 3, "--eval-size", 40, "--eval-every", 2, "--out", out,
