@@ -11,7 +11,7 @@ generates (G completions per question); the large model L scores those tokens in
 L needs no generation of its own: the generation time of a separate GRPO run of L is saved.
 
 RECONSTRUCTED: there is no official code and the paper's method text could not be read; the
-recipe is rebuilt from its abstract and secondary sources (ALGORITHMS.md section 5). Ours:
+recipe is rebuilt from its abstract and secondary sources (docs/derivations.md §6). Ours:
 - the KD reward's form (k1, a per-token mean, subtracted from the task reward before the group
   normalisation) and the defaults of --kd-coef and --is-cap;
 - how the importance weight meets the clipped surrogate. The weight is split in two:

@@ -818,7 +818,7 @@ def micro_batches(n: int, size: int):
 # Divergences
 #
 # KL estimators on tokens sampled from p = pi_theta, with log_ratio = log q - log p (q: reference
-# or teacher); Schulman, "Approximating KL divergence" (2020):
+# or teacher); Schulman, "Approximating KL divergence" (2020); derivations in docs/derivations.md §2:
 #   k1 = -log_ratio             unbiased value of KL(p||q); as a loss its expected gradient is 0
 #   k2 = log_ratio^2 / 2        biased value; as a loss its expected gradient is grad KL(p||q)
 #   k3 = e^r - r - 1            unbiased value of KL(p||q), >= 0; as a loss its expected
@@ -839,7 +839,7 @@ def kl_k3(log_ratio):
 
 KL_ESTIMATORS = dict(k1=kl_k1, k2=kl_k2, k3=kl_k3)
 
-# f-divergences D_f(q||p) = E_{y~p}[f(u)], u = q(y)/p(y) (ALGORITHMS.md section 4): (f, f').
+# f-divergences D_f(q||p) = E_{y~p}[f(u)], u = q(y)/p(y) (docs/derivations.md §4): (f, f').
 DIVERGENCES = ("rkl", "fkl", "jsd", "tv", "alpha")
 
 
