@@ -18,10 +18,13 @@ Deviations from the paper:
    keeps the paper's per-sequence mean (--loss-type grpo); the official code uses bnpo.
 2. --prune-scope group (default) prunes within each question, as the paper's text says; the
    official code takes one top-k over the whole local batch (--prune-scope batch), so groups
-   with zero-std rewards (all |A| = 0) are pruned first.
-3. Dynamic allocation samples more questions, as the paper's text says. The official code's
-   --allocation (src/open_r1/grpo_trainer_gsm.py) instead samples G / (1 - P) completions for
-   each question and normalises the advantages over that larger group.
+   with zero-std rewards (all |A| = 0) are pruned first. Both scopes keep N k = N floor(G (1 - P))
+   completions of N questions; the official code keeps B - int(B P) of B = N G, which is more
+   when G (1 - P) is not an integer (G 10, P 0.75, N 2: 4 here, 5 there).
+3. Dynamic allocation does what the official code's --allocation does (src/open_r1/
+   grpo_trainer_gsm.py and its sampler): G completions per question, advantages normalised over
+   those G, and 1/(1 - P) times more questions per step. (There a question gets
+   int(G (1 - P)) * int(1 / (1 - P)) completions, which is G only when both are integers.)
 4. ceil(budget / k) questions keep up to k - 1 completions more than the budget: these surplus
    ones, the lowest-|A| among the kept (ties: the later row in batch order), are dropped too.
 5. --prune-metric largest and random (drop the largest |A|, or drop at random) are the paper's
