@@ -216,9 +216,13 @@ def test_f_divergence_of_categoricals(name):
         assert d == pytest.approx(closed[name].item())
 
 
-def test_alpha_limits_rejected():
-    with pytest.raises(SystemExit):
-        common.f_divergence("alpha", alpha=1.0)
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_limits_rejected(alpha, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.f_divergence("alpha", alpha=alpha)
+    assert e.value.code == 2 and "--alpha must not be 0 or 1" in capsys.readouterr().err
+    f, _ = common.f_divergence("alpha", alpha=alpha + 1e-3)  # close to the limit is fine and finite
+    assert torch.isfinite(f(torch.tensor([0.5, 2.0], dtype=torch.float64))).all()
 
 
 # ---------------------------------------------------------------- models, data, sampling

@@ -59,7 +59,27 @@ def test_loss_types_closed_form(loss_type):
                     dr_grpo=(per * mask).sum() / (3 * 4),
                     dapo=(per * mask).sum() / mask.sum())[loss_type]
     assert loss.item() == pytest.approx(float(expected), rel=1e-10)
-    assert ((stats["kl"] >= 0) | (mask == 0)).all()
+    d = ref - logp
+    torch.testing.assert_close(stats["kl"] * mask, (torch.exp(d) - d - 1) * mask, rtol=1e-12, atol=0)  # k3 of KL(pi||ref)
+
+
+def test_bnpo_is_a_token_mean_per_micro_batch():
+    """bnpo over micro-batches: each micro-batch's own token mean, weighted by its share b / B of
+    the sequences; not the whole batch's token mean (dapo), since the micro-batches here hold 4
+    and 2 + 1 tokens."""
+    logp, old, ref, adv, mask = batch(seed=3)
+
+    def token_sum(i):  # the masked per-token loss summed over rows i (dr_grpo with normaliser 1)
+        return grpo.compute_loss(logp[i], old[i], ref[i], adv[i], mask[i], loss_args("dr_grpo", 0.04, max_new_tokens=1),
+                                 1, 1)[0]
+
+    parts = [torch.tensor([0]), torch.tensor([1, 2])]
+    got = sum(grpo.compute_loss(logp[i], old[i], ref[i], adv[i], mask[i], loss_args("bnpo", 0.04), 3, mask.sum())[0]
+              for i in parts)
+    expected = sum(token_sum(i) / mask[i].sum() * len(i) / 3 for i in parts)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    batch_mean = token_sum(torch.arange(3)) / mask.sum()
+    assert abs(got.item() - batch_mean.item()) > 1e-3  # the case is one where the two differ
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
