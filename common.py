@@ -171,6 +171,14 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def std_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The unbiased std of the elements of every rank's x taken together (x.std() in one process):
+    two passes over ranks, the mean first, then the squared deviations from it."""
+    n = all_sum(torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype))
+    mean = all_sum(x.sum()) / n
+    return (all_sum(((x - mean) ** 2).sum()) / (n - 1)).sqrt()
+
+
 def apply_fsdp(model):
     """FSDP2 over all ranks: one unit per decoder layer, the rest (embeddings, final norm, LM head:
     one tensor when tied, as in Qwen2.5 0.5B-3B) in the root unit. On CUDA the gathered weights are
@@ -791,13 +799,15 @@ def rewards_for(completions: list, golds: list, format_coef: float = 0.0) -> Sco
 @dataclass
 class Rollout:
     """B = prompts x G rows. Prompts are left-padded; the completion mask covers each completion
-    up to and including its first EOS."""
+    up to and including its first EOS. A completion with no EOS was cut by the length limit
+    (truncated); one whose EOS is its max_new_tokens-th token was not."""
     prompt_ids: torch.Tensor      # (B, P)
     prompt_mask: torch.Tensor     # (B, P)
     completion_ids: torch.Tensor  # (B, T)
     mask: torch.Tensor            # (B, T) float
     lengths: torch.Tensor         # (B,) tokens in each completion, EOS included
     texts: list                   # B decoded completions
+    truncated: torch.Tensor       # (B,) bool: no EOS
 
     def input_ids(self):
         return torch.cat([self.prompt_ids, self.completion_ids], 1)  # (B, P+T)
@@ -810,17 +820,18 @@ class Rollout:
         il = idx.tolist()
         T = int(self.lengths[idx].max()) if len(il) else 0
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx, :T],
-                       self.mask[idx, :T], self.lengths[idx], [self.texts[i] for i in il])
+                       self.mask[idx, :T], self.lengths[idx], [self.texts[i] for i in il], self.truncated[idx])
 
 
 def completion_mask(completion_ids: torch.Tensor, eos: list):
-    """(B, T) mask and (B,) lengths from the position of the first EOS (included)."""
+    """(B, T) mask and (B,) lengths from the position of the first EOS (included), and (B,) truncated:
+    the rows with no EOS."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))  # (B, T)
     T = completion_ids.shape[1]
     first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
     lengths = torch.clamp(first + 1, max=T)  # (B,)
     mask = (torch.arange(T, device=completion_ids.device)[None] < lengths[:, None]).float()  # (B, T)
-    return mask, lengths
+    return mask, lengths, ~is_eos.any(1)
 
 
 @torch.no_grad()
@@ -850,11 +861,11 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen,
                              synced_gpus=is_sharded(model))
     completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
-    mask, lengths = completion_mask(completion_ids, eos)
+    mask, lengths, truncated = completion_mask(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
     model.train(was_training)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, lengths, texts)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, lengths, texts, truncated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -946,7 +957,7 @@ def micro_batches(n: int, size: int):
 # Divergences
 #
 # KL estimators on tokens sampled from p = pi_theta, with log_ratio = log q - log p (q: reference
-# or teacher); Schulman, "Approximating KL divergence" (2020):
+# or teacher); Schulman, "Approximating KL divergence" (2020); derivations in docs/derivations.md §2:
 #   k1 = -log_ratio             unbiased value of KL(p||q); as a loss its expected gradient is 0
 #   k2 = log_ratio^2 / 2        biased value; as a loss its expected gradient is grad KL(p||q)
 #   k3 = e^r - r - 1            unbiased value of KL(p||q), >= 0; as a loss its expected
@@ -967,7 +978,7 @@ def kl_k3(log_ratio):
 
 KL_ESTIMATORS = dict(k1=kl_k1, k2=kl_k2, k3=kl_k3)
 
-# f-divergences D_f(q||p) = E_{y~p}[f(u)], u = q(y)/p(y) (ALGORITHMS.md section 4): (f, f').
+# f-divergences D_f(q||p) = E_{y~p}[f(u)], u = q(y)/p(y) (docs/derivations.md §4): (f, f').
 DIVERGENCES = ("rkl", "fkl", "jsd", "tv", "alpha")
 
 
