@@ -145,7 +145,8 @@ def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int,
     ids = torch.randint(vocab, (batch, positions), device=device)
     ones = torch.ones(batch, positions, device=device)
     rollout = common.Rollout(ids[:, :P], ones[:, :P].long(), ids[:, P:], ones[:, P:],
-                             torch.full((batch,), positions - P, device=device), [""] * batch)
+                             torch.full((batch,), positions - P, device=device), [""] * batch,
+                             torch.ones(batch, dtype=torch.bool, device=device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**30

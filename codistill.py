@@ -11,7 +11,7 @@ generates (G completions per question); the large model L scores those tokens in
 L needs no generation of its own: the generation time of a separate GRPO run of L is saved.
 
 RECONSTRUCTED: there is no official code and the paper's method text could not be read; the
-recipe is rebuilt from its abstract and secondary sources (ALGORITHMS.md section 5). Ours:
+recipe is rebuilt from its abstract and secondary sources (docs/derivations.md §6). Ours:
 - the KD reward's form (k1, a per-token mean, subtracted from the task reward before the group
   normalisation) and the defaults of --kd-coef and --is-cap;
 - how the importance weight meets the clipped surrogate. The weight is split in two:
@@ -90,13 +90,15 @@ class Args:
 
 
 def compute_advantages(rewards, group_size: int, scale: str):
-    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch."""
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch. The
+    batch is the whole step's: under torchrun the std is taken over every rank's rewards, as one
+    process would (groups never straddle ranks)."""
     r = rewards.view(-1, group_size)  # (N, G)
     centred = r - r.mean(1, keepdim=True)  # (N, G)
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
     elif scale == "batch":
-        centred = centred / (rewards.std() + 1e-4)  # (N, G)
+        centred = centred / (common.std_over_ranks(rewards) + 1e-4)  # (N, G)
     return centred.reshape(-1)  # (B,)
 
 
@@ -269,7 +271,7 @@ def main():
         # 5. log, evaluate, save
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/zero_std_frac": zero_std,
+            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/zero_std_frac": zero_std,
             "train/grade_errors": scores.grade_errors + (own_scores.grade_errors if n else 0),
             "train/completion_len": rollout.lengths.float().mean(),
             "train/tokens": common.all_sum(2 * rollout.mask.sum() + (own.mask.sum() if n else 0)),  # S's (both), L's own

@@ -16,13 +16,18 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import fractions
+import functools
 import json
+import logging
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -168,6 +173,14 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(x)
     return x
+
+
+def std_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The unbiased std of the elements of every rank's x taken together (x.std() in one process):
+    two passes over ranks, the mean first, then the squared deviations from it."""
+    n = all_sum(torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype))
+    mean = all_sum(x.sum()) / n
+    return (all_sum(((x - mean) ** 2).sum()) / (n - 1)).sqrt()
 
 
 def apply_fsdp(model):
@@ -330,10 +343,28 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def end_of_turn_id(tok) -> Optional[int]:
+    """The token the chat template writes right after an assistant message, when it is an added
+    token (Qwen: <|im_end|>, Llama 3: <|eot_id|>); None without a template or such a token."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    mark = "ANSWER-END-MARK"
+    try:
+        text = tok.apply_chat_template([dict(role="user", content="Q"), dict(role="assistant", content=mark)],
+                                       tokenize=False)
+    except Exception:  # a template may refuse this conversation: then it names no end of turn
+        return None
+    after = text.split(mark, 1)[1] if isinstance(text, str) and mark in text else ""
+    ids = tok(after, add_special_tokens=False).input_ids if after else []
+    return ids[0] if ids and ids[0] in tok.get_added_vocab().values() else None
+
+
 def eos_ids(model, tok) -> list:
-    """Every id that ends a completion: the tokenizer's EOS and the generation_config's (Qwen
-    Instruct ends turns with <|im_end|>, base models with <|endoftext|>)."""
-    ids = {tok.eos_token_id}
+    """Every id that ends a completion: the tokenizer's EOS, the generation_config's and the chat
+    template's end of turn. Prompts use the chat template, so a base model (whose EOS is
+    <|endoftext|> only) that closes its turn with <|im_end|> must stop there too, not write and
+    answer a question of its own."""
+    ids = {tok.eos_token_id, end_of_turn_id(tok)}
     gen = getattr(model, "generation_config", None)
     extra = getattr(gen, "eos_token_id", None)
     ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
@@ -490,8 +521,10 @@ BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer wit
 
 def load_data(name: str, split: str) -> list:
     """[{question, answer}] for split 'train' or 'eval'. gsm8k: openai/gsm8k main (train/test);
-    math: MATH train (the lighteval copy) and MATH-500 for eval; toy; or a .jsonl path with
-    question/answer fields (a GSM8K-style '... #### n' answer is cut to n)."""
+    math: MATH train (the lighteval copy, config default) and MATH-500 for eval; toy; or a .jsonl
+    path with question/answer fields (a GSM8K-style '... #### n' answer is cut to n). Rows whose
+    gold answer is empty (a MATH solution without \\boxed{}) are dropped: any answer would match
+    nothing, and an empty one must never earn the reward."""
     if name == "toy":
         return [dict(question=f"{a:02d}+{b:02d}", answer=str(a + b)) for a, b in toy_problems(split)]
     if name.endswith(".jsonl") or os.path.exists(name):
@@ -504,12 +537,19 @@ def load_data(name: str, split: str) -> list:
                     continue
                 try:
                     r = json.loads(line)
-                    rows.append(dict(question=str(r["question"]), answer=gold_answer(str(r["answer"]))))
+                    q, a = r["question"], r["answer"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     die(f"{name}:{n}: each line must be a JSON object with 'question' and 'answer'")
+                if not isinstance(q, str) or not isinstance(a, (str, int, float)) or isinstance(a, bool):
+                    die(f"{name}:{n}: 'question' must be a string and 'answer' a string or a number, "
+                        f"not {type(q).__name__} and {type(a).__name__}")
+                gold = gold_answer(str(a))
+                if gold.count("{") != gold.count("}"):
+                    die(f"{name}:{n}: the gold answer {gold[:60]!r} cannot be parsed: its braces are unbalanced")
+                rows.append(dict(question=q, answer=gold))
         if not rows:
             die(f"dataset file '{name}' holds no rows")
-        return rows
+        return drop_empty_golds(rows, name)
     if name not in DATASETS:
         die(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .jsonl file "
             "with 'question' and 'answer' fields")
@@ -517,15 +557,27 @@ def load_data(name: str, split: str) -> list:
     try:
         if name == "gsm8k":
             ds = load_dataset("openai/gsm8k", "main", split="train" if split == "train" else "test")
-            return [dict(question=r["question"], answer=gold_answer(r["answer"])) for r in ds]
-        if split == "train":
-            ds = load_dataset("DigitalLearningGmbH/MATH-lighteval", split="train")
-            return [dict(question=r["problem"], answer=last_boxed(r["solution"]) or "") for r in ds]
-        ds = load_dataset("HuggingFaceH4/MATH-500", split="test")
-        return [dict(question=r["problem"], answer=r["answer"]) for r in ds]
+            rows = [dict(question=r["question"], answer=gold_answer(r["answer"])) for r in ds]
+        elif split == "train":
+            ds = load_dataset("DigitalLearningGmbH/MATH-lighteval", "default", split="train")
+            rows = [dict(question=r["problem"], answer=last_boxed(r["solution"]) or "") for r in ds]
+        else:
+            ds = load_dataset("HuggingFaceH4/MATH-500", "default", split="test")
+            rows = [dict(question=r["problem"], answer=r["answer"]) for r in ds]
     except Exception as e:  # datasets raises many types when offline
         die(f"cannot load dataset '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
             "offline, use --dataset toy or a local .jsonl file")
+    return drop_empty_golds(rows, f"{name} {split}")
+
+
+def drop_empty_golds(rows: list, name: str) -> list:
+    kept = [r for r in rows if r["answer"].strip()]
+    if len(kept) < len(rows) and rank() == 0:
+        print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} rows whose gold answer is empty",
+              file=sys.stderr)
+    if not kept:
+        die(f"dataset '{name}' has no row with a gold answer")
+    return kept
 
 
 def prompt_instruction(dataset: str) -> str:
@@ -569,6 +621,24 @@ class PromptSampler:
 
 # ----------------------------------------------------------------------------------------------
 # Answers and rewards
+#
+# Graded as the benchmarks grade: the final answer of a completion (last \boxed{}, else after
+# ####, else the answer sentence's number) is compared with the gold by an exact match of the
+# tidied text, as exact rationals when both are plain numbers or fractions (never through floats:
+# '35625' is not '.35625'), and otherwise by math-verify (the grader of TRL and open-r1), with
+# the normalisation that reads \frac43, \sqrt2 and units. One CPU-time limit covers each check.
+
+GRADE_TIMEOUT_S = 1.0  # a check taking more CPU seconds than this scores 0 and counts in train/grade_errors
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: the limit is ours
+
+
+class GradingError(Exception):
+    """A completion could not be graded (time limit): scored as wrong and counted."""
+
+
+class _Deadline(BaseException):
+    """Raised by the alarm; a BaseException so that no `except Exception` in sympy or math-verify
+    swallows it."""
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -587,7 +657,12 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")  # 1,072  $18.50  14/3  .5
+ANSWER_PHRASE = re.compile(r"answer\s*(?:is\b|:|=)", re.IGNORECASE)
+INLINE_MATH = re.compile(r"\s*(?:\$([^$]*\\[^$]*)\$|\\\((.*?)\\\))")  # $...$ holding LaTeX, or \(...\)
+THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+RATIO = re.compile(r"(-?)(?:\\frac\{(\d+)\}\{(\d+)\}|\\frac(\d)(\d)|(\d+)/(\d+))")  # \frac{a}{b}  \frac43  a/b
 
 
 def gold_answer(text: str) -> str:
@@ -596,35 +671,107 @@ def gold_answer(text: str) -> str:
 
 
 def extract_answer(text: str) -> Optional[str]:
-    """The final answer of a completion: the last \\boxed{}, else the text after the last ####,
-    else the last number."""
+    """The final answer of a completion: the last \\boxed{}; else the first number after the last
+    ####, when that line has one (a line without one is a markdown heading); else what follows
+    the last 'answer is' / 'answer:' (LaTeX in $...$, or its first number: words or a second
+    number after it are no answer); else the last number."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
+    text = text.replace("{,}", ",")
     if "####" in text:
-        return text.split("####")[-1].strip().split("\n")[0].strip()
+        nums = NUMBER.findall(text.split("####")[-1].split("\n")[0])
+        if nums:
+            return nums[0]
+    phrase = list(ANSWER_PHRASE.finditer(text))
+    if phrase:
+        tail = text[phrase[-1].end():]
+        m = INLINE_MATH.match(tail)
+        if m:
+            return m.group(1) if m.group(1) is not None else m.group(2)
+        nums = NUMBER.findall(tail)
+        if nums:
+            return nums[0]
     nums = NUMBER.findall(text)
     return nums[-1] if nums else None
 
 
-def normalize_answer(s: str) -> str:
-    """'$1,000.00', '1000', '1000.0' and '\\$1000' all become '1000'; LaTeX wrappers are dropped."""
-    s = s.strip().strip(".").replace("\\!", "").replace("\\,", "").replace("\\$", "").replace("$", "")
-    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
-    s = s.replace("\\left", "").replace("\\right", "").replace("dfrac", "frac").replace("tfrac", "frac")
-    s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("\\%", "").replace("%", "")
-    s = s.replace(" ", "")
-    num = s.replace(",", "")
+def tidy_answer(s: str) -> str:
+    """What an answer's text means, for the exact match: '$1{,}000.$' and '\\$1,000' become
+    '1000'; \\dfrac and \\tfrac are \\frac; \\left, \\right, LaTeX spacing and spaces go."""
+    s = s.strip().replace("{,}", ",").replace("\\$", "").replace("$", "")
+    for a, b in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""), ("\\left", ""), ("\\right", ""),
+                 ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), (" ", "")):
+        s = s.replace(a, b)
+    s = s.rstrip(".,")
+    return s.replace(",", "") if THOUSANDS.fullmatch(s) else s
+
+
+def _rational(s: str) -> Optional[fractions.Fraction]:
+    """The exact value of a tidied plain number or fraction of integers; None for anything else."""
+    if DECIMAL.fullmatch(s):
+        return fractions.Fraction(s)
+    m = RATIO.fullmatch(s)
+    if m is None:
+        return None
+    a, b = [int(x) for x in m.groups()[1:] if x is not None]
+    return fractions.Fraction(-a if m.group(1) else a, b) if b else None
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _parsed(answer: str):
+    """math-verify's reading of one answer (cached: a group's golds repeat, and so do answers).
+    Its own timeouts are off (whole seconds, main thread only, and silent): is_correct times."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    return parse("\\boxed{" + answer + "}", [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+                 parsing_timeout=None)
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """A signal after `seconds` of the process's CPU time (not wall time: a busy machine must not
+    turn right answers into timeouts). Python runs signal handlers only in a process's main thread
+    (each torchrun rank is one): in any other thread the check runs without a limit rather than
+    failing, as math-verify's own signal.alarm timeouts would."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    armed = [True]
+
+    def on_alarm(signum, frame):
+        if armed:
+            raise _Deadline
+
+    old = signal.signal(signal.SIGVTALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
     try:
-        x = float(num)
-        return str(int(x)) if x == int(x) else repr(x)
-    except (ValueError, OverflowError):
-        return s
+        yield
+    finally:
+        armed.clear()
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, old)
 
 
 def is_correct(completion: str, gold: str) -> bool:
+    """Whether the completion's final answer equals the gold; an empty gold or answer never does.
+    Raises GradingError when the check takes more than GRADE_TIMEOUT_S of CPU time."""
     pred = extract_answer(completion)
-    return pred is not None and normalize_answer(pred) == normalize_answer(gold)
+    if pred is None:
+        return False
+    p, g = tidy_answer(pred), tidy_answer(gold)
+    if not p or not g:
+        return False
+    if p == g:
+        return True
+    p_num, g_num = _rational(p), _rational(g)
+    if p_num is not None and g_num is not None:  # exact: '.35625' is not '35625', 2**53 + 1 is not 2**53
+        return p_num == g_num
+    from math_verify import verify
+    try:
+        with _time_limit(GRADE_TIMEOUT_S):
+            return verify(_parsed(gold.strip()), _parsed(pred.strip()), timeout_seconds=None)
+    except _Deadline:
+        raise GradingError(f"grading took more than {GRADE_TIMEOUT_S} s of CPU time") from None
 
 
 class Scores(NamedTuple):
@@ -656,13 +803,15 @@ def rewards_for(completions: list, golds: list, format_coef: float = 0.0) -> Sco
 @dataclass
 class Rollout:
     """B = prompts x G rows. Prompts are left-padded; the completion mask covers each completion
-    up to and including its first EOS."""
+    up to and including its first EOS. A completion with no EOS was cut by the length limit
+    (truncated); one whose EOS is its max_new_tokens-th token was not."""
     prompt_ids: torch.Tensor      # (B, P)
     prompt_mask: torch.Tensor     # (B, P)
     completion_ids: torch.Tensor  # (B, T)
     mask: torch.Tensor            # (B, T) float
     lengths: torch.Tensor         # (B,) tokens in each completion, EOS included
     texts: list                   # B decoded completions
+    truncated: torch.Tensor       # (B,) bool: no EOS
 
     def input_ids(self):
         return torch.cat([self.prompt_ids, self.completion_ids], 1)  # (B, P+T)
@@ -675,17 +824,18 @@ class Rollout:
         il = idx.tolist()
         T = int(self.lengths[idx].max()) if len(il) else 0
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx, :T],
-                       self.mask[idx, :T], self.lengths[idx], [self.texts[i] for i in il])
+                       self.mask[idx, :T], self.lengths[idx], [self.texts[i] for i in il], self.truncated[idx])
 
 
 def completion_mask(completion_ids: torch.Tensor, eos: list):
-    """(B, T) mask and (B,) lengths from the position of the first EOS (included)."""
+    """(B, T) mask and (B,) lengths from the position of the first EOS (included), and (B,) truncated:
+    the rows with no EOS."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))  # (B, T)
     T = completion_ids.shape[1]
     first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
     lengths = torch.clamp(first + 1, max=T)  # (B,)
     mask = (torch.arange(T, device=completion_ids.device)[None] < lengths[:, None]).float()  # (B, T)
-    return mask, lengths
+    return mask, lengths, ~is_eos.any(1)
 
 
 @torch.no_grad()
@@ -715,11 +865,11 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen,
                              synced_gpus=is_sharded(model))
     completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
-    mask, lengths = completion_mask(completion_ids, eos)
+    mask, lengths, truncated = completion_mask(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
     model.train(was_training)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, lengths, texts)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, lengths, texts, truncated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -811,7 +961,7 @@ def micro_batches(n: int, size: int):
 # Divergences
 #
 # KL estimators on tokens sampled from p = pi_theta, with log_ratio = log q - log p (q: reference
-# or teacher); Schulman, "Approximating KL divergence" (2020):
+# or teacher); Schulman, "Approximating KL divergence" (2020); derivations in docs/derivations.md §2:
 #   k1 = -log_ratio             unbiased value of KL(p||q); as a loss its expected gradient is 0
 #   k2 = log_ratio^2 / 2        biased value; as a loss its expected gradient is grad KL(p||q)
 #   k3 = e^r - r - 1            unbiased value of KL(p||q), >= 0; as a loss its expected
@@ -832,7 +982,7 @@ def kl_k3(log_ratio):
 
 KL_ESTIMATORS = dict(k1=kl_k1, k2=kl_k2, k3=kl_k3)
 
-# f-divergences D_f(q||p) = E_{y~p}[f(u)], u = q(y)/p(y) (ALGORITHMS.md section 4): (f, f').
+# f-divergences D_f(q||p) = E_{y~p}[f(u)], u = q(y)/p(y) (docs/derivations.md §4): (f, f').
 DIVERGENCES = ("rkl", "fkl", "jsd", "tv", "alpha")
 
 
@@ -891,20 +1041,23 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: 
     per_rank = -(-len(rows) // world_size())
     mine += [None] * (per_rank - len(mine))  # FSDP: every rank makes as many generate calls (None: not counted)
     prompts = [format_prompt(tok, (r or rows[0])["question"], dataset) for r in mine]
+    golds = [(r or rows[0])["answer"] for r in mine]
     sums = torch.zeros(1 + len(ks), dtype=torch.float64)  # correct greedy answers, then pass@k summed over questions
     with Timer() as t_greedy:
         for s in range(0, len(mine), batch_size):
             ro = sample(model, tok, prompts[s:s + batch_size], 1, max_new_tokens, greedy=True)
-            sums[0] += sum(r is not None and is_correct(t, r["answer"]) for t, r in zip(ro.texts, mine[s:]))
+            graded = rewards_for(ro.texts, golds[s:s + batch_size]).correct  # grading errors score 0
+            sums[0] += sum(r is not None and ok for ok, r in zip(graded.tolist(), mine[s:]))
     device = next(model.parameters()).device
     # the RNG is forked, so that training continues as it would without pass@k (and resumes the same)
     with Timer() as t_pass, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         step = max(1, batch_size // max(pass_n, 1))  # questions per generate call
         for s in range(0, len(mine) if ks else 0, step):
             ro = sample(model, tok, prompts[s:s + step], pass_n, max_new_tokens, temperature=1.0)
+            graded = rewards_for(ro.texts, [g for g in golds[s:s + step] for _ in range(pass_n)]).correct
             for i, r in enumerate(mine[s:s + step]):
                 if r is not None:
-                    c = sum(is_correct(t, r["answer"]) for t in ro.texts[i * pass_n:(i + 1) * pass_n])
+                    c = int(graded[i * pass_n:(i + 1) * pass_n].sum())
                     sums[1:] += torch.tensor([pass_at_k(pass_n, c, k) for k in ks], dtype=torch.float64)
     sums = all_sum(sums.to(device)).cpu() / len(rows)
     metrics = {"eval/accuracy": sums[0].item(), **{f"eval/pass@{k}": v.item() for k, v in zip(ks, sums[1:])},

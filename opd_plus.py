@@ -210,10 +210,10 @@ def main():
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         adv_mean = sums["adv"] / per_token
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/grade_errors": scores.grade_errors,
+            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
             "train/loss": common.all_sum(sums["loss"]), "train/kl": sums["kl"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
-            "train/truncated_frac": (rollout.mask[:, -1] == 1).float().mean() if rollout.mask.shape[1] == args.max_new_tokens else 0.0,
+            "train/truncated_frac": rollout.truncated.float().mean(),
             "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens_all,
             "opd/divergence": sums["divergence"] / per_token, "opd/adv_mean": adv_mean,
             "opd/adv_std": (sums["adv_sq"] / per_token - adv_mean ** 2).clamp(min=0).sqrt(),

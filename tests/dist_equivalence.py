@@ -35,7 +35,8 @@ def concat(parts: list, pad: int) -> common.Rollout:
                           torch.cat([left(r.prompt_mask, P, 0) for r in parts]),
                           torch.cat([right(r.completion_ids, T, pad) for r in parts]),
                           torch.cat([right(r.mask, T, 0) for r in parts]),
-                          torch.cat([r.lengths for r in parts]), [t for r in parts for t in r.texts])
+                          torch.cat([r.lengths for r in parts]), [t for r in parts for t in r.texts],
+                          torch.cat([r.truncated for r in parts]))
 
 
 def sample_per_question(model, tok, prompts, group_size, max_new_tokens, temperature=1.0, greedy=False):

@@ -60,12 +60,14 @@ def test_completion_mask_includes_first_eos_and_nothing_after():
     ids = torch.tensor([[5, 6, 1, 0, 0],     # EOS at 2 -> length 3
                         [1, 1, 1, 1, 1],     # EOS first -> length 1 (pad == eos)
                         [5, 6, 7, 8, 9],     # never ends -> all 5
-                        [5, 1, 7, 1, 9]])    # only the first EOS counts
-    mask, lengths = common.completion_mask(ids, [eos])
-    assert lengths.tolist() == [3, 1, 5, 2]
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    mask2, lengths2 = common.completion_mask(ids, [9, 1])  # any of several EOS ids
-    assert lengths2.tolist() == [3, 1, 5, 2]
+                        [5, 1, 7, 1, 9],     # only the first EOS counts
+                        [5, 6, 7, 8, 1]])    # EOS on the last allowed position: full length, not truncated
+    mask, lengths, truncated = common.completion_mask(ids, [eos])
+    assert lengths.tolist() == [3, 1, 5, 2, 5]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True, False, False]  # truncated = no EOS, not mask[:, -1] == 1
+    mask2, lengths2, truncated2 = common.completion_mask(ids, [9, 1])  # any of several EOS ids
+    assert lengths2.tolist() == [3, 1, 5, 2, 5] and not truncated2.any()
 
 
 def test_masked_mean():
@@ -94,7 +96,7 @@ def random_rollout(vocab=40, B=5, P=6, T=7, seed=0):
     completion_ids = torch.randint(3, vocab, (B, T), generator=g)
     lengths = torch.tensor([T, 3, 1, 5, T])
     mask = (torch.arange(T)[None] < lengths[:, None]).float()
-    return common.Rollout(prompt_ids, prompt_mask, completion_ids, mask, lengths, [""] * B)
+    return common.Rollout(prompt_ids, prompt_mask, completion_ids, mask, lengths, [""] * B, torch.zeros(B, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
@@ -214,9 +216,13 @@ def test_f_divergence_of_categoricals(name):
         assert d == pytest.approx(closed[name].item())
 
 
-def test_alpha_limits_rejected():
-    with pytest.raises(SystemExit):
-        common.f_divergence("alpha", alpha=1.0)
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_limits_rejected(alpha, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.f_divergence("alpha", alpha=alpha)
+    assert e.value.code == 2 and "--alpha must not be 0 or 1" in capsys.readouterr().err
+    f, _ = common.f_divergence("alpha", alpha=alpha + 1e-3)  # close to the limit is fine and finite
+    assert torch.isfinite(f(torch.tensor([0.5, 2.0], dtype=torch.float64))).all()
 
 
 # ---------------------------------------------------------------- models, data, sampling
@@ -301,8 +307,8 @@ def test_sampling_rollout_layout():
     ro = common.sample(model, tok, ["1+2=", "33+44="], 3, max_new_tokens=5)
     assert ro.completion_ids.shape[0] == 6 and ro.prompt_ids.shape[0] == 6
     assert torch.equal(ro.prompt_ids[0], ro.prompt_ids[2]) and not torch.equal(ro.prompt_ids[2], ro.prompt_ids[3])
-    mask, lengths = common.completion_mask(ro.completion_ids, [tok.eos_token_id])
-    assert torch.equal(mask, ro.mask) and torch.equal(lengths, ro.lengths)
+    mask, lengths, truncated = common.completion_mask(ro.completion_ids, [tok.eos_token_id])
+    assert torch.equal(mask, ro.mask) and torch.equal(lengths, ro.lengths) and torch.equal(truncated, ro.truncated)
     assert (ro.completion_ids[ro.mask == 0] == tok.pad_token_id).all()
 
 
@@ -341,7 +347,7 @@ def test_evaluate_counts_each_questions_samples(monkeypatch):
             i = int(p[1:].split("=")[0])
             right = [i % 2 == 0] if greedy else [j < i % (n + 1) for j in range(group_size)]
             texts += [str(1000 + i) if r else "7" for r in right]
-        return common.Rollout(None, None, None, None, None, texts)
+        return common.Rollout(None, None, None, None, None, texts, None)
 
     monkeypatch.setattr(common, "sample", fake_sample)
     tok = common.toy_tokenizer()
