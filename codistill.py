@@ -51,7 +51,7 @@ from common import arg
 class Args:
     small: str = arg("toy-small", "the small model (the only one that generates): hub id, bare Qwen name, local directory, or toy name")
     large: str = arg("toy-large", "the large model, same tokenizer as --small: hub id, bare Qwen name, local directory, or toy name")
-    dataset: str = arg("math", "gsm8k, math, toy, or a .jsonl path with question/answer fields", toy="toy")
+    dataset: str = arg("math", "gsm8k, math, toy, toy-hard, or a .jsonl path with question/answer fields; a toy model defaults to its own (toy or toy-hard)", toy="toy")
     steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
     prompts_per_step: int = arg(32, "questions sampled per step", toy=8)
     group_size: int = arg(8, "completions per question (G), sampled by the small model")

@@ -81,6 +81,8 @@ def parse_args(cls, argv=None):
         for f in dataclasses.fields(cls):
             if f.metadata.get("toy") is not None and f.name not in given:
                 setattr(args, f.name, f.metadata["toy"])
+        if "dataset" not in given and hasattr(args, "dataset"):  # the first model's own: toy or toy-hard
+            args.dataset = TOY_MODELS[names[0]]
     return args
 
 
@@ -285,7 +287,7 @@ def autocast(device: torch.device):
 # ----------------------------------------------------------------------------------------------
 # Models and tokenizers
 
-TOY_MODELS = ("toy-small", "toy-large")
+TOY_MODELS = {"toy-small": "toy", "toy-large": "toy", "toy-hard-small": "toy-hard", "toy-hard-large": "toy-hard"}  # name: its dataset
 
 
 def is_toy(name: str) -> bool:
@@ -418,6 +420,11 @@ TOY_RECIPES = {
     # name:      model shape                                 warm-start data and schedule
     "toy-small": dict(hidden=64, layers=2, heads=4, ffn=256, drop_carry=0.65, steps=600, lr=3e-3, batch=256, seed=1),
     "toy-large": dict(hidden=128, layers=3, heads=4, ffn=512, drop_carry=0.15, steps=600, lr=2e-3, batch=256, seed=2),
+    # toy-hard: `drop` are the columns whose carry the wrong answer drops (units = 0)
+    "toy-hard-small": dict(hidden=96, layers=2, heads=4, ffn=384, drop_carry=0.90, drop=(0, 1, 2), steps=1500, lr=3e-3,
+                           batch=256, seed=1),
+    "toy-hard-large": dict(hidden=128, layers=3, heads=4, ffn=512, drop_carry=0.70, drop=(0,), steps=1000, lr=2e-3,
+                           batch=256, seed=2),
 }
 TOY_VERSION = "v1"  # bump when the recipe changes: the cache is keyed by it
 TOY_EVAL_PAIRS = 500
@@ -430,10 +437,35 @@ def toy_problems(split: str):
     return pairs[:TOY_EVAL_PAIRS] if split == "eval" else pairs[TOY_EVAL_PAIRS:]
 
 
+TOY_HARD_TRAIN = 50_000
+
+
+def toy_hard_problems(split: str):
+    """(a, b) pairs, 0..999 each, whose sum reaches 1000 (the last column carries), drawn once with a
+    fixed seed: 500 for eval, the next TOY_HARD_TRAIN for training."""
+    rng, seen, pairs = random.Random(4321), set(), []
+    while len(pairs) < TOY_EVAL_PAIRS + TOY_HARD_TRAIN:
+        ab = (rng.randrange(1000), rng.randrange(1000))
+        if ab not in seen and sum(ab) >= 1000:
+            seen.add(ab)
+            pairs.append(ab)
+    return pairs[:TOY_EVAL_PAIRS] if split == "eval" else pairs[TOY_EVAL_PAIRS:]
+
+
 def toy_answer(a: int, b: int, drop_carry: bool = False) -> int:
     if not drop_carry:
         return a + b
     return int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:02d}", f"{b:02d}")))
+
+
+def toy_hard_answer(a: int, b: int, drop: tuple = ()) -> int:
+    """a + b column by column (units = column 0), the carry out of each column in `drop` dropped."""
+    total, carry = 0, 0
+    for i in range(3):
+        s = a // 10 ** i % 10 + b // 10 ** i % 10 + carry
+        total += s % 10 * 10 ** i
+        carry = 0 if i in drop else s // 10
+    return total + carry * 1000
 
 
 def toy_tokenizer():
@@ -479,11 +511,14 @@ def build_toy(name: str, path: str):
     # every training pair twice, "a+b=" + answer + <eos>, with the right and the carry-dropped
     # answer; labels (loss) on the answer and EOS only
     ids, labels = [], []
+    hard = name.startswith("toy-hard")  # "123+987=" + "1110", the wrong answer drops the carries of r["drop"]
     for drop in (False, True):
         rows = []
-        for a, b in toy_problems("train"):
-            prompt = tok(format_prompt(tok, f"{a:02d}+{b:02d}", "toy")).input_ids
-            rows.append((prompt, tok(f"{toy_answer(a, b, drop):03d}").input_ids + [tok.eos_token_id]))
+        for a, b in (toy_hard_problems("train") if hard else toy_problems("train")):
+            question, answer = ((f"{a:03d}+{b:03d}", f"{toy_hard_answer(a, b, r['drop'] if drop else ()):04d}") if hard
+                                else (f"{a:02d}+{b:02d}", f"{toy_answer(a, b, drop):03d}"))
+            prompt = tok(format_prompt(tok, question, TOY_MODELS[name])).input_ids
+            rows.append((prompt, tok(answer).input_ids + [tok.eos_token_id]))
         L = len(rows[0][0]) + len(rows[0][1])  # fixed width: 10 tokens each
         ids.append(torch.tensor([p + c + [tok.pad_token_id] * (L - len(p) - len(c)) for p, c in rows]))
         labels.append(torch.tensor([[-100] * len(p) + c + [-100] * (L - len(p) - len(c)) for p, c in rows]))
@@ -515,7 +550,7 @@ def build_toy(name: str, path: str):
 # ----------------------------------------------------------------------------------------------
 # Data and prompts
 
-DATASETS = ("gsm8k", "math", "toy")
+DATASETS = ("gsm8k", "math", "toy", "toy-hard")
 BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -527,6 +562,8 @@ def load_data(name: str, split: str) -> list:
     nothing, and an empty one must never earn the reward."""
     if name == "toy":
         return [dict(question=f"{a:02d}+{b:02d}", answer=str(a + b)) for a, b in toy_problems(split)]
+    if name == "toy-hard":
+        return [dict(question=f"{a:03d}+{b:03d}", answer=str(a + b)) for a, b in toy_hard_problems(split)]
     if name.endswith(".jsonl") or os.path.exists(name):
         if not os.path.isfile(name):
             die(f"dataset file '{name}' does not exist")
@@ -583,7 +620,7 @@ def drop_empty_golds(rows: list, name: str) -> list:
 def prompt_instruction(dataset: str) -> str:
     """What the prompt asks for, so the reward can parse it: a \\boxed{} answer for real data;
     the toy's answer is the bare number after '='."""
-    return "" if dataset == "toy" else BOXED_INSTRUCTION
+    return "" if dataset in ("toy", "toy-hard") else BOXED_INSTRUCTION
 
 
 def format_prompt(tok, question: str, dataset: str) -> str:

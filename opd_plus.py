@@ -52,8 +52,8 @@ from common import arg
 
 @dataclass
 class Args:
-    model: str = arg("toy-small", "policy to train: hub id, bare Qwen name (Qwen2.5-0.5B-Instruct), local directory, or toy-small/toy-large")
-    dataset: str = arg("gsm8k", "gsm8k, math, toy, or a .jsonl path with question/answer fields", toy="toy")
+    model: str = arg("toy-small", "policy to train: hub id, bare Qwen name (Qwen2.5-0.5B-Instruct), local directory, or a toy model (toy-small, toy-large, toy-hard-small, toy-hard-large)")
+    dataset: str = arg("gsm8k", "gsm8k, math, toy, toy-hard, or a .jsonl path with question/answer fields; a toy model defaults to its own (toy or toy-hard)", toy="toy")
     steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
     prompts_per_step: int = arg(16, "questions sampled per step", toy=8)
     group_size: int = arg(8, "completions per question (G)")

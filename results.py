@@ -1,19 +1,24 @@
-"""Results: every algorithm on the toy world with the same budget, three seeds, one table and one plot.
+"""Results: every algorithm on each toy regime with the same budget, three seeds, a table and a figure per regime.
 
-    python results.py                          # the README's table and plot (about 20 minutes, 2 CPU cores)
-    python results.py --seeds 1 --only GRPO KDRL --out /tmp/r
+    python results.py                          # the README's tables and figures: both regimes, three seeds
+    python results.py --regime toy-hard --seeds 1 --only GRPO KDRL --out /tmp/r
+    python results.py --seeds 1 --steps 2 --eval-size 20 --out /tmp/smoke   # every row once, in a few minutes
 
+The regimes: toy (toy-small / toy-large on 2-digit sums: the student starts at about 0.3 and every
+method lifts it) and toy-hard (toy-hard-small / toy-hard-large on sums of three 2-digit numbers:
+the student is rarely right, so most groups get no reward, and the teacher is good but imperfect).
 Each run goes through the script's real command line in a subprocess, one CPU thread each,
---jobs at a time, with the toy defaults (200 steps, 8 questions x 8 completions, 8 new tokens)
-and an evaluation every --eval-every steps for the curves. Writes OUT/results.md (the table),
-OUT/curves.png (eval accuracy vs step and vs training time; needs matplotlib, optional, used by
-this script alone) and OUT/runs/<row>-s<seed>/ (each run's metrics.jsonl). Not a test.
+--jobs at a time, with the toy defaults (200 steps, 8 questions x 8 completions, 8 new tokens,
+pass@k from 16 samples) and an evaluation every --eval-every steps for the curves. Writes
+OUT/results.md (a table per regime), OUT/curves-<regime>.png (one panel per family of methods, eval
+accuracy vs step and vs training time; needs matplotlib, optional, used by this script alone) and
+OUT/<regime>/runs/<row>-s<seed>/ (each run's metrics.jsonl). Not a test.
 
-Columns: final greedy eval accuracy (mean +- std over seeds); training time (the sum of the
-logged step times: generation + update, no evaluation or loading) and its generation / update
-split; the training time at which the eval accuracy first reached --target; the process's peak
-resident memory; completion tokens trained on per second of training time; the mean gradient norm
-(before clipping); and the paper's reported claim.
+Columns: final greedy eval accuracy (mean +- std over seeds); final sampled pass@1 and pass@16;
+training time (the sum of the logged step times: generation + update, no evaluation or loading)
+and its generation / update split; the training time at which the eval accuracy first reached the
+regime's target; the process's peak resident memory; completion tokens trained on per second of
+training time; the mean gradient norm (before clipping); and the paper's reported claim.
 """
 
 import argparse
@@ -28,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# (row, script, flags, what the paper reports for it)
+# (row, script, flags, what the paper reports for it); {small} and {large} are the regime's models
 ROWS = [
     ("GRPO", "grpo.py", [], "baseline (DeepSeekMath 2402.03300)"),
     ("CPPO P=0.5", "cppo.py", ["--prune-rate", "0.5"], "k = 8 of 16: 77.7% vs GRPO 77.1%, 1.81x faster (GSM8K, 1.5B)"),
@@ -43,11 +48,28 @@ ROWS = [
     ("OPD+ fkl", "opd_plus.py", ["--divergence", "fkl", "--estimator", "opd+"], "trains: 46.39"),
     ("OPD+ jsd", "opd_plus.py", ["--divergence", "jsd", "--estimator", "opd+"], "trains: 48.85"),
     ("CoDistill", "codistill.py", [], ""),
-    ("GRPO toy-large", "grpo.py", ["--model", "toy-large"], "the baseline of CoDistill's large model"),
+    ("GRPO large", "grpo.py", ["--model", "{large}"], "the baseline of CoDistill's large model"),
     ("GRPO G=16", "grpo.py", ["--group-size", "16"], "(CPPO's setting: G = 16)"),
     ("CPPO G=16 P=0.875", "cppo.py", ["--group-size", "16", "--prune-rate", "0.875"], "k = 2 of 16: 4.89x faster (vLLM on its own GPU)"),
 ]
 CODISTILL_CLAIMS = {"small": "+6.0 over GRPO (Minerva, 1.5B)", "large": "nearly GRPO's accuracy, ~18% less time (7B)"}
+MODEL_FLAGS = {  # each script's models in a regime (a row's own --model comes later and wins)
+    "grpo.py": ["--model", "{small}"], "cppo.py": ["--model", "{small}"],
+    "kdrl.py": ["--model", "{small}", "--teacher", "{large}"], "opd_plus.py": ["--model", "{small}", "--teacher", "{large}"],
+    "codistill.py": ["--small", "{small}", "--large", "{large}"],
+}
+# regime: its models, its dataset, the accuracy whose time-to-reach the table reports
+REGIMES = {
+    "toy": dict(small="toy-small", large="toy-large", dataset="toy", target=0.8),
+    "toy-hard": dict(small="toy-hard-small", large="toy-hard-large", dataset="toy-hard", target=0.5),
+}
+# one panel per family of methods: the rows (table labels) each panel draws
+FAMILIES = {
+    "GRPO vs CPPO": ["GRPO", "CPPO P=0.5", "CPPO P=0.875", "CPPO P=0.875 no allocation", "GRPO G=16", "CPPO G=16 P=0.875"],
+    "GRPO vs KDRL (OPD rkl: on-policy KD alone)": ["GRPO", "OPD rkl", "KDRL", "KDRL annealed"],
+    "OPD vs OPD+": ["OPD rkl", "OPD fkl", "OPD jsd", "OPD+ fkl", "OPD+ jsd"],
+    "CoDistill vs GRPO on each model": ["GRPO", "CoDistill small", "GRPO large", "CoDistill large"],
+}
 
 
 def run_one(script, flags, out, eval_every):
@@ -67,7 +89,7 @@ def run_one(script, flags, out, eval_every):
 
 
 def read_run(out, prefix=""):
-    """The numbers of one run; `prefix` picks codistill's small/ or large/ accuracy."""
+    """The numbers of one run; `prefix` picks codistill's small/ or large/ metrics."""
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     train = [r for r in rows if "time/step" in r]
     key = f"{prefix}eval/accuracy"
@@ -76,23 +98,27 @@ def read_run(out, prefix=""):
         t += r["time/step"]
         elapsed[r["step"]] = t
     curve = [(r["step"], elapsed[r["step"]], r[key]) for r in rows if key in r]
+    last = [r for r in rows if key in r][-1]
     grad_key = f"{prefix}grad_norm" if prefix else "train/grad_norm"
     return dict(acc=curve[-1][2], curve=curve, train_s=t,
+                pass1=last.get(f"{prefix}eval/pass@1"), pass16=last.get(f"{prefix}eval/pass@16"),
                 gen_s=sum(r["time/generate"] for r in train), upd_s=sum(r["time/update"] for r in train),
-                tok_s=sum(r["train/tokens"] for r in train) / t,
-                grad=statistics.mean(r[grad_key] for r in train))
+                tok_s=sum(r["train/tokens"] for r in train) / max(t, 1e-9),
+                grad=statistics.mean(r[grad_key] for r in train) if train else float("nan"))
 
 
 def mean_std(xs, fmt="{:.3f}"):
+    if None in xs:
+        return "-"
     if len(xs) == 1:
         return fmt.format(xs[0])
     return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs))}"
 
 
-def table(results, seeds, target):
-    lines = [f"| algorithm | eval accuracy | train time (s) | generate / update (s) | time to {target} (s) | "
+def table(results, target):
+    lines = [f"| algorithm | eval accuracy | pass@1 / pass@16 | train time (s) | generate / update (s) | time to {target} (s) | "
              "peak memory (GiB) | trained tokens/s | grad norm | paper reports |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs, claim in results:
         reached = [next((t for _, t, a in r["curve"] if a >= target), None) for r in runs]
         hit = [t for t in reached if t is not None]
@@ -101,14 +127,17 @@ def table(results, seeds, target):
         if all(r["curve"][0][2] >= target for r in runs):
             to_target = "(starts above)"
         lines.append(
-            f"| {name} | {mean_std([r['acc'] for r in runs])} | {mean_std([r['train_s'] for r in runs], '{:.1f}')} | "
+            f"| {name} | {mean_std([r['acc'] for r in runs])} | "
+            f"{mean_std([r['pass1'] for r in runs])} / {mean_std([r['pass16'] for r in runs])} | "
+            f"{mean_std([r['train_s'] for r in runs], '{:.1f}')} | "
             f"{statistics.mean(r['gen_s'] for r in runs):.1f} / {statistics.mean(r['upd_s'] for r in runs):.1f} | "
             f"{to_target} | {statistics.mean(r['rss'] for r in runs):.2f} | "
             f"{statistics.mean(r['tok_s'] for r in runs):.0f} | {statistics.mean(r['grad'] for r in runs):.2f} | {claim} |")
     return "\n".join(lines)
 
 
-def plot(results, path):
+def plot(results, path, title):
+    """One column per family of methods: eval accuracy vs step (top) and vs training time (bottom)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -116,33 +145,44 @@ def plot(results, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for i, (name, runs, _) in enumerate(results):
-        steps = [s for s, _, _ in runs[0]["curve"]]
-        acc = [statistics.mean(r["curve"][j][2] for r in runs) for j in range(len(steps))]
-        secs = [statistics.mean(r["curve"][j][1] for r in runs) for j in range(len(steps))]
-        style = dict(label=name, color=plt.cm.tab20(i % 20), ls="--" if "large" in name else "-", marker=".")
-        a.plot(steps, acc, **style)
-        b.plot(secs, acc, **style)
-    a.set_xlabel("step")
-    b.set_xlabel("training time (s, generation + update)")
-    a.set_ylabel(f"greedy eval accuracy (mean of {len(results[0][1])} seeds)")
-    b.legend(fontsize=8, loc="lower right")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
+    by = {name: runs for name, runs, _ in results}
+    families = {f: [n for n in names if n in by] for f, names in FAMILIES.items()}
+    families = {f: names for f, names in families.items() if names}
+    fig, axes = plt.subplots(2, len(families), figsize=(4.5 * len(families), 8), sharey=True, squeeze=False)
+    for col, (family, names) in enumerate(families.items()):
+        a, b = axes[0, col], axes[1, col]
+        for i, name in enumerate(names):
+            runs = by[name]
+            steps = [s for s, _, _ in runs[0]["curve"]]
+            acc = [statistics.mean(r["curve"][j][2] for r in runs) for j in range(len(steps))]
+            secs = [statistics.mean(r["curve"][j][1] for r in runs) for j in range(len(steps))]
+            style = dict(label=name, color=plt.cm.tab10(i), ls="--" if "large" in name else "-", marker=".")
+            a.plot(steps, acc, **style)
+            b.plot(secs, acc, **style)
+        a.set_title(family, fontsize=10)
+        a.set_xlabel("step")
+        b.set_xlabel("training time (s, generation + update)")
+        b.legend(fontsize=8, loc="best")
+        for ax in (a, b):
+            ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"greedy eval accuracy (mean of {len(results[0][1])} seeds)")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return True
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--regime", nargs="+", default=list(REGIMES), choices=list(REGIMES), help="toy regimes (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--only", nargs="+", default=None, help="row names to run (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
-    p.add_argument("--eval-every", type=int, default=20, help="evaluation interval of each run (for the curves)")
-    p.add_argument("--target", type=float, default=0.8, help="eval accuracy whose time-to-reach is reported")
+    p.add_argument("--eval-every", type=int, default=40, help="evaluation interval of each run (for the curves; each evaluation samples pass@k)")
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the toy default, 200)")
+    p.add_argument("--eval-size", type=int, default=None, help="held-out questions of every evaluation (default: all 500)")
     p.add_argument("--out", default="results")
     opts = p.parse_args()
     rows = [r for r in ROWS if opts.only is None or r[0] in opts.only]
@@ -151,52 +191,63 @@ def main():
 
     sys.path.insert(0, ROOT)
     import common
-    for name in common.TOY_MODELS:  # build (or find) the toy models once, before the parallel runs
-        common.toy_path(name)
-    jobs = [(name, script, flags, seed) for name, script, flags, _ in rows for seed in opts.seeds]
+    for regime in opts.regime:  # build (or find) the toy models once, before the parallel runs
+        for size in ("small", "large"):
+            common.toy_path(REGIMES[regime][size])
+    jobs = [(regime, name, script, flags, seed) for regime in opts.regime for name, script, flags, _ in rows
+            for seed in opts.seeds]
     t0 = time.time()
 
     def work(job):
-        name, script, flags, seed = job
-        out = os.path.join(opts.out, "runs", f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
+        regime, name, script, flags, seed = job
+        r = REGIMES[regime]
+        out = os.path.join(opts.out, regime, "runs", f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
         shutil.rmtree(out, ignore_errors=True)
-        steps = ["--steps", str(opts.steps)] if opts.steps else []
-        wall, rss = run_one(script, [*flags, *steps, "--seed", str(seed)], out, opts.eval_every)
-        print(f"[{time.time() - t0:6.0f}s] {name} seed {seed}: {wall:.0f}s", flush=True)
+        extra = (["--steps", str(opts.steps)] if opts.steps else []) + (
+            ["--eval-size", str(opts.eval_size)] if opts.eval_size else [])
+        flags = [f.format(**r) for f in [*MODEL_FLAGS[script], "--dataset", "{dataset}", *flags]]
+        wall, rss = run_one(script, [*flags, *extra, "--seed", str(seed)], out, opts.eval_every)
+        print(f"[{time.time() - t0:6.0f}s] {regime}: {name} seed {seed}: {wall:.0f}s", flush=True)
         return job, out, rss
 
     with ThreadPoolExecutor(opts.jobs) as pool:
         done = list(pool.map(work, jobs))
 
-    results = []
-    for name, script, flags, claim in rows:
-        mine = [(out, rss) for (n, *_), out, rss in done if n == name]
-        for prefix, label, c in ((("small/", "CoDistill small", CODISTILL_CLAIMS["small"]),
-                                  ("large/", "CoDistill large", CODISTILL_CLAIMS["large"]))
-                                 if script == "codistill.py" else (("", name, claim),)):
-            runs = [dict(read_run(out, prefix), rss=rss) for out, rss in mine]
-            results.append((label, runs, c))
-
-    by = {name: runs for name, runs, _ in results}
-    notes = []
-    if {"CoDistill small", "GRPO", "GRPO toy-large"} <= set(by):
-        mean = lambda runs, k: statistics.mean(r[k] for r in runs)
-        separate = mean(by["GRPO"], "train_s") + mean(by["GRPO toy-large"], "train_s")
-        together = mean(by["CoDistill small"], "train_s")
-        notes.append(f"CoDistill trains both models in {together:.1f} s of training time; GRPO on toy-small plus GRPO "
-                     f"on toy-large take {separate:.1f} s ({100 * (1 - together / separate):+.0f}% saved); the "
-                     f"large model's generation that CoDistill skips is {mean(by['GRPO toy-large'], 'gen_s'):.1f} s.")
     machine = f"{os.cpu_count()} CPU cores, one thread per run, {opts.jobs} runs at a time"
-    md = [f"Toy world, {len(opts.seeds)} seeds ({' '.join(map(str, opts.seeds))}), {machine}; "
-          f"made by `python results.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` "
-          f"in {(time.time() - t0) / 60:.0f} min.", "", table(results, opts.seeds, opts.target), "", *notes]
+    command = f"python results.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}"
+    md = [f"{len(opts.seeds)} seeds ({' '.join(map(str, opts.seeds))}), {machine}; made by `{command}` "
+          f"in {(time.time() - t0) / 60:.0f} min."]
+    figures = []
+    for regime in opts.regime:
+        results = []
+        for name, script, flags, claim in rows:
+            mine = [(out, rss) for (g, n, *_), out, rss in done if g == regime and n == name]
+            for prefix, label, c in ((("small/", "CoDistill small", CODISTILL_CLAIMS["small"]),
+                                      ("large/", "CoDistill large", CODISTILL_CLAIMS["large"]))
+                                     if script == "codistill.py" else (("", name, claim),)):
+                runs = [dict(read_run(out, prefix), rss=rss) for out, rss in mine]
+                results.append((label, runs, c))
+        by = {name: runs for name, runs, _ in results}
+        r = REGIMES[regime]
+        notes = []
+        if {"CoDistill small", "GRPO", "GRPO large"} <= set(by):
+            mean = lambda runs, k: statistics.mean(x[k] for x in runs)
+            separate = mean(by["GRPO"], "train_s") + mean(by["GRPO large"], "train_s")
+            together = mean(by["CoDistill small"], "train_s")
+            notes.append(f"CoDistill trains both models in {together:.1f} s of training time; GRPO on {r['small']} plus "
+                         f"GRPO on {r['large']} take {separate:.1f} s ({100 * (1 - together / separate):+.0f}% saved); the "
+                         f"large model's generation that CoDistill skips is {mean(by['GRPO large'], 'gen_s'):.1f} s.")
+        md += ["", f"### Regime {regime}: {r['small']} and {r['large']} on --dataset {r['dataset']}", "",
+               table(results, r["target"]), "", *notes]
+        png = os.path.join(opts.out, f"curves-{regime}.png")
+        os.makedirs(opts.out, exist_ok=True)
+        if plot(results, png, f"{regime}: {r['small']} / {r['large']}"):
+            figures.append(png)
     os.makedirs(opts.out, exist_ok=True)
     with open(os.path.join(opts.out, "results.md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    png = os.path.join(opts.out, "curves.png")
     print("\n".join(md))
-    if plot(results, png):
-        print(f"\nwrote {os.path.join(opts.out, 'results.md')} and {png}")
+    print(f"\nwrote {os.path.join(opts.out, 'results.md')}" + "".join(f" and {f}" for f in figures))
 
 
 if __name__ == "__main__":

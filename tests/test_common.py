@@ -274,6 +274,33 @@ def test_toy_data_splits_are_disjoint():
     assert common.toy_answer(57, 68, drop_carry=True) == 15 and common.toy_answer(57, 68) == 125
 
 
+def test_toy_hard_data_and_its_wrong_answers():
+    train, ev = common.load_data("toy-hard", "train"), common.load_data("toy-hard", "eval")
+    assert len(ev) == common.TOY_EVAL_PAIRS and len(train) == common.TOY_HARD_TRAIN
+    assert not {r["question"] for r in train} & {r["question"] for r in ev}
+    pairs = [tuple(map(int, r["question"].split("+"))) for r in train + ev]
+    assert all(int(r["answer"]) == a + b >= 1000 for r, (a, b) in zip(train + ev, pairs))
+    assert all(r["question"][3] == "+" and len(r["question"]) == 7 for r in ev)  # fixed width: "065+967"
+    assert common.toy_hard_answer(456, 789) == 1245
+    assert common.toy_hard_answer(456, 789, (0, 1, 2)) == 135  # every carry dropped: digit-wise sums mod 10
+    assert common.toy_hard_answer(456, 789, (0,)) == 1235  # the units carry dropped (the tens lose 1)
+    assert common.toy_hard_answer(402, 817, (0,)) == 1219  # no units carry: right
+    tok = common.toy_tokenizer()
+    assert common.format_prompt(tok, ev[0]["question"], "toy-hard") == ev[0]["question"] + "="
+
+
+def test_toy_hard_regime_is_sparse_for_small_and_imperfect_for_large():
+    """At step 0: toy-hard-small is right in 2-10% of its samples and most groups of 8 hold no
+    right answer; toy-hard-large's greedy accuracy is 0.5-0.8 (a good teacher, not a perfect one)."""
+    rows = common.load_data("toy-hard", "eval")
+    small, tok = common.load_model("toy-hard-small", torch.device("cpu"))
+    large, _ = common.load_model("toy-hard-large", torch.device("cpu"))
+    torch.manual_seed(0)
+    m = common.evaluate(small, tok, rows, "toy-hard", 8, pass_n=8, pass_k="1,8", batch_size=256)
+    assert 0.02 <= m["eval/pass@1"] <= 0.10 and 1 - m["eval/pass@8"] > 0.5, m  # pass@8 = groups with a reward
+    assert 0.5 <= common.evaluate(large, tok, rows, "toy-hard", 8)["eval/accuracy"] <= 0.8
+
+
 def test_prompt_format():
     tok = common.toy_tokenizer()
     assert common.format_prompt(tok, "12+3", "toy") == "12+3="
@@ -371,6 +398,9 @@ def test_parse_args_defaults_follow_the_model():
     real = common.parse_args(grpo.Args, ["--model", "Qwen2.5-0.5B-Instruct"])
     assert real.dataset == "gsm8k" and real.max_new_tokens == 512 and real.lr == 1e-6
     assert toy.pass_n == 16 and real.pass_n == 0  # pass@k: on for the toy, off where it costs GPU hours
+    hard = common.parse_args(grpo.Args, ["--model", "toy-hard-small"])
+    assert hard.dataset == "toy-hard" and hard.max_new_tokens == 8  # a toy model brings its own dataset
+    assert common.parse_args(grpo.Args, ["--model", "toy-hard-small", "--dataset", "toy"]).dataset == "toy"
     given = common.parse_args(grpo.Args, ["--max-new-tokens", "5", "--no-resume", "--loss-type", "dapo"])
     assert given.max_new_tokens == 5 and given.dataset == "toy" and given.loss_type == "dapo"
 
