@@ -667,10 +667,15 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.mask.long()], 1)  # (B, P+T)
 
     def select(self, idx: torch.Tensor) -> "Rollout":
-        """The rows `idx`, padding columns that no kept row uses are trimmed."""
+        """The rows `idx`, with the padding columns that no kept row uses trimmed: the prompts' common
+        left padding (one long prompt in the step would otherwise widen every micro-batch) and the
+        completions' right padding. Positions come from the attention mask, so log-probs are unchanged."""
         il = idx.tolist()
+        pm = self.prompt_mask[idx]  # (b, P)
+        used = pm.any(0)  # (P,)
+        S = int(used.int().argmax()) if used.any() else pm.shape[1]  # first prompt column a kept row uses
         T = int(self.lengths[idx].max()) if len(il) else 0
-        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx, :T],
+        return Rollout(self.prompt_ids[idx, S:], pm[:, S:], self.completion_ids[idx, :T],
                        self.mask[idx, :T], self.lengths[idx], [self.texts[i] for i in il])
 
 
