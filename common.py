@@ -179,18 +179,19 @@ def std_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return (all_sum(((x - mean) ** 2).sum()) / (n - 1)).sqrt()
 
 
-def apply_fsdp(model):
+def apply_fsdp(model, device: torch.device):
     """FSDP2 over all ranks: one unit per decoder layer, the rest (embeddings, final norm, LM head:
-    one tensor when tied, as in Qwen2.5 0.5B-3B) in the root unit. On CUDA the gathered weights are
-    bf16 (what autocast would make of them) and gradients are reduced in fp32. A no-op in one process."""
+    one tensor when tied, as in Qwen2.5 0.5B-3B) in the root unit. The model comes on the CPU:
+    fully_shard moves one unit at a time to `device` and keeps this rank's shard, so the whole model
+    never sits on one GPU. On CUDA the gathered weights are bf16 (what autocast would make of them)
+    and gradients are reduced in fp32. A no-op in one process."""
     if world_size() == 1:
-        return model
+        return model.to(device)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (world_size(),))
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if uses_bf16(device)
           else MixedPrecisionPolicy())
     for layer in model.get_decoder().layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -270,12 +271,30 @@ def mean_over_ranks(metrics: dict) -> dict:
     return dict(zip(keys, (x / world_size()).tolist()))
 
 
+BF16_DEVICES = ("cuda",)  # where matmuls run in bf16 and frozen models are stored in bf16 (tests add "cpu")
+
+
+def uses_bf16(device: torch.device) -> bool:
+    return device.type in BF16_DEVICES
+
+
 def autocast(device: torch.device):
     """Mixed precision on CUDA: trained weights (and AdamW states) stay fp32, matmuls run in bf16.
-    Pure bf16 weights would round updates of lr 1e-6 away. The log-prob math is fp32 everywhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    Pure bf16 weights would round updates of lr 1e-6 away. The LM head and log-softmax of the
+    log-prob pass run in fp32 all the same (`_chunk_logprobs`)."""
+    if uses_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def rope_in_autocast_dtype(module, args, out):
+    """Forward hook of the rotary embedding: under autocast, cos and sin in the autocast dtype. They
+    come in the embeddings' dtype (fp32 master weights), and q * cos would promote the rotated keys
+    to fp32: the KV cache would hold fp32 keys beside bf16 values, 1.5x the bf16 cache."""
+    device = out[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return out
+    return tuple(o.to(torch.get_autocast_dtype(device)) for o in out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,17 +319,21 @@ def resolve_model_name(name: str) -> str:
 def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, frozen: bool = False,
                fsdp: bool = False):
     """(model, tokenizer) from a toy name, a local `save_pretrained` directory or a hub id.
-    Weights in fp32 (trained models keep fp32 master weights; `frozen` ones are `freeze`d, bf16 on
-    CUDA); compute runs under `autocast`. `fsdp`: sharded over the ranks (`apply_fsdp`); build the
-    optimizer after this, on the sharded parameters."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    Trained models keep fp32 master weights; `frozen` ones are `freeze`d and, on CUDA, read in bf16
+    (never a full fp32 copy); compute runs under `autocast`. `fsdp`: sharded over the ranks
+    (`apply_fsdp`) before the whole model reaches the device; build the optimizer after this, on
+    the sharded parameters. `model.published_dtype` is the dtype of the weights as published (the
+    config's), which the final model is saved in."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per run: ours
     path = toy_path(name) if is_toy(name) else resolve_model_name(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        published = AutoConfig.from_pretrained(path).dtype or torch.float32  # from_pretrained overwrites it
+        dtype = torch.bfloat16 if frozen and uses_bf16(device) else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         hub = "" if os.path.isdir(path) else (
             "; the hub is unreachable from here" if not hub_reachable() else "")
@@ -320,12 +343,15 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
     tok.padding_side = "left"  # batched generation appends after the prompt
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    model.published_dtype = getattr(torch, published) if isinstance(published, str) else published
+    rope = getattr(model.get_decoder(), "rotary_emb", None)
+    if rope is not None:
+        rope.register_forward_hook(rope_in_autocast_dtype)  # bf16 keys in the KV cache
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-    model = model.to(device)
     if frozen:
         freeze(model)
-    return (apply_fsdp(model) if fsdp else model), tok
+    return (apply_fsdp(model, device) if fsdp else model.to(device)), tok
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -389,11 +415,9 @@ def shared_vocab(model, tok, other, other_tok, name: str, other_name: str) -> in
 
 
 def freeze(model):
-    """A frozen model (teacher, reference): eval mode, no grads, bf16 weights on CUDA."""
+    """A frozen model (teacher, reference): eval mode, no grads (`load_model` reads it in bf16 on CUDA)."""
     model.eval()
     model.requires_grad_(False)
-    if next(model.parameters()).is_cuda:
-        model.to(torch.bfloat16)
     return model
 
 
@@ -816,10 +840,15 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.mask.long()], 1)  # (B, P+T)
 
     def select(self, idx: torch.Tensor) -> "Rollout":
-        """The rows `idx`, padding columns that no kept row uses are trimmed."""
+        """The rows `idx`, with the padding columns that no kept row uses trimmed: the prompts' common
+        left padding (one long prompt in the step would otherwise widen every micro-batch) and the
+        completions' right padding. Positions come from the attention mask, so log-probs are unchanged."""
         il = idx.tolist()
+        pm = self.prompt_mask[idx]  # (b, P)
+        used = pm.any(0)  # (P,)
+        S = int(used.int().argmax()) if used.any() else pm.shape[1]  # first prompt column a kept row uses
         T = int(self.lengths[idx].max()) if len(il) else 0
-        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx, :T],
+        return Rollout(self.prompt_ids[idx, S:], pm[:, S:], self.completion_ids[idx, :T],
                        self.mask[idx, :T], self.lengths[idx], [self.texts[i] for i in il], self.truncated[idx])
 
 
@@ -873,7 +902,8 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
 
 
 def _chunk_logprobs(h, w, y, temperature: float, vocab: Optional[int], with_entropy: bool):
-    logits = (h @ w.T).float()  # (n, V)
+    with torch.autocast(h.device.type, enabled=False):  # fp32 under autocast too: bf16 logits are off by up to 2^-9 of their size
+        logits = h.float() @ w.T  # (n, V) w is fp32
     if vocab is not None:
         logits = logits[:, :vocab]
     if temperature != 1.0:  # a (n, V) copy: skipped at T = 1, the on-policy default
@@ -908,7 +938,9 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size
     The full (B, T, V) logits are never held: the LM head runs on `chunk_size` positions at a
     time and gives z_y - logsumexp(z) (151,936 fp32 logits are 0.6 MB a position). With grad,
     each chunk is recomputed in backward (activation checkpointing), so training keeps only the
-    hidden states. `vocab_size` slices the logits (a 7B Qwen has 152,064 rows, a 0.5B 151,936)."""
+    hidden states. `vocab_size` slices the logits (a 7B Qwen has 152,064 rows, a 0.5B 151,936).
+    The LM head and log-softmax run in fp32 under autocast too: the head of a bf16 model (frozen,
+    or gathered by FSDP) is copied to fp32 for the call (V x D x 4 bytes: 0.5 GiB for 0.5B)."""
     ids, attn = rollout.input_ids(), rollout.attention_mask()  # (B, P+T)
     B, T = rollout.completion_ids.shape
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B, P+T) left padding shifts positions
@@ -916,7 +948,7 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size
     with autocast(ids.device):
         h = last_hidden_state(model, ids, attn, pos)  # (B, P+T, D)
         h = h[:, -T - 1:-1].reshape(B * T, -1)  # (B*T, D) the state before each completion token
-        w = model.get_output_embeddings().weight  # (V, D) read after the forward: FSDP has gathered it
+        w = model.get_output_embeddings().weight.float()  # (V, D) read after the forward: FSDP has gathered it
         y = rollout.completion_ids.reshape(B * T)  # (B*T,)
         for s in range(0, B * T, chunk_size):
             args = (h[s:s + chunk_size], w, y[s:s + chunk_size], temperature, vocab_size, with_entropy)
@@ -1078,21 +1110,33 @@ class Logger:
             self.f.close()
 
 
-def save_pretrained(model, tok, path: str):
-    """`save_pretrained` of a model and its tokenizer, loadable by `load_model`. Every rank calls it:
-    FSDP first gathers the shards (on CPU, rank 0's copy only); rank 0 writes."""
+def save_pretrained(model, tok, path: str, published: bool = False):
+    """`save_pretrained` of a model and its tokenizer, loadable by `load_model`. `published`: the
+    weights in the dtype the model was published in (bf16 for Qwen2.5: half the size of fp32);
+    otherwise as they are (a checkpoint keeps the fp32 master weights that resume needs). The
+    config records the published dtype either way. Every rank calls it: FSDP first gathers the
+    shards (on CPU, rank 0's copy only); rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     reshard(model)  # FSDP: the model holds its shards again (the root stays gathered after a forward)
+    dtype = getattr(model, "published_dtype", None) or next(model.parameters()).dtype
+    cast = published and dtype != next(model.parameters()).dtype
     state = None
     if is_sharded(model):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        first = {}  # the gathered copies of a tied weight are separate tensors: keep its first name only
+    elif cast and rank() == 0:
+        state = model.state_dict()
+    if state is not None:
+        first = {}  # the copies of a tied weight are separate tensors: keep its first name only
         for name, p in model.named_parameters(remove_duplicate=False):
             if first.setdefault(id(p), name) != name:
                 state.pop(name, None)
     if rank() == 0:
+        if cast:
+            state = {k: v.to("cpu", dtype) for k, v in state.items()}  # one tensor at a time to the host
         model.save_pretrained(path, state_dict=state)
+        model.config.dtype = dtype  # save_pretrained wrote the dtype of the weights in memory
+        model.config.save_pretrained(path)
         tok.save_pretrained(path)
 
 
@@ -1147,9 +1191,11 @@ def load_checkpoint(out: str, models: dict, optimizers: dict, sampler: PromptSam
 
 
 def save_final(out: str, models: dict):
-    """DIR/final (one model) or DIR/final/<name>. Every rank calls it; rank 0 writes."""
+    """DIR/final (one model) or DIR/final/<name>, in the dtype each model was published in. Every
+    rank calls it; rank 0 writes."""
     for name, (model, tok) in models.items():
-        save_pretrained(model, tok, os.path.join(out, "final", name) if name else os.path.join(out, "final"))
+        save_pretrained(model, tok, os.path.join(out, "final", name) if name else os.path.join(out, "final"),
+                        published=True)
 
 
 def check_finite(loss: torch.Tensor, step: int, out: str):

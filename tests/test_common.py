@@ -133,15 +133,20 @@ def test_chunked_logprobs_vocab_slice_and_no_grad():
     assert not sliced.requires_grad
 
 
-def test_rollout_select_trims_padding_columns():
+@pytest.mark.parametrize("rows, P, T", [([1, 2], 6, 3),  # row 2 uses every prompt column
+                                          ([1, 3], 4, 5),  # left padding of 2 and 4 columns: 2 in common
+                                          ([3], 2, 5)])
+def test_rollout_select_trims_padding_columns(rows, P, T):
     ro = random_rollout()
-    sub = ro.select(torch.tensor([1, 2]))  # lengths 3 and 1
-    assert sub.completion_ids.shape == (2, 3) and sub.mask.sum().item() == 4
+    sub = ro.select(torch.tensor(rows))
+    assert sub.prompt_ids.shape == sub.prompt_mask.shape == (len(rows), P)
+    assert sub.completion_ids.shape == sub.mask.shape == (len(rows), T)
+    assert sub.prompt_mask.sum() == ro.prompt_mask[rows].sum() and sub.mask.sum() == ro.mask[rows].sum()
     model = tiny_model()
     with torch.no_grad():
         full = common.token_logprobs(model, ro)
         part = common.token_logprobs(model, sub)
-    torch.testing.assert_close(part * sub.mask, full[[1, 2], :3] * sub.mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part * sub.mask, full[rows, :T] * sub.mask, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- KL estimators
