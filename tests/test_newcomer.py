@@ -218,7 +218,7 @@ def test_help_has_the_whole_title_and_one_default_each(monkeypatch, capsys, scri
 
 
 def test_teacher_smaller_than_student_warns_in_one_line(tmp_path):
-    p = run_script("kdrl.py", "--teacher", "toy-small", "--model", "toy-large", "--steps", "1", "--eval-size", "4",
+    p = run_script("kdrl.py", "--teacher", "toy-small", "--model", "toy-large", "--steps", "0", "--eval-size", "0",
                    "--out", tmp_path / "swapped")
     warnings = [l for l in p.stderr.splitlines() if l.startswith("warning:")]
     assert warnings == ["warning: the teacher 'toy-small' has fewer parameters than 'toy-large' "
