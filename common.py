@@ -1011,7 +1011,7 @@ def exit_on_interrupt():
 def _exit_interrupted():
     if rank() == 0:
         out, step, ckpt = _run["out"], _run["step"], _run["checkpoint"]
-        at = "" if step is None else f" at step {step}"
+        at = "" if step is None else f" after step {step}"
         if out is None:
             msg = "interrupted before the run started; nothing was written"
         elif ckpt is None:

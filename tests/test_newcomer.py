@@ -170,7 +170,7 @@ def test_ctrl_c_exits_in_one_line_and_the_printed_command_resumes(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     lines = [l for l in re.split(r"[\r\n]", err) if l.strip() and not re.search(r"\d+/\d+ \[", l)]  # not the bar
-    assert len(lines) == 1 and lines[0].startswith("interrupted at step"), err
+    assert len(lines) == 1 and lines[0].startswith("interrupted after step"), err
     last = max(r["step"] for r in read_metrics(out))
     ckpt = int(re.search(r"the last checkpoint \(step (\d+)\)", lines[0]).group(1))
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == ckpt
