@@ -61,10 +61,10 @@ def summarize(metrics_path: str, warmup: int) -> dict:
 def random_model(spec: str) -> str:
     """A random-weight Qwen2 with hidden size H and L layers ('H,L') and the toy tokenizer, saved."""
     import common
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     hidden, layers = map(int, spec.split(","))
-    tok = common.toy_tokenizer()
+    tok = AutoTokenizer.from_pretrained(common.toy_path("toy-small"))
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,

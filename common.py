@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -60,13 +61,17 @@ MODEL_FIELDS = ("model", "teacher", "small", "large")
 def parse_args(cls, argv=None):
     """Build argparse from the dataclass. Defaults follow the model: when every model named is a
     toy model, fields with a `toy` default take it, unless the flag was given."""
-    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
+    title = " ".join((sys.modules["__main__"].__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
+    p = argparse.ArgumentParser(description=title,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         toy = "" if meta.get("toy") is None else f"; toy models: {meta['toy']}"
-        help = f"{meta.get('help', '')} (default: {f.default}{toy})".replace("%", "%%")
+        help = meta.get("help", "")
+        if "(default:" not in help:  # a field may say its default in words
+            help += f" (default: {f.default}{toy})"
+        help = help.replace("%", "%%")
         if f.type in (bool, "bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
@@ -89,7 +94,7 @@ def check_common_args(args):
     if args.group_size < 2:
         die(f"--group-size must be at least 2 (got {args.group_size}): "
             "group-relative advantages need two completions to compare")
-    for name, least in (("steps", 0), ("eval_size", 0), ("prompts_per_step", 1), ("max_new_tokens", 1),
+    for name, least in (("steps", 0), ("eval_size", 0), ("threads", 0), ("prompts_per_step", 1), ("max_new_tokens", 1),
                         ("micro_batch_size", 1)):
         if getattr(args, name) < least:
             die(f"--{name.replace('_', '-')} must be {'non-negative' if least == 0 else 'positive'} "
@@ -143,9 +148,12 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def init_distributed(name: str = "auto") -> torch.device:
-    """The device of this process. Under torchrun (WORLD_SIZE > 1) it also joins the process group:
-    NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU."""
+def init_distributed(name: str = "auto", threads: int = 0) -> torch.device:
+    """The device of this process, and its CPU threads (`threads` > 0; 0 keeps torch's default, one
+    per core). Under torchrun (WORLD_SIZE > 1) it also joins the process group: NCCL with one GPU
+    per process (LOCAL_RANK) on CUDA, gloo on CPU."""
+    if threads > 0:
+        torch.set_num_threads(threads)
     device = get_device(name)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
         return device
@@ -355,11 +363,13 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off"):
         return False
     import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((host, 443), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -379,6 +389,37 @@ def end_of_turn_id(tok) -> Optional[int]:
     after = text.split(mark, 1)[1] if isinstance(text, str) and mark in text else ""
     ids = tok(after, add_special_tokens=False).input_ids if after else []
     return ids[0] if ids and ids[0] in tok.get_added_vocab().values() else None
+
+
+HUB_DATASETS = {"gsm8k": ("openai/gsm8k",), "math": ("DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500")}
+
+
+def check_available(models: list, dataset: str):
+    """Before anything is loaded: when the hub cannot be reached, every model must be a toy, a local
+    directory or in the local Hugging Face cache, and a gsm8k/math dataset in the datasets cache;
+    otherwise one line names all that is missing and how to get it (the hub client would retry
+    for a minute, then name only the first). Offline, HF_HUB_OFFLINE=1 is set for the rest of the
+    run, so that cached files load without a request. With the hub reachable, nothing is checked:
+    whatever is missing is downloaded as usual."""
+    hub_models = [resolve_model_name(m) for m in models if not (is_toy(m) or os.path.isdir(m))]
+    if not hub_models and dataset not in HUB_DATASETS:
+        return
+    if hub_reachable():
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub and datasets when they are imported
+    from huggingface_hub import constants, try_to_load_from_cache
+    constants.HF_HUB_OFFLINE = True  # in case they were imported already
+    models = [m for m in hub_models if not isinstance(try_to_load_from_cache(m, "config.json"), str)]
+    datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
+    repos = HUB_DATASETS.get(dataset, ())
+    data = any(not os.path.isdir(os.path.join(datasets_cache, r.replace("/", "___"))) for r in repos)
+    if models or data:
+        missing = [f"model '{m}'" for m in models] + ([f"dataset {dataset} ({', '.join(repos)})"] if data else [])
+        get = [f"`hf download {m}`" for m in models] + (["one run of this command for the dataset"] if data else [])
+        die(f"not in the local cache (the hub is unreachable: HF_HUB_OFFLINE=1 or no network; HF_HOME={constants.HF_HOME}): "
+            f"{', '.join(missing)}. Where the hub is reachable, {'; '.join(get)}; then run here with HF_HUB_OFFLINE=1 "
+            f"and the same HF_HOME. Or pass a local directory written by save_pretrained as the model, a .jsonl "
+            f"file (question/answer) as --dataset, or the toy world (toy-small, toy-large, --dataset toy)")
 
 
 def eos_ids(model, tok) -> list:
@@ -414,6 +455,15 @@ def shared_vocab(model, tok, other, other_tok, name: str, other_name: str) -> in
     return rows
 
 
+def warn_if_smaller(teacher, student, teacher_name: str, student_name: str, role: str = "teacher"):
+    """A teacher with fewer parameters than its student runs (a weak teacher is a legitimate
+    experiment), with one warning line, since swapped flags are the likelier cause."""
+    n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
+    if n_teacher < n_student:
+        print(f"warning: the {role} '{teacher_name}' has fewer parameters than '{student_name}' "
+              f"({n_teacher / 1e6:.2f}M < {n_student / 1e6:.2f}M); were the two swapped?", file=sys.stderr, flush=True)
+
+
 def freeze(model):
     """A frozen model (teacher, reference): eval mode, no grads (`load_model` reads it in bf16 on CUDA)."""
     model.eval()
@@ -422,24 +472,13 @@ def freeze(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# The toy world: tiny Qwen2-architecture models on 2-digit addition, built locally.
+# The toy world: tiny Qwen2-architecture models on 2-digit addition, shipped in toy/<name>/.
 #
-# Task: "a+b" with a, b in 0..99, written at a fixed width ("05+68=073", then EOS; a fixed
-# layout lets a 2-layer model learn addition in seconds). Held out: a fixed set of 500 pairs. Warm-start: a short supervised phase on answers that are wrong in a
-# systematic, human way: the carry is dropped ("57+68=15") with probability `drop_carry`.
-# toy-small is warm-started on data where the carry is dropped more often than not, so its
-# greedy answer to most carrying sums is wrong while the right one is sampled often: exactly the
-# situation RL fixes. toy-large (6x the parameters) is taught with the carry mostly kept, so it
-# is a clearly better teacher. Both share one character-level tokenizer. Built once (2-3 minutes
-# for both on 2 CPU cores) and cached under $TOY_CACHE (default ~/.cache/rl-reasoning-toy).
+# Task: "a+b" with a, b in 0..99, answered at a fixed width ("05+68=073", then EOS). Held out: a
+# fixed set of 500 pairs. The models are loaded like any local directory, so every machine starts
+# from the same weights; toy/build.py is the recipe that made them (and rebuilds and compares).
 
-TOY_CHARS = "0123456789+="
-TOY_RECIPES = {
-    # name:      model shape                                 warm-start data and schedule
-    "toy-small": dict(hidden=64, layers=2, heads=4, ffn=256, drop_carry=0.65, steps=600, lr=3e-3, batch=256, seed=1),
-    "toy-large": dict(hidden=128, layers=3, heads=4, ffn=512, drop_carry=0.15, steps=600, lr=2e-3, batch=256, seed=2),
-}
-TOY_VERSION = "v1"  # bump when the recipe changes: the cache is keyed by it
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
 TOY_EVAL_PAIRS = 500
 
 
@@ -450,86 +489,12 @@ def toy_problems(split: str):
     return pairs[:TOY_EVAL_PAIRS] if split == "eval" else pairs[TOY_EVAL_PAIRS:]
 
 
-def toy_answer(a: int, b: int, drop_carry: bool = False) -> int:
-    if not drop_carry:
-        return a + b
-    return int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:02d}", f"{b:02d}")))
-
-
-def toy_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    vocab.update({c: i + 3 for i, c in enumerate(TOY_CHARS)})
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    t.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    # the toy's chat format: the question, then "=" as the generation prompt
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}={% endif %}")
-    return tok
-
-
 def toy_path(name: str) -> str:
-    root = os.environ.get("TOY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rl-reasoning-toy"))
-    path = os.path.join(root, TOY_VERSION, name)
-    if not os.path.exists(os.path.join(path, "config.json")):
-        build_toy(name, path)
+    path = os.path.join(TOY_DIR, name)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        die(f"the toy model '{name}' is missing from {path}: it ships with the repository (restore it with "
+            f"`git checkout -- toy/`, or rebuild it with `python toy/build.py {name} --write`)")
     return path
-
-
-def build_toy(name: str, path: str):
-    """Build and warm-start a toy model, then save it like any hub model (save_pretrained)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    r = TOY_RECIPES[name]
-    print(f"building {name} (once; cached in {path}) ...", file=sys.stderr, flush=True)
-    t0 = time.time()
-    tok = toy_tokenizer()
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=r["hidden"], intermediate_size=r["ffn"],
-                      num_hidden_layers=r["layers"], num_attention_heads=r["heads"],
-                      num_key_value_heads=r["heads"], max_position_embeddings=64, tie_word_embeddings=True,
-                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    g = torch.Generator().manual_seed(r["seed"])
-    torch.manual_seed(r["seed"])
-    model = Qwen2ForCausalLM(cfg)
-    # every training pair twice, "a+b=" + answer + <eos>, with the right and the carry-dropped
-    # answer; labels (loss) on the answer and EOS only
-    ids, labels = [], []
-    for drop in (False, True):
-        rows = []
-        for a, b in toy_problems("train"):
-            prompt = tok(format_prompt(tok, f"{a:02d}+{b:02d}", "toy")).input_ids
-            rows.append((prompt, tok(f"{toy_answer(a, b, drop):03d}").input_ids + [tok.eos_token_id]))
-        L = len(rows[0][0]) + len(rows[0][1])  # fixed width: 10 tokens each
-        ids.append(torch.tensor([p + c + [tok.pad_token_id] * (L - len(p) - len(c)) for p, c in rows]))
-        labels.append(torch.tensor([[-100] * len(p) + c + [-100] * (L - len(p) - len(c)) for p, c in rows]))
-    n = len(ids[0])
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"], pct_start=0.1)
-    model.train()
-    for _ in range(r["steps"]):
-        idx = torch.randint(n, (r["batch"],), generator=g)  # (b,)
-        drop = (torch.rand(r["batch"], generator=g) < r["drop_carry"])[:, None]  # (b, 1)
-        x = torch.where(drop, ids[1][idx], ids[0][idx])  # (b, L)
-        y = torch.where(drop, labels[1][idx], labels[0][idx])  # (b, L)
-        loss = model(input_ids=x, labels=y).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    tmp = path + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.replace(tmp, path)
-    print(f"built {name} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1062,31 +1027,38 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, batch_si
 
 
 def prepare_out(args, script: str) -> str:
-    """DIR for this run. Refuse a directory that holds another run unless --resume. Rank 0 decides
-    and writes; the other ranks get its answer."""
+    """DIR for this run, written into args.out (config.json holds the resolved path). Refuse a
+    directory that holds another run unless --resume. Rank 0 decides and writes; the other ranks
+    get its answer."""
     out = args.out or os.path.join("runs", f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     if dist.is_initialized():
         box = [out]
         dist.broadcast_object_list(box, src=0)
-        if rank() != 0:
-            return box[0]
+        out = box[0]
+    args.out = _run["out"] = out
+    if rank() != 0:
+        return out
     occupied = os.path.exists(os.path.join(out, "metrics.jsonl")) or os.path.exists(os.path.join(out, "checkpoint"))
     if args.resume and not os.path.exists(os.path.join(out, "checkpoint", "state.pt")):
         die(f"--resume: no checkpoint in '{out}/checkpoint' to resume from")
     if occupied and not args.resume:
         die(f"'{out}' already holds a run: pass --resume to continue it, or choose another --out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+    except OSError as e:
+        die(f"cannot write the output directory '{out}' ({e.strerror}): choose another --out")
     return out
 
 
 class Logger:
     """metrics.jsonl, appended and flushed line by line. On resume at step s, lines after s (from
-    steps after the last checkpoint) are dropped, so no step is lost or repeated. Only rank 0 writes."""
+    steps after the last checkpoint) are dropped, so no step is lost or repeated; the kept lines
+    count for `first`. Only rank 0 writes."""
 
     def __init__(self, out: str, resume_step: Optional[int] = None):
-        self.f = None
+        self.f, self.firsts = None, {}
         if rank() != 0:
             return
         self.path = os.path.join(out, "metrics.jsonl")
@@ -1095,15 +1067,25 @@ class Logger:
                 keep = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
+            for line in keep:
+                for k, v in json.loads(line).items():
+                    self.firsts.setdefault(k, v)
         self.f = open(self.path, "a")
 
     def log(self, step: int, metrics: dict):
+        _run["step"] = step
         if self.f is None:
             return
         row = {"step": step}
         row.update({k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in metrics.items()})
+        for k, v in row.items():
+            self.firsts.setdefault(k, v)
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
+
+    def first(self, key: str) -> float:
+        """The first value logged under `key` in this run, resumed lines included (nan if none)."""
+        return self.firsts.get(key, float("nan"))
 
     def close(self):
         if self.f is not None:
@@ -1165,8 +1147,12 @@ def save_checkpoint(out: str, step: int, models: dict, optimizers: dict, sampler
         return
     state = dict(step=step, optimizers=optimizer_states, sampler=sampler.state_dict(), rng=rngs)
     torch.save(state, os.path.join(tmp, "state.pt"))
+    _run["saving"] = True  # Ctrl-C waits for the swap: there is always one whole checkpoint
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _run.update(saving=False, checkpoint=step)
+    if _run["interrupted"]:
+        _exit_interrupted()
 
 
 def load_checkpoint(out: str, models: dict, optimizers: dict, sampler: PromptSampler) -> int:
@@ -1181,6 +1167,7 @@ def load_checkpoint(out: str, models: dict, optimizers: dict, sampler: PromptSam
     for k, o in optimizers.items():
         set_optimizer_state_dict(models[k], o, state["optimizers"][k], options=StateDictOptions(full_state_dict=True))
     sampler.load_state_dict(state["sampler"])
+    _run["checkpoint"] = state["step"]
     rng = state["rng"][rank()]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["np"])
@@ -1196,6 +1183,48 @@ def save_final(out: str, models: dict):
     for name, (model, tok) in models.items():
         save_pretrained(model, tok, os.path.join(out, "final", name) if name else os.path.join(out, "final"),
                         published=True)
+
+
+# Ctrl-C: one line saying where the last checkpoint is and the command that resumes it
+
+_run = dict(out=None, step=None, checkpoint=None, saving=False, interrupted=False)
+
+
+def exit_on_interrupt():
+    """Make Ctrl-C (SIGINT) stop the script with one line instead of a traceback. Checkpoints are
+    written whole (a temporary directory, then a rename that Ctrl-C waits for), so the last one is
+    at most --save-every steps old."""
+
+    def handler(signum, frame):
+        if _run["saving"]:
+            _run["interrupted"] = True
+        else:
+            _exit_interrupted()
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def _exit_interrupted():
+    if rank() == 0:
+        out, step, ckpt = _run["out"], _run["step"], _run["checkpoint"]
+        at = "" if step is None else f" after step {step}"
+        if out is None:
+            msg = "interrupted before the run started; nothing was written"
+        elif ckpt is None:
+            msg = (f"interrupted{at}, before the first checkpoint (--save-every): nothing to resume; "
+                   f"'{out}' holds this run's metrics, so start again with another --out")
+        else:
+            argv, i = [], 1  # the same command, then --out DIR --resume
+            while i < len(sys.argv):
+                a = sys.argv[i]
+                i += 2 if a == "--out" else 1
+                if a != "--out" and not a.startswith("--out=") and a not in ("--resume", "--no-resume"):
+                    argv.append(a)
+            launcher = ["python"] if world_size() == 1 else ["torchrun", f"--nproc_per_node={world_size()}"]
+            cmd = shlex.join(launcher + [sys.argv[0], *argv, "--out", out, "--resume"])
+            msg = f"interrupted{at}; the last checkpoint (step {ckpt}) is in '{out}/checkpoint'. Resume with: {cmd}"
+        print("\n" + msg, file=sys.stderr, flush=True)  # after the progress bar's line
+    os._exit(130)
 
 
 def check_finite(loss: torch.Tensor, step: int, out: str):

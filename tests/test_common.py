@@ -79,6 +79,11 @@ def test_masked_mean():
 
 # ---------------------------------------------------------------- chunked log-probs
 
+def toy_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(common.toy_path("toy-small"))
+
+
 def tiny_model(vocab=40, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
@@ -240,9 +245,9 @@ def test_model_names():
 
 
 def test_load_model_from_local_directory(tmp_path):
-    model = tiny_model(vocab=len(common.toy_tokenizer()))
+    model = tiny_model(vocab=len(toy_tokenizer()))
     model.save_pretrained(tmp_path)
-    common.toy_tokenizer().save_pretrained(tmp_path)
+    toy_tokenizer().save_pretrained(tmp_path)
     loaded, tok = common.load_model(str(tmp_path), torch.device("cpu"))
     for a, b in zip(model.parameters(), loaded.parameters()):
         torch.testing.assert_close(a, b)
@@ -276,11 +281,10 @@ def test_toy_data_splits_are_disjoint():
     assert len(ev) == common.TOY_EVAL_PAIRS and len(train) + len(ev) == 10_000
     assert not {r["question"] for r in train} & {r["question"] for r in ev}
     assert all(int(r["answer"]) == sum(map(int, r["question"].split("+"))) for r in ev)
-    assert common.toy_answer(57, 68, drop_carry=True) == 15 and common.toy_answer(57, 68) == 125
 
 
 def test_prompt_format():
-    tok = common.toy_tokenizer()
+    tok = toy_tokenizer()
     assert common.format_prompt(tok, "12+3", "toy") == "12+3="
     tok.chat_template = None
     assert common.format_prompt(tok, "What is 2+2?", "gsm8k").startswith("Question: What is 2+2?\nPlease reason")
@@ -289,7 +293,7 @@ def test_prompt_format():
 def test_sampling_ignores_generation_config(tmp_path):
     """A hostile generation_config (top_k=1, repetition penalty, min_p) must not change what is
     sampled: first-token frequencies match softmax(logits / T)."""
-    tok = common.toy_tokenizer()
+    tok = toy_tokenizer()
     model = tiny_model(vocab=len(tok), seed=1)
     model.generation_config.top_k = 1
     model.generation_config.repetition_penalty = 5.0
@@ -307,7 +311,7 @@ def test_sampling_ignores_generation_config(tmp_path):
 
 
 def test_sampling_rollout_layout():
-    tok = common.toy_tokenizer()
+    tok = toy_tokenizer()
     model = tiny_model(vocab=len(tok), seed=2)
     ro = common.sample(model, tok, ["1+2=", "33+44="], 3, max_new_tokens=5)
     assert ro.completion_ids.shape[0] == 6 and ro.prompt_ids.shape[0] == 6
