@@ -241,6 +241,7 @@ def main():
 
     start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # DPH-RL: the pre-sampling stage, once, by the initial policy; --resume reads it back
     cache = os.path.join(out, "presample.pt")
     stage = dict(model=args.model, dataset=args.dataset, rows=[r["question"] for r in train_rows], k=args.presample_k,
@@ -271,7 +272,6 @@ def main():
         print(f"pre-sampling: {len(train_rows)} questions x {args.presample_k}: {int(is_pef.sum())} solved at least "
               f"{stage['threshold']} times (D_pef, {n_pef} completions kept), {len(exp_rows)} to explore (D_exp)")
     sampler = common.PromptSampler(exp_rows, args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)
 

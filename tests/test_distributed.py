@@ -47,13 +47,16 @@ def untied(tmp_path_factory):
 
 
 KEYS = ("train/reward", "train/tokens", "train/loss", "train/grad_norm", "small/loss", "small/grad_norm",
-        "large/loss", "large/grad_norm", "small/kd_kl", "eval/accuracy", "small/eval/accuracy", "large/eval/accuracy")
+        "large/loss", "large/grad_norm", "small/kd_kl", "dph/divergence", "eval/accuracy", "small/eval/accuracy", "large/eval/accuracy")
 CASES = {  # script: its flags, {final model directory: where it started}
     "grpo": (["--loss-type", "dapo", "--beta", "0.04", "--lr", "3e-4"], {"final": "toy-small"}),
     "cppo": (["--beta", "0.04", "--lr", "3e-4"], {"final": "toy-small"}),
     # one group per micro-batch, KD only on groups with no correct answer: some micro-batches need no teacher pass
     "kdrl": (["--kd-mask", "group", "--micro-batch-size", "8", "--lr", "3e-4"], {"final": "toy-small"}),
     "opd_plus": (["--lr", "3e-4"], {"final": "toy-small"}),
+    # 16 questions pre-sampled 4 times in 4 steps of 4 (2 per rank); 2 of 4 right puts some in D_pef
+    "dph_rl": (["--lr", "3e-4", "--presample-size", "16", "--presample-k", "4", "--pef-threshold", "2",
+                "--pef-batch", "4", "--eta", "0.5"], {"final": "toy-small"}),
     "codistill": (["--loss-type", "grpo", "--small-lr", "3e-4", "--large-lr", "3e-4", "--large-rollouts", "2",
                    "--large", "UNTIED", "--dataset", "toy", "--max-new-tokens", "8", "--kd-coef", "0.5"],  # micro-batches of 8
                   {"final/small": "toy-small", "final/large": "UNTIED"}),
@@ -61,7 +64,8 @@ CASES = {  # script: its flags, {final model directory: where it started}
 
 
 @pytest.mark.parametrize("script, mode", [("grpo", "dp"), ("codistill", "dp"), ("grpo", "fsdp"), ("cppo", "fsdp"),
-                                          ("kdrl", "fsdp"), ("opd_plus", "fsdp"), ("codistill", "fsdp")])
+                                          ("kdrl", "fsdp"), ("opd_plus", "fsdp"), ("codistill", "fsdp"),
+                                          ("dph_rl", "fsdp")])
 def test_torchrun_update_equals_the_single_process_update(tmp_path, untied, script, mode):
     import common
     flags, finals = CASES[script]
