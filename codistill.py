@@ -11,7 +11,7 @@ generates (G completions per question); the large model L scores those tokens in
 L needs no generation of its own: the generation time of a separate GRPO run of L is saved.
 
 RECONSTRUCTED: there is no official code and the paper's method text could not be read; the
-recipe is rebuilt from its abstract and secondary sources (ALGORITHMS.md section 5). Ours:
+recipe is rebuilt from its abstract and secondary sources (docs/derivations.md §6). Ours:
 - the KD reward's form (k1, a per-token mean, subtracted from the task reward before the group
   normalisation) and the defaults of --kd-coef and --is-cap;
 - how the importance weight meets the clipped surrogate. The weight is split in two:
@@ -69,6 +69,7 @@ class Args:
     save_every: int = arg(50, "checkpoint every N steps")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
+    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
@@ -88,13 +89,15 @@ class Args:
 
 
 def compute_advantages(rewards, group_size: int, scale: str):
-    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch."""
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch. The
+    batch is the whole step's: under torchrun the std is taken over every rank's rewards, as one
+    process would (groups never straddle ranks)."""
     r = rewards.view(-1, group_size)  # (N, G)
     centred = r - r.mean(1, keepdim=True)  # (N, G)
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
     elif scale == "batch":
-        centred = centred / (rewards.std() + 1e-4)  # (N, G)
+        centred = centred / (common.std_over_ranks(rewards) + 1e-4)  # (N, G)
     return centred.reshape(-1)  # (B,)
 
 
@@ -198,11 +201,11 @@ def main():
     if args.kd_coef < 0 or args.is_cap <= 0 or args.large_rollouts < 0:
         common.die(f"--kd-coef must be non-negative, --is-cap positive and --large-rollouts non-negative "
                    f"(got {args.kd_coef}, {args.is_cap}, {args.large_rollouts})")
+    common.check_available([args.small, args.large], args.dataset)  # offline: one line naming all that is missing
     sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
     eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device)  # one process, or one rank of torchrun
+    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     out = common.prepare_out(args, "codistill")
-    common.seed_everything(args.seed + common.rank())  # ranks sample different completions
     G, n = args.group_size, args.large_rollouts
 
     ckpt = os.path.join(out, "checkpoint")
@@ -211,6 +214,8 @@ def main():
     large, large_tok = common.load_model(os.path.join(ckpt, "large") if args.resume else args.large, device,
                                          args.gradient_checkpointing, fsdp=args.fsdp)
     vocab = common.shared_vocab(small, tok, large, large_tok, args.small, args.large)  # the rows S samples from
+    common.warn_if_smaller(large, small, args.large, args.small, role="--large model")
+    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
     optimizers = dict(small=torch.optim.AdamW(small.parameters(), lr=args.small_lr, weight_decay=args.weight_decay),
                       large=torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay))
     start = common.load_checkpoint(out, dict(small=small, large=large), optimizers, sampler) if args.resume else 0
@@ -222,7 +227,7 @@ def main():
         logger.log(step, {f"{name}/eval/accuracy": a for name, a in accs.items()})
         return accs
 
-    acc0 = acc = evaluate(0) if start == 0 else dict(small=float("nan"), large=float("nan"))
+    acc0 = acc = evaluate(0) if start == 0 else {k: logger.first(f"{k}/eval/accuracy") for k in ("small", "large")}
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=common.rank() != 0)
     for step in bar:
@@ -267,7 +272,7 @@ def main():
         # 5. log, evaluate, save
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/zero_std_frac": zero_std,
+            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/zero_std_frac": zero_std,
             "train/grade_errors": scores.grade_errors + (own_scores.grade_errors if n else 0),
             "train/completion_len": rollout.lengths.float().mean(),
             "train/tokens": common.all_sum(2 * rollout.mask.sum() + (own.mask.sum() if n else 0)),  # S's (both), L's own
@@ -295,4 +300,5 @@ def main():
 
 
 if __name__ == "__main__":
+    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

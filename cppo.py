@@ -18,10 +18,13 @@ Deviations from the paper:
    keeps the paper's per-sequence mean (--loss-type grpo); the official code uses bnpo.
 2. --prune-scope group (default) prunes within each question, as the paper's text says; the
    official code takes one top-k over the whole local batch (--prune-scope batch), so groups
-   with zero-std rewards (all |A| = 0) are pruned first.
-3. Dynamic allocation samples more questions, as the paper's text says. The official code's
-   --allocation (src/open_r1/grpo_trainer_gsm.py) instead samples G / (1 - P) completions for
-   each question and normalises the advantages over that larger group.
+   with zero-std rewards (all |A| = 0) are pruned first. Both scopes keep N k = N floor(G (1 - P))
+   completions of N questions; the official code keeps B - int(B P) of B = N G, which is more
+   when G (1 - P) is not an integer (G 10, P 0.75, N 2: 4 here, 5 there).
+3. Dynamic allocation does what the official code's --allocation does (src/open_r1/
+   grpo_trainer_gsm.py and its sampler): G completions per question, advantages normalised over
+   those G, and 1/(1 - P) times more questions per step. (There a question gets
+   int(G (1 - P)) * int(1 / (1 - P)) completions, which is G only when both are integers.)
 4. ceil(budget / k) questions keep up to k - 1 completions more than the budget: these surplus
    ones, the lowest-|A| among the kept (ties: the later row in batch order), are dropped too.
 5. --prune-metric largest and random (drop the largest |A|, or drop at random) are the paper's
@@ -65,6 +68,7 @@ class Args:
     save_every: int = arg(50, "checkpoint every N steps")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
+    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
@@ -86,13 +90,15 @@ class Args:
 
 
 def compute_advantages(rewards, group_size: int, scale: str):
-    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch."""
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch. The
+    batch is the whole step's: under torchrun the std is taken over every rank's rewards, as one
+    process would (groups never straddle ranks)."""
     r = rewards.view(-1, group_size)  # (N, G)
     centred = r - r.mean(1, keepdim=True)  # (N, G)
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
     elif scale == "batch":
-        centred = centred / (rewards.std() + 1e-4)  # (N, G)
+        centred = centred / (common.std_over_ranks(rewards) + 1e-4)  # (N, G)
     return centred.reshape(-1)  # (B,)
 
 
@@ -164,11 +170,11 @@ def main():
     if kept_per_group(args.group_size, args.prune_rate) < 1:  # CPPO:
         common.die(f"--prune-rate {args.prune_rate} keeps no completion of a group of {args.group_size} "
                    f"(floor(G (1 - P)) < 1): use at most 1 - 1/G = {1 - 1 / args.group_size:g}")
+    common.check_available([args.model], args.dataset)  # offline: one line naming all that is missing
     sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
     eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device)  # one process, or one rank of torchrun
+    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     out = common.prepare_out(args, "cppo")
-    common.seed_everything(args.seed + common.rank())  # ranks sample different completions
     G = args.group_size
     k = kept_per_group(G, args.prune_rate)  # CPPO: completions kept per question
     budget = args.prompts_per_step // common.world_size() * (G if args.dynamic_allocation else k)  # CPPO: completions trained per step (per rank)
@@ -177,6 +183,7 @@ def main():
     start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
     ref = common.load_model(args.model, device, frozen=True, fsdp=args.fsdp)[0] if args.beta > 0 else None
+    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)
@@ -186,7 +193,7 @@ def main():
         logger.log(step, {"eval/accuracy": acc})
         return acc
 
-    acc0 = acc = evaluate(0) if start == 0 else float("nan")
+    acc0 = acc = evaluate(0) if start == 0 else logger.first("eval/accuracy")  # resumed: step 0's
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=common.rank() != 0)
     for step in bar:
@@ -243,10 +250,10 @@ def main():
         per_token = n_tokens * args.num_iterations
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/grade_errors": scores.grade_errors,
+            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
             "train/loss": common.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": sampled.lengths.float().mean(),
-            "train/truncated_frac": (sampled.mask[:, -1] == 1).float().mean() if sampled.mask.shape[1] == args.max_new_tokens else 0.0,
+            "train/truncated_frac": sampled.truncated.float().mean(),
             "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens_all,
             "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
             "cppo/questions": len(rows) * common.world_size(), "cppo/kept_frac": len(kept) / len(rewards),  # CPPO:
@@ -272,4 +279,5 @@ def main():
 
 
 if __name__ == "__main__":
+    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

@@ -8,15 +8,20 @@ and pulls the student towards the teacher where the student actually goes (on-po
 
 RECONSTRUCTED: there is no official code and the paper's method text could not be read; the
 objective below is reconstructed from the abstract (J = J_GRPO - beta_t * KL(pi_theta||pi_T),
-optimised by policy gradient) and the reported settings (ALGORITHMS.md section 3). The exact
+optimised by policy gradient) and the reported settings (docs/derivations.md §5). The exact
 form of the estimators, of the annealing schedule and of reward-guided masking is ours.
 - --kd-estimator: with R = sg(l_T) - l_theta per sampled token, k1 = -R (its expected gradient
   is 0: kept only as a lesson), k2 = R^2 / 2 (expected gradient = grad KL(pi_theta||pi_T): the
   default), k3 = e^R - R - 1 (expected gradient = grad of the FORWARD KL(pi_T||pi_theta)).
-- --kd-anneal: beta_t = max(beta_0 - delta * t, beta_min), t = optimizer steps already taken
-  (t = 0 at the first step).
-- --kd-mask: response = no KD on completions that are already correct (reward >= 1);
-  group = KD only on prompts where no completion is correct. The teacher scores only the
+  With --num-iterations > 1 the tokens come from pi_old, not pi_theta, so the KD term is
+  weighted by the detached ratio sg(rho_t) = pi_theta/pi_old (1 with one iteration): the
+  expectations above then hold on every iteration (importance sampling, unclipped).
+- --kd-anneal: beta_t = max(beta_0 - delta * t, beta_min), t = training steps already taken
+  (t = 0 at the first step); a step is one batch of rollouts, whatever --num-iterations, so
+  the iterations of a step share one beta_t.
+- --kd-mask: response = no KD on completions whose final answer is already correct;
+  group = KD only on prompts where no completion is correct. Correct is the grader's verdict,
+  never the reward (a format bonus alone does not count). The teacher scores only the
   completions that keep KD.
 
 Deviations from the paper (besides those of grpo.py, which apply here too):
@@ -66,6 +71,7 @@ class Args:
     save_every: int = arg(50, "checkpoint every N steps")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
+    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
@@ -82,7 +88,7 @@ class Args:
     kd_coef: float = arg(2e-3, "coefficient beta of the KD term (beta_0 with --kd-anneal; reported 5e-3 then)", toy=1.0)
     kd_anneal: bool = arg(False, "anneal the KD coefficient: beta_t = max(kd_coef - kd_anneal_rate * t, kd_coef_min)")
     kd_coef_min: float = arg(1e-3, "floor of the annealed KD coefficient", toy=0.2)
-    kd_anneal_rate: float = arg(5e-5, "decrease of the KD coefficient per step when annealing", toy=0.01)
+    kd_anneal_rate: float = arg(5e-5, "decrease of the KD coefficient per training step (batch of rollouts) when annealing", toy=0.01)
     kd_mask: str = arg("none", "reward-guided KD: none, response (skip correct completions), group (only prompts with no correct completion)", choices=("none", "response", "group"))
 
 
@@ -90,27 +96,29 @@ class Args:
 
 
 def compute_advantages(rewards, group_size: int, scale: str):
-    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch."""
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch. The
+    batch is the whole step's: under torchrun the std is taken over every rank's rewards, as one
+    process would (groups never straddle ranks)."""
     r = rewards.view(-1, group_size)  # (N, G)
     centred = r - r.mean(1, keepdim=True)  # (N, G)
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
     elif scale == "batch":
-        centred = centred / (rewards.std() + 1e-4)  # (N, G)
+        centred = centred / (common.std_over_ranks(rewards) + 1e-4)  # (N, G)
     return centred.reshape(-1)  # (B,)
 
 
 def kd_coefficient(t: int, args) -> float:
-    """beta_t: --kd-coef, or with --kd-anneal max(beta_0 - delta * t, beta_min), t = steps taken."""
+    """beta_t: --kd-coef, or with --kd-anneal max(beta_0 - delta * t, beta_min), t = training steps
+    (batches of rollouts) taken, not optimizer steps."""
     if not args.kd_anneal:
         return args.kd_coef
     return max(args.kd_coef - args.kd_anneal_rate * t, args.kd_coef_min)
 
 
-def kd_rows(rewards, group_size: int, mode: str):
-    """(B,) 1 for the completions that get the KD term (reward-guided KD). Correct means
-    reward >= 1, so a format bonus alone does not count."""
-    correct = rewards >= 1  # (B,)
+def kd_rows(correct, group_size: int, mode: str):
+    """(B,) 1 for the completions that get the KD term (reward-guided KD), from `correct` (B,) bool:
+    the grader's verdict (common.Scores.correct), so that a format bonus never counts as correct."""
     if mode == "response":  # the teacher is not needed where the answer is already right
         keep = ~correct  # (B,)
     elif mode == "group":  # only where RL has no signal: no correct completion in the group
@@ -139,8 +147,9 @@ def teacher_logprobs(teacher, rollout, idx, kd_row, args, vocab_size=None):
 def kd_term(logp, teacher_logp, kd_mask, estimator: str):
     """Per-token estimate of the reverse KL(pi_theta||pi_T) on the sampled tokens, with
     R = sg(l_T) - l_theta (Schulman 2020; common.KL_ESTIMATORS): k1 = -R, k2 = R^2 / 2,
-    k3 = e^R - R - 1. As losses their expected gradients are 0, grad KL(pi_theta||pi_T) and
-    grad KL(pi_T||pi_theta). 0 where kd_mask is 0. Returns the estimate and R."""
+    k3 = e^R - R - 1. As losses on tokens sampled from pi_theta their expected gradients are 0,
+    grad KL(pi_theta||pi_T) and grad KL(pi_T||pi_theta). 0 where kd_mask is 0. Returns the
+    estimate and R."""
     log_ratio = torch.where(kd_mask > 0, teacher_logp.detach() - logp, 0.0)  # (b, T) R; 0 keeps e^R finite off KD
     return common.KL_ESTIMATORS[estimator](log_ratio), log_ratio  # (b, T), (b, T)
 
@@ -149,10 +158,11 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
                  teacher_logp, kd_mask, kd_coef: float):
     """KDRL objective (arXiv 2506.02208; reconstructed): J = J_GRPO - beta_t KL(pi_theta||pi_T),
     as a loss to minimise, per token:
-        L_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t + beta_t * kd_t M^KD_t,
+        L_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t + beta_t * sg(rho_t) kd_t M^KD_t,
         rho_t = exp(l_t - l_old_t),  k3_t = exp(l_ref_t - l_t) - (l_ref_t - l_t) - 1,
         kd_t = k(sg(l_T_t) - l_t) with k = --kd-estimator (see kd_term), M^KD = kd_mask,
-    aggregated by --loss-type (both terms alike). `n_seqs` and `n_tokens` are the whole step's
+    aggregated by --loss-type (both terms alike). sg(rho_t) reweights pi_old's tokens to pi_theta
+    (1 in value with --num-iterations 1). `n_seqs` and `n_tokens` are the whole step's
     (all micro-batches), so that the summed micro-batch losses equal the full-batch loss."""
     ratio = torch.exp(logp - old_logp)  # (b, T)
     A = advantages[:, None]  # (b, 1)
@@ -163,7 +173,7 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
         kl_policy_ref_k3 = common.kl_k3(ref_logp - logp)  # (b, T) estimates KL(pi_theta||pi_ref)
         per_token = per_token + args.beta * kl_policy_ref_k3  # (b, T)
     kl_student_teacher, log_ratio_teacher_student = kd_term(logp, teacher_logp, kd_mask, args.kd_estimator)  # (b, T) KL(pi_theta||pi_T), 0 off KD
-    per_token = per_token + kd_coef * kl_student_teacher  # (b, T)
+    per_token = per_token + kd_coef * ratio.detach() * kl_student_teacher  # (b, T) sg(rho): samples of pi_old
     if args.loss_type == "grpo":  # mean over each sequence, then over sequences
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
     elif args.loss_type == "bnpo":  # token mean of this micro-batch, micro-batches averaged
@@ -186,11 +196,11 @@ def main():
         common.die("--kd-coef, --kd-coef-min and --kd-anneal-rate must be non-negative")
     if args.kd_anneal and args.kd_coef_min > args.kd_coef:
         common.die(f"--kd-coef-min ({args.kd_coef_min}) must not exceed --kd-coef ({args.kd_coef}) when annealing")
+    common.check_available([args.model, args.teacher], args.dataset)  # offline: one line naming all that is missing
     sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
     eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device)  # one process, or one rank of torchrun
+    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     out = common.prepare_out(args, "kdrl")
-    common.seed_everything(args.seed + common.rank())  # ranks sample different completions
     G = args.group_size
 
     start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
@@ -198,6 +208,8 @@ def main():
     ref = common.load_model(args.model, device, frozen=True, fsdp=args.fsdp)[0] if args.beta > 0 else None
     teacher, teacher_tok = common.load_model(args.teacher, device, frozen=True, fsdp=args.fsdp)  # KDRL
     vocab = common.shared_vocab(model, tok, teacher, teacher_tok, args.model, args.teacher)  # the student's rows
+    common.warn_if_smaller(teacher, model, args.teacher, args.model)
+    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)
@@ -207,7 +219,7 @@ def main():
         logger.log(step, {"eval/accuracy": acc})
         return acc
 
-    acc0 = acc = evaluate(0) if start == 0 else float("nan")
+    acc0 = acc = evaluate(0) if start == 0 else logger.first("eval/accuracy")  # resumed: step 0's
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=common.rank() != 0)
     for step in bar:
@@ -223,7 +235,7 @@ def main():
         rewards = scores.reward.to(device)  # (B,)
         # 3. ALGO LOGIC
         advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)
-        kd_row = kd_rows(rewards, G, args.kd_mask)  # (B,) KDRL
+        kd_row = kd_rows(scores.correct.to(device), G, args.kd_mask)  # (B,) KDRL
         kd_coef = kd_coefficient(step - 1, args)
 
         # 4. update
@@ -266,10 +278,10 @@ def main():
         per_token = n_tokens * args.num_iterations
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/grade_errors": scores.grade_errors,
+            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
             "train/loss": common.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
-            "train/truncated_frac": (rollout.mask[:, -1] == 1).float().mean() if rollout.mask.shape[1] == args.max_new_tokens else 0.0,
+            "train/truncated_frac": rollout.truncated.float().mean(),
             "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens_all,
             "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
         }
@@ -296,4 +308,5 @@ def main():
 
 
 if __name__ == "__main__":
+    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

@@ -153,10 +153,6 @@ def main():
     if not rows:
         sys.exit(f"error: --only matches no row; rows: {', '.join(r[0] for r in ROWS)}")
 
-    sys.path.insert(0, ROOT)
-    import common
-    for name in common.TOY_MODELS:  # build (or find) the toy models once, before the parallel runs
-        common.toy_path(name)
     jobs = [(name, script, flags, seed) for name, script, flags, _ in rows for seed in opts.seeds]
     t0 = time.time()
 

@@ -60,12 +60,14 @@ def test_completion_mask_includes_first_eos_and_nothing_after():
     ids = torch.tensor([[5, 6, 1, 0, 0],     # EOS at 2 -> length 3
                         [1, 1, 1, 1, 1],     # EOS first -> length 1 (pad == eos)
                         [5, 6, 7, 8, 9],     # never ends -> all 5
-                        [5, 1, 7, 1, 9]])    # only the first EOS counts
-    mask, lengths = common.completion_mask(ids, [eos])
-    assert lengths.tolist() == [3, 1, 5, 2]
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    mask2, lengths2 = common.completion_mask(ids, [9, 1])  # any of several EOS ids
-    assert lengths2.tolist() == [3, 1, 5, 2]
+                        [5, 1, 7, 1, 9],     # only the first EOS counts
+                        [5, 6, 7, 8, 1]])    # EOS on the last allowed position: full length, not truncated
+    mask, lengths, truncated = common.completion_mask(ids, [eos])
+    assert lengths.tolist() == [3, 1, 5, 2, 5]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True, False, False]  # truncated = no EOS, not mask[:, -1] == 1
+    mask2, lengths2, truncated2 = common.completion_mask(ids, [9, 1])  # any of several EOS ids
+    assert lengths2.tolist() == [3, 1, 5, 2, 5] and not truncated2.any()
 
 
 def test_masked_mean():
@@ -76,6 +78,11 @@ def test_masked_mean():
 
 
 # ---------------------------------------------------------------- chunked log-probs
+
+def toy_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(common.toy_path("toy-small"))
+
 
 def tiny_model(vocab=40, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -94,7 +101,7 @@ def random_rollout(vocab=40, B=5, P=6, T=7, seed=0):
     completion_ids = torch.randint(3, vocab, (B, T), generator=g)
     lengths = torch.tensor([T, 3, 1, 5, T])
     mask = (torch.arange(T)[None] < lengths[:, None]).float()
-    return common.Rollout(prompt_ids, prompt_mask, completion_ids, mask, lengths, [""] * B)
+    return common.Rollout(prompt_ids, prompt_mask, completion_ids, mask, lengths, [""] * B, torch.zeros(B, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
@@ -131,15 +138,20 @@ def test_chunked_logprobs_vocab_slice_and_no_grad():
     assert not sliced.requires_grad
 
 
-def test_rollout_select_trims_padding_columns():
+@pytest.mark.parametrize("rows, P, T", [([1, 2], 6, 3),  # row 2 uses every prompt column
+                                          ([1, 3], 4, 5),  # left padding of 2 and 4 columns: 2 in common
+                                          ([3], 2, 5)])
+def test_rollout_select_trims_padding_columns(rows, P, T):
     ro = random_rollout()
-    sub = ro.select(torch.tensor([1, 2]))  # lengths 3 and 1
-    assert sub.completion_ids.shape == (2, 3) and sub.mask.sum().item() == 4
+    sub = ro.select(torch.tensor(rows))
+    assert sub.prompt_ids.shape == sub.prompt_mask.shape == (len(rows), P)
+    assert sub.completion_ids.shape == sub.mask.shape == (len(rows), T)
+    assert sub.prompt_mask.sum() == ro.prompt_mask[rows].sum() and sub.mask.sum() == ro.mask[rows].sum()
     model = tiny_model()
     with torch.no_grad():
         full = common.token_logprobs(model, ro)
         part = common.token_logprobs(model, sub)
-    torch.testing.assert_close(part * sub.mask, full[[1, 2], :3] * sub.mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part * sub.mask, full[rows, :T] * sub.mask, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- KL estimators
@@ -214,9 +226,13 @@ def test_f_divergence_of_categoricals(name):
         assert d == pytest.approx(closed[name].item())
 
 
-def test_alpha_limits_rejected():
-    with pytest.raises(SystemExit):
-        common.f_divergence("alpha", alpha=1.0)
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_limits_rejected(alpha, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.f_divergence("alpha", alpha=alpha)
+    assert e.value.code == 2 and "--alpha must not be 0 or 1" in capsys.readouterr().err
+    f, _ = common.f_divergence("alpha", alpha=alpha + 1e-3)  # close to the limit is fine and finite
+    assert torch.isfinite(f(torch.tensor([0.5, 2.0], dtype=torch.float64))).all()
 
 
 # ---------------------------------------------------------------- models, data, sampling
@@ -229,9 +245,9 @@ def test_model_names():
 
 
 def test_load_model_from_local_directory(tmp_path):
-    model = tiny_model(vocab=len(common.toy_tokenizer()))
+    model = tiny_model(vocab=len(toy_tokenizer()))
     model.save_pretrained(tmp_path)
-    common.toy_tokenizer().save_pretrained(tmp_path)
+    toy_tokenizer().save_pretrained(tmp_path)
     loaded, tok = common.load_model(str(tmp_path), torch.device("cpu"))
     for a, b in zip(model.parameters(), loaded.parameters()):
         torch.testing.assert_close(a, b)
@@ -265,11 +281,10 @@ def test_toy_data_splits_are_disjoint():
     assert len(ev) == common.TOY_EVAL_PAIRS and len(train) + len(ev) == 10_000
     assert not {r["question"] for r in train} & {r["question"] for r in ev}
     assert all(int(r["answer"]) == sum(map(int, r["question"].split("+"))) for r in ev)
-    assert common.toy_answer(57, 68, drop_carry=True) == 15 and common.toy_answer(57, 68) == 125
 
 
 def test_prompt_format():
-    tok = common.toy_tokenizer()
+    tok = toy_tokenizer()
     assert common.format_prompt(tok, "12+3", "toy") == "12+3="
     tok.chat_template = None
     assert common.format_prompt(tok, "What is 2+2?", "gsm8k").startswith("Question: What is 2+2?\nPlease reason")
@@ -278,7 +293,7 @@ def test_prompt_format():
 def test_sampling_ignores_generation_config(tmp_path):
     """A hostile generation_config (top_k=1, repetition penalty, min_p) must not change what is
     sampled: first-token frequencies match softmax(logits / T)."""
-    tok = common.toy_tokenizer()
+    tok = toy_tokenizer()
     model = tiny_model(vocab=len(tok), seed=1)
     model.generation_config.top_k = 1
     model.generation_config.repetition_penalty = 5.0
@@ -296,13 +311,13 @@ def test_sampling_ignores_generation_config(tmp_path):
 
 
 def test_sampling_rollout_layout():
-    tok = common.toy_tokenizer()
+    tok = toy_tokenizer()
     model = tiny_model(vocab=len(tok), seed=2)
     ro = common.sample(model, tok, ["1+2=", "33+44="], 3, max_new_tokens=5)
     assert ro.completion_ids.shape[0] == 6 and ro.prompt_ids.shape[0] == 6
     assert torch.equal(ro.prompt_ids[0], ro.prompt_ids[2]) and not torch.equal(ro.prompt_ids[2], ro.prompt_ids[3])
-    mask, lengths = common.completion_mask(ro.completion_ids, [tok.eos_token_id])
-    assert torch.equal(mask, ro.mask) and torch.equal(lengths, ro.lengths)
+    mask, lengths, truncated = common.completion_mask(ro.completion_ids, [tok.eos_token_id])
+    assert torch.equal(mask, ro.mask) and torch.equal(lengths, ro.lengths) and torch.equal(truncated, ro.truncated)
     assert (ro.completion_ids[ro.mask == 0] == tok.pad_token_id).all()
 
 

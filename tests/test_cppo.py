@@ -54,6 +54,17 @@ def test_batch_scope_keeps_the_top_abs_advantages_of_the_whole_batch():
     assert not set(kept.tolist()) & {4, 5, 6, 7}
 
 
+def test_batch_scope_keeps_n_times_floor_not_the_official_codes_count(monkeypatch, tmp_path):
+    """G 10, P 0.75: k = floor(2.5) = 2 a question, so 2 questions keep 4 in either scope; the
+    official code's batch top-k would keep B - int(B P) = 20 - 15 = 5 (cppo.py's docstring, 2)."""
+    adv = torch.randn(20, generator=torch.Generator().manual_seed(0))
+    k = cppo.kept_per_group(10, 0.75)
+    assert k == 2 and len(cppo.select_completions(adv, 10, k, 2 * k, "batch", "smallest")) == 4
+    seen, rows = run_in_process(monkeypatch, tmp_path, "--steps", 1, "--group-size", 10, "--prune-rate", 0.75,
+                                "--prompts-per-step", 2, "--prune-scope", "batch", "--no-dynamic-allocation")
+    assert (seen["sampled_rows"], seen["loss_rows"]) == (20, 4)
+
+
 def test_largest_drops_the_largest_and_random_keeps_k_per_group():
     adv = torch.tensor([0.1, -2.0, 0.5, 1.0, -0.3, 0.3, 0.9, -0.7])
     kept = cppo.select_completions(adv, 4, 2, 4, "group", "largest")

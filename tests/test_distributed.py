@@ -46,10 +46,12 @@ def untied(tmp_path_factory):
     return path
 
 
-KEYS = ("train/reward", "train/tokens", "train/loss", "train/grad_norm", "small/loss", "small/grad_norm",
+KEYS = ("train/reward", "train/reward_std", "train/tokens", "train/loss", "train/grad_norm", "small/loss", "small/grad_norm",
         "large/loss", "large/grad_norm", "small/kd_kl", "dph/divergence", "eval/accuracy", "small/eval/accuracy", "large/eval/accuracy")
-CASES = {  # script: its flags, {final model directory: where it started}
+CASES = {  # script[:variant]: its flags, {final model directory: where it started}
     "grpo": (["--loss-type", "dapo", "--beta", "0.04", "--lr", "3e-4"], {"final": "toy-small"}),
+    # the std of the whole step's rewards, not of each rank's half
+    "grpo:batch-std": (["--scale-rewards", "batch", "--beta", "0", "--lr", "3e-4"], {"final": "toy-small"}),
     "cppo": (["--beta", "0.04", "--lr", "3e-4"], {"final": "toy-small"}),
     # one group per micro-batch, KD only on groups with no correct answer: some micro-batches need no teacher pass
     "kdrl": (["--kd-mask", "group", "--micro-batch-size", "8", "--lr", "3e-4"], {"final": "toy-small"}),
@@ -63,13 +65,13 @@ CASES = {  # script: its flags, {final model directory: where it started}
 }
 
 
-@pytest.mark.parametrize("script, mode", [("grpo", "dp"), ("codistill", "dp"), ("grpo", "fsdp"), ("cppo", "fsdp"),
-                                          ("kdrl", "fsdp"), ("opd_plus", "fsdp"), ("codistill", "fsdp"),
-                                          ("dph_rl", "fsdp")])
-def test_torchrun_update_equals_the_single_process_update(tmp_path, untied, script, mode):
+@pytest.mark.parametrize("case, mode", [("grpo", "dp"), ("grpo:batch-std", "dp"), ("codistill", "dp"), ("grpo", "fsdp"),
+                                        ("cppo", "fsdp"), ("kdrl", "fsdp"), ("opd_plus", "fsdp"), ("codistill", "fsdp"),
+                                        ("dph_rl", "fsdp")])
+def test_torchrun_update_equals_the_single_process_update(tmp_path, untied, case, mode):
     import common
-    flags, finals = CASES[script]
-    flags = [HARNESS, script, "--steps", "2", "--prompts-per-step", "4", "--eval-size", "21", "--eval-every", "100",
+    flags, finals = CASES[case]
+    flags = [HARNESS, case.split(":")[0], "--steps", "2", "--prompts-per-step", "4", "--eval-size", "21", "--eval-every", "100",
              "--save-every", "100", *[untied if f == "UNTIED" else f for f in flags]]
     one, two = tmp_path / "one", tmp_path / "two"
     run([sys.executable], one, flags)

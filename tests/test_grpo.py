@@ -59,7 +59,27 @@ def test_loss_types_closed_form(loss_type):
                     dr_grpo=(per * mask).sum() / (3 * 4),
                     dapo=(per * mask).sum() / mask.sum())[loss_type]
     assert loss.item() == pytest.approx(float(expected), rel=1e-10)
-    assert ((stats["kl"] >= 0) | (mask == 0)).all()
+    d = ref - logp
+    torch.testing.assert_close(stats["kl"] * mask, (torch.exp(d) - d - 1) * mask, rtol=1e-12, atol=0)  # k3 of KL(pi||ref)
+
+
+def test_bnpo_is_a_token_mean_per_micro_batch():
+    """bnpo over micro-batches: each micro-batch's own token mean, weighted by its share b / B of
+    the sequences; not the whole batch's token mean (dapo), since the micro-batches here hold 4
+    and 2 + 1 tokens."""
+    logp, old, ref, adv, mask = batch(seed=3)
+
+    def token_sum(i):  # the masked per-token loss summed over rows i (dr_grpo with normaliser 1)
+        return grpo.compute_loss(logp[i], old[i], ref[i], adv[i], mask[i], loss_args("dr_grpo", 0.04, max_new_tokens=1),
+                                 1, 1)[0]
+
+    parts = [torch.tensor([0]), torch.tensor([1, 2])]
+    got = sum(grpo.compute_loss(logp[i], old[i], ref[i], adv[i], mask[i], loss_args("bnpo", 0.04), 3, mask.sum())[0]
+              for i in parts)
+    expected = sum(token_sum(i) / mask[i].sum() * len(i) / 3 for i in parts)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    batch_mean = token_sum(torch.arange(3)) / mask.sum()
+    assert abs(got.item() - batch_mean.item()) > 1e-3  # the case is one where the two differ
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
@@ -94,6 +114,31 @@ def test_clipping_stops_the_gradient_outside_the_trust_region():
 
 
 # ---------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("script", ["grpo", "cppo", "kdrl", "opd_plus"])
+def test_truncated_frac_counts_completions_without_eos(script, monkeypatch, tmp_path):
+    """A completion is truncated when it has no EOS. With --max-new-tokens 4 the toy's answers
+    (3 digits, then EOS) mostly end on the last allowed position: those are not truncated."""
+    import importlib
+    module = importlib.import_module(script)
+    real_sample, rollouts = common.sample, []
+
+    def sample(model, tok, *a, **kw):
+        ro = real_sample(model, tok, *a, **kw)
+        if not kw.get("greedy"):
+            last = ro.completion_ids.gather(1, (ro.lengths - 1)[:, None])[:, 0]  # (B,) the last kept token
+            rollouts.append((last != tok.eos_token_id, ro.lengths))
+        return ro
+
+    monkeypatch.setattr(common, "sample", sample)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--steps", "2", "--eval-size", "4", "--eval-every", "100",
+                                      "--prompts-per-step", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "o")])
+    module.main()
+    train = [r for r in read_metrics(tmp_path / "o") if "train/reward" in r]
+    assert len(train) == len(rollouts) == 2
+    for r, (no_eos, lengths) in zip(train, rollouts):
+        assert ((lengths == 4) & ~no_eos).any()  # the case that matters: EOS on the 4th token
+        assert r["train/truncated_frac"] == pytest.approx(no_eos.float().mean().item(), abs=1e-6)
 
 def test_grpo_end_to_end(tmp_path):
     out = tmp_path / "run"
@@ -134,7 +179,7 @@ def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path)
 @pytest.mark.parametrize("flags, message", [
     (["--group-size", 1], "--group-size must be at least 2"),
     (["--steps", -1], "--steps must be non-negative"),
-    (["--model", "no-such-model-anywhere", "--dataset", "toy"], "cannot load model 'no-such-model-anywhere'"),
+    (["--model", "no-such-model-anywhere", "--dataset", "toy"], "model 'no-such-model-anywhere'"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--dataset", "missing.jsonl"], "dataset file 'missing.jsonl' does not exist"),
     (["--num-iterations", 0], "--num-iterations must be at least 1"),

@@ -1,6 +1,7 @@
 """kdrl.py: the KD estimators' expected gradients through compute_loss, reward-guided masking,
 the teacher pass on KD rows only, annealing, tokenizer refusal; end to end through its CLI."""
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -48,6 +49,31 @@ def test_expected_kd_gradient_through_compute_loss(estimator):
                                    rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kd_gradient_on_old_policy_samples_is_importance_weighted(estimator):
+    """--num-iterations > 1: the tokens come from pi_old != pi_theta. The exact expectation under
+    pi_old of compute_loss's gradient (old log-probs given, A = 0) is still 0, grad KL(p||q) and
+    grad KL(q||p) for k1, k2 and k3: the KD term carries the detached ratio pi_theta / pi_old."""
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    log_old = torch.log_softmax(theta.detach() + 0.8 * torch.randn(6, generator=g, dtype=torch.float64), 0)
+    log_q = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64), 0)
+    log_p = torch.log_softmax(theta, 0)
+    one = torch.ones(1, 1, dtype=torch.float64)
+    expected = torch.zeros(6, dtype=torch.float64)
+    for y in range(6):
+        loss, _ = kdrl.compute_loss(log_p[y].view(1, 1), log_old[y].view(1, 1), None, torch.zeros(1, dtype=torch.float64),
+                                    one, loss_args(estimator=estimator), 1, 1, log_q[y].view(1, 1), one, 1.0)
+        (grad,) = torch.autograd.grad(loss, theta, retain_graph=True)
+        expected += log_old[y].exp() * grad  # y ~ pi_old
+    p, q = log_p.exp(), log_q.exp()
+    (reverse,) = torch.autograd.grad((p * (log_p - log_q)).sum(), theta, retain_graph=True)
+    (forward,) = torch.autograd.grad((q * (log_q - log_p)).sum(), theta)
+    assert (log_p.detach() - log_old).abs().max() > 0.3  # pi_old is far from pi_theta
+    target = dict(k1=torch.zeros(6, dtype=torch.float64), k2=reverse, k3=forward)[estimator]
+    torch.testing.assert_close(expected, target, rtol=1e-10, atol=1e-12)
+
+
 def batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(3, 4, generator=g, dtype=torch.float64) - 0.1
@@ -77,9 +103,9 @@ def test_kd_term_is_aggregated_like_the_grpo_term(loss_type):
 
 # ---------------------------------------------------------------- masking and the teacher pass
 
-# G = 4: mixed group; no correct completion; only a format bonus (0.1 < 1: not correct);
-# all correct (1.1 = correct + format bonus)
-REWARDS = torch.tensor([1, 0, 0, 1, 0, 0, 0, 0, 0.1, 0, 0.1, 0, 1.1, 1.1, 1, 1.1])
+# G = 4: mixed group; no correct completion; no correct completion (rewards 1.0 from a format
+# bonus of --format-coef 1 would not make them correct); all correct
+CORRECT = torch.tensor([1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
 
 
 @pytest.mark.parametrize("mode, rows", [
@@ -88,7 +114,7 @@ REWARDS = torch.tensor([1, 0, 0, 1, 0, 0, 0, 0, 0.1, 0, 0.1, 0, 1.1, 1.1, 1, 1.1
     ("group", [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]),
 ])
 def test_masking_removes_exactly_the_intended_tokens(mode, rows):
-    kd_row = kdrl.kd_rows(REWARDS, 4, mode)
+    kd_row = kdrl.kd_rows(CORRECT, 4, mode)
     assert kd_row.tolist() == rows
     # through the loss: with A = 0 the gradient is the KD term's, nonzero exactly on KD tokens
     g = torch.Generator().manual_seed(1)
@@ -122,6 +148,37 @@ def test_teacher_runs_only_on_kd_rows(monkeypatch):
         keep = kd_row[idx][:, None] * mb.mask
         torch.testing.assert_close(out * keep, full[idx, :out.shape[1]] * keep, rtol=1e-5, atol=1e-5)
         assert (out[kd_row[idx] == 0] == 0).all()
+
+
+def test_kd_mask_follows_correctness_not_a_format_bonus(monkeypatch, tmp_path):
+    """Through main(): every completion gets a format bonus of 1 (as --format-coef 1 with every
+    answer in the asked-for form), so every reward is >= 1; --kd-mask response must still keep KD
+    on exactly the wrong completions' tokens."""
+    real_rewards, real_sample, seen = common.rewards_for, common.sample, []
+
+    def rewards_for(completions, golds, format_coef=0.0):
+        s = real_rewards(completions, golds, format_coef)
+        seen[-1]["correct"] = s.correct
+        return common.Scores(s.reward + 1.0, s.correct, s.grade_errors)
+
+    def sample(*a, **kw):
+        ro = real_sample(*a, **kw)
+        if not kw.get("greedy"):
+            seen.append(dict(rollout=ro))
+        return ro
+
+    monkeypatch.setattr(common, "rewards_for", rewards_for)
+    monkeypatch.setattr(common, "sample", sample)
+    monkeypatch.setattr(sys, "argv", ["kdrl.py", "--steps", "2", "--eval-size", "4", "--eval-every", "100",
+                                      "--prompts-per-step", "4", "--kd-mask", "response", "--out", str(tmp_path / "o")])
+    kdrl.main()
+    train = [r for r in read_metrics(tmp_path / "o") if "train/reward" in r]
+    assert len(train) == len(seen) == 2
+    for r, s in zip(train, seen):
+        assert r["train/reward"] >= 1  # the rewards alone would call every completion correct
+        lengths, correct = s["rollout"].lengths.float(), s["correct"]
+        assert 0 < correct.float().mean() < 1
+        assert r["kd/masked_frac"] == pytest.approx((lengths * correct).sum().item() / lengths.sum().item(), abs=1e-6)
 
 
 # ---------------------------------------------------------------- annealing
@@ -166,6 +223,8 @@ def test_kdrl_end_to_end(tmp_path):
                 "train/entropy", "train/grad_norm", "train/completion_len", "time/step", "time/generate",
                 "time/update", "kd/kl", "kd/term", "kd/coef", "kd/masked_frac"):
         assert key in train[0], key
+    # t counts training steps, not optimizer steps: with --num-iterations 2 the latter (t = 0, 2, 4)
+    # would give 0.5, 0.1, 0.1
     assert [r["kd/coef"] for r in train] == pytest.approx([0.5, 0.2, 0.1])  # t = 0, 1, then the floor
     for r in train:
         assert r["kd/kl"] > 0 and r["kd/term"] > 0 and 0 < r["kd/masked_frac"] < 1
