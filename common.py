@@ -818,7 +818,7 @@ class Rollout:
 
     def to(self, device) -> "Rollout":
         return Rollout(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
-                       self.mask.to(device), self.lengths.to(device), list(self.texts))
+                       self.mask.to(device), self.lengths.to(device), list(self.texts), self.truncated.to(device))
 
 
 def cat_rollouts(parts: list, pad_id: int) -> Rollout:

@@ -81,6 +81,7 @@ class Args:
     save_every: int = arg(50, "checkpoint every N steps")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
+    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
@@ -109,13 +110,15 @@ def split_pef(n_correct, threshold: int):
 
 
 def compute_advantages(rewards, group_size: int, scale: str):
-    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch."""
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch. The
+    batch is the whole step's: under torchrun the std is taken over every rank's rewards, as one
+    process would (groups never straddle ranks)."""
     r = rewards.view(-1, group_size)  # (N, G)
     centred = r - r.mean(1, keepdim=True)  # (N, G)
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
     elif scale == "batch":
-        centred = centred / (rewards.std() + 1e-4)  # (N, G)
+        centred = centred / (common.std_over_ranks(rewards) + 1e-4)  # (N, G)
     return centred.reshape(-1)  # (B,)
 
 
@@ -229,18 +232,19 @@ def main():
         common.die(f"--pef-batch must be a non-negative multiple of the number of processes (got {args.pef_batch})")
     if args.presample_size < 0:
         common.die(f"--presample-size must be non-negative (got {args.presample_size})")
+    common.check_available([args.model], args.dataset)  # offline: one line naming all that is missing
     train_rows = common.load_data(args.dataset, "train")
     if args.presample_size:  # DPH-RL: a seeded subset of the train split
         pick = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed))[:args.presample_size]
         train_rows = [train_rows[i] for i in sorted(pick.tolist())]
     eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device)  # one process, or one rank of torchrun
+    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     out = common.prepare_out(args, "dph_rl")
-    common.seed_everything(args.seed + common.rank())  # ranks sample different completions
     G = args.group_size
 
     start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
+    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # DPH-RL: the pre-sampling stage, once, by the initial policy; --resume reads it back
     cache = os.path.join(out, "presample.pt")
@@ -280,7 +284,7 @@ def main():
         logger.log(step, {"eval/accuracy": acc})
         return acc
 
-    acc0 = acc = evaluate(0) if start == 0 else float("nan")
+    acc0 = acc = evaluate(0) if start == 0 else logger.first("eval/accuracy")  # resumed: step 0's
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=common.rank() != 0)
     for step in bar:
@@ -342,10 +346,10 @@ def main():
         per_token = n_tokens * args.num_iterations
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": rewards.std(), "train/grade_errors": scores.grade_errors,
+            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
             "train/loss": common.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
-            "train/truncated_frac": (rollout.mask[:, -1] == 1).float().mean() if rollout.mask.shape[1] == args.max_new_tokens else 0.0,
+            "train/truncated_frac": rollout.truncated.float().mean(),
             "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens_all,
             "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
         }
@@ -368,4 +372,5 @@ def main():
 
 
 if __name__ == "__main__":
+    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

@@ -138,9 +138,9 @@ def scripted_sample(solved: dict):
             a, b = map(int, p.rstrip("=").split("+"))
             texts += [f"{a + b + (j >= solved[(a, b)]):03d}" for j in range(group_size)]
         ids = torch.tensor([tok(t).input_ids + [tok.eos_token_id] for t in texts])  # (B, 4)
-        mask, lengths = common.completion_mask(ids, [tok.eos_token_id])
+        mask, lengths, truncated = common.completion_mask(ids, [tok.eos_token_id])
         return common.Rollout(enc.input_ids.repeat_interleave(group_size, 0),
-                              enc.attention_mask.repeat_interleave(group_size, 0), ids, mask, lengths, texts)
+                              enc.attention_mask.repeat_interleave(group_size, 0), ids, mask, lengths, texts, truncated)
     return sample
 
 
