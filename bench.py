@@ -196,6 +196,7 @@ CHECK_RUNS = {  # script: its models (Qwen2.5 sizes); everything else at the scr
     "kdrl": dict(model="0.5B", teacher="1.5B"),
     "opd_plus": dict(model="0.5B", teacher="1.5B"),
     "codistill": dict(small="0.5B", large="1.5B"),
+    "dph_rl": dict(model="0.5B"),
 }
 
 
@@ -265,7 +266,7 @@ def gpu_check(opts):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--script", default="grpo", choices=("grpo", "cppo", "kdrl", "opd_plus", "codistill"))
+    p.add_argument("--script", default="grpo", choices=("grpo", "cppo", "kdrl", "opd_plus", "codistill", "dph_rl"))
     p.add_argument("--random-model", default=None, help="'H,L': a random-weight Qwen2 as --model")
     p.add_argument("--trl", action="store_true", help="time TRL's GRPOTrainer instead of grpo.py")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the means (default 2; --gpu-check: 1)")

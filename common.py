@@ -816,6 +816,24 @@ class Rollout:
         return Rollout(self.prompt_ids[idx, S:], pm[:, S:], self.completion_ids[idx, :T],
                        self.mask[idx, :T], self.lengths[idx], [self.texts[i] for i in il], self.truncated[idx])
 
+    def to(self, device) -> "Rollout":
+        return Rollout(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
+                       self.mask.to(device), self.lengths.to(device), list(self.texts), self.truncated.to(device))
+
+
+def cat_rollouts(parts: list, pad_id: int) -> Rollout:
+    """One rollout from several: prompts left-padded, completions right-padded to the widest."""
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    T = max(r.completion_ids.shape[1] for r in parts)
+    left = lambda x, n, v: F.pad(x, (n - x.shape[1], 0), value=v)
+    right = lambda x, n, v: F.pad(x, (0, n - x.shape[1]), value=v)
+    return Rollout(torch.cat([left(r.prompt_ids, P, pad_id) for r in parts]),
+                   torch.cat([left(r.prompt_mask, P, 0) for r in parts]),
+                   torch.cat([right(r.completion_ids, T, pad_id) for r in parts]),
+                   torch.cat([right(r.mask, T, 0) for r in parts]),
+                   torch.cat([r.lengths for r in parts]), [t for r in parts for t in r.texts],
+                   torch.cat([r.truncated for r in parts]))
+
 
 def completion_mask(completion_ids: torch.Tensor, eos: list):
     """(B, T) mask and (B,) lengths from the position of the first EOS (included), and (B,) truncated:

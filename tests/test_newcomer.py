@@ -18,7 +18,7 @@ import torch
 import common
 from conftest import ROOT, assert_user_error, read_metrics, run_script
 
-SCRIPTS = ("grpo", "cppo", "kdrl", "opd_plus", "codistill")
+SCRIPTS = ("grpo", "cppo", "kdrl", "opd_plus", "codistill", "dph_rl")
 QUICK = ["--steps", "2", "--eval-size", "16", "--eval-every", "100"]
 
 

@@ -39,6 +39,7 @@ CASES = {  # script: (model flags, other flags, final directories)
     "kdrl": (dict(model="base_05", teacher="untied"), ["--beta", "0"], ["final"]),  # 151,936 rows vs 152,064
     "opd_plus": (dict(model="base_05", teacher="instruct_15"), [], ["final"]),
     "codistill": (dict(small="base_05", large="untied"), ["--large-rollouts", "1"], ["final/small", "final/large"]),
+    "dph_rl": (dict(model="base_05"), ["--presample-k", "2"], ["final"]),
 }
 
 
