@@ -54,6 +54,7 @@ bdkd_kl_partner_model (small/: KL(p_S||p_L) and KL(p_L||p_S); large/: the other 
 
 CPU (toy world, minutes):  python codistill.py          (small toy-small, large toy-large)
 GPU:                       python codistill.py --small Qwen2.5-0.5B --large Qwen2.5-1.5B
+BD-KD:                     add --kd-divergence bdkd
 """
 
 import math

@@ -37,24 +37,28 @@ p_t = softmax(z_t / T), T = 2; cost W = cdist(p_s, p_t, p=1), the L1 distances b
 student and every teacher distribution of a batch; kernel K = exp(-W / eps), eps = 0.1; 20
 alternating row and column normalisations of K give the plan P; loss sum(P * W), the gradient
 flowing through P and W. For a language model the batch is the completion positions. Ours:
-4. The batch of the transport is a chunk of --logprob-chunk KD positions of a micro-batch (the
-   whole micro-batch when it fits: always on the toy), so its memory is bounded by the chunk.
-5. Top-k truncation (--sinkhorn-topk k): the L1 cost compares student position i with teacher
-   position j coordinate by coordinate, so all positions of a chunk need the same coordinates; a
-   per-position top-k would compare different tokens. Each chunk keeps the k tokens with the
-   largest teacher probability summed over its positions, plus one bucket with the rest of the
-   mass, so every row is still a distribution; merging tokens can only lower an L1 distance, by
-   at most the mass outside the k. kd/sinkhorn_coverage logs the teacher mass kept.
-6. Normalised per position: the official code multiplies sum(P * W) by 0.0008 (0.001 for BERT)
-   and sums over the batch; here each position's row sum_j P_ij W_ij is its KD term, so their
-   token mean is the transport cost between uniform marginals 1/n (times n: P's marginals are 1,
-   as in the code), aggregated by --loss-type and scaled by --kd-coef like the KL term.
+S1. The batch of the transport is a chunk of --logprob-chunk KD positions of a micro-batch (the
+    whole micro-batch when it fits: always on the toy), so its memory is bounded by the chunk;
+    a KD position's term depends on the other positions of its chunk, as SinKD's on its batch.
+S2. Top-k truncation (--sinkhorn-topk k): the L1 cost compares student position i with teacher
+    position j coordinate by coordinate, so all positions of a chunk need the same coordinates;
+    a per-position top-k would compare different tokens. Each chunk keeps the k tokens with the
+    largest teacher probability summed over its positions, plus one bucket holding the rest of
+    the mass, so every row is still a distribution; merging tokens can only lower an L1 distance,
+    by at most the two distributions' mass outside the k. kd/sinkhorn_coverage logs the teacher
+    mass kept (1 on the toy: 15 tokens).
+S3. Per position: each KD position's row c_i = sum_j P_ij W_ij is its KD term, aggregated by
+    --loss-type and scaled by --kd-coef like the KL term. P's marginals are 1 (as in the code),
+    so the mean of c_i over a chunk is the entropic transport cost between the uniform measures
+    on the chunk's student and teacher distributions; the code instead takes sum(P * W) times
+    0.0008 (0.001 for BERT).
 The official T0 script applies the loss to (batch, length, vocabulary) logits with the softmax
 over dim 1; we follow the reading above (positions as the batch, softmax over the vocabulary).
 
 CPU (toy world, minutes):  python kdrl.py            (student toy-small, teacher toy-large)
 GPU:                       python kdrl.py --model Qwen2.5-0.5B-Instruct --teacher Qwen2.5-1.5B-Instruct
 Annealed (as reported):    add --kd-anneal --kd-coef 5e-3 (--kd-coef-min 1e-3 --kd-anneal-rate 5e-5)
+SinKD:                     add --kd-loss sinkhorn
 """
 
 import os
