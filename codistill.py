@@ -47,7 +47,9 @@ chunked pass, common.paired_logits), added to S's GRPO loss times --kd-coef and 
 its step of this batch (S and L are updated in turn, as in deep mutual learning). L's regulariser,
 our reading of "reverse KL": KL(p_L||sg(p_S)) on S's rollouts (the direction that puts L first),
 times --large-kd-coef. Distributions are taken at --temperature (the paper's softening temperature
-is not known here). Both models' full distributions are needed, a chunk of positions at a time.
+is not known here), and so are its coefficients: the defaults of --bdkd-kappa (5) and
+--large-kd-coef (0.1) are ours. The paper's "sample" (an image) is a completion position here.
+Both models' full distributions are needed, a chunk of positions at a time.
 Logged: small/eval/ece and large/eval/ece (common.evaluate: the greedy answer's confidence; in
 either mode); with bdkd, small/bdkd_weight (mean w), and per model bdkd_kl_model_partner and
 bdkd_kl_partner_model (small/: KL(p_S||p_L) and KL(p_L||p_S); large/: the other way round).
