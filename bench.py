@@ -13,6 +13,7 @@ still fits a CPU (its completions are random, so every reward is 0; the timings 
     python bench.py -- --model Qwen2.5-0.5B-Instruct --dataset gsm8k --steps 10 --eval-every 1000 --eval-size 0
     python bench.py --trl -- --steps 20 ...   # the same step in TRL's GRPOTrainer (pip install trl)
     python bench.py --logprob-memory          # chunked vs naive log-probs at Qwen's vocabulary size
+    python bench.py --logprob-memory --modes chunked bdkd sinkhorn --chunk 256   # + each full-vocabulary KD term
     python bench.py --gpu-check               # every script on random-weight Qwen2.5-0.5B/1.5B, offline (below)
     torchrun --nproc_per_node 2 bench.py --random-model 1024,12 -- --dataset toy --fsdp ...   # per-rank peak
 
@@ -144,7 +145,10 @@ def current_rss_gib() -> float:
 def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int, chunk: int) -> dict:
     """One forward + backward of the sampled tokens' log-probs, as in a training step, on a
     random-weight Qwen2 with a `vocab`-row LM head: common.token_logprobs (chunked) or the full
-    log_softmax (naive). Memory is what the pass adds to the model's: peak minus the level before."""
+    log_softmax (naive); bdkd and sinkhorn add, on the same forward, codistill's BD-KD loss or
+    kdrl's SinKD term (script defaults) against a second random model's full distributions (a
+    frozen teacher, loaded before the measurement). Memory is what the pass adds to the models':
+    peak minus the level before."""
     import common
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -153,6 +157,7 @@ def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int,
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
     model = Qwen2ForCausalLM(cfg).to(device)
+    teacher = common.freeze(Qwen2ForCausalLM(cfg).to(device)) if mode in ("bdkd", "sinkhorn") else None
     P = 16  # prompt positions; the rest are completion tokens
     ids = torch.randint(vocab, (batch, positions), device=device)
     ones = torch.ones(batch, positions, device=device)
@@ -165,22 +170,38 @@ def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int,
     else:
         before = current_rss_gib()
     t0 = time.perf_counter()
-    if mode == "chunked":
-        logp = common.token_logprobs(model, rollout, 1.0, chunk)
-    else:
+    if mode == "naive":
         with common.autocast(device):
             logp = common.naive_token_logprobs(model, rollout)
-    (logp * rollout.mask).sum().backward()
+        loss = (logp * rollout.mask).sum()
+    else:
+        states = common.completion_states(model, rollout)
+        loss = (common.token_logprobs(model, rollout, 1.0, chunk, states=states) * rollout.mask).sum()
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_states = common.completion_states(teacher, rollout)
+        if mode == "bdkd":
+            import codistill
+            kls = common.paired_logits(common.full_kl, states, teacher_states, chunk)  # (N,) x 4
+            loss = loss + codistill.balanced_divergence(*kls, codistill.Args().bdkd_kappa)[0].sum()
+        elif mode == "sinkhorn":
+            import kdrl
+            args = kdrl.Args(logprob_chunk=chunk)
+            loss = loss + kdrl.sinkhorn_term(states, teacher_states, rollout.mask, args)[0].sum()
+    loss.backward()
     seconds = time.perf_counter() - t0
     added = peak_memory_gib() - before
-    return dict(mode=mode, positions=f"{batch} x {positions}", vocab=vocab, chunk=chunk if mode == "chunked" else None,
+    return dict(mode=mode, positions=f"{batch} x {positions}", vocab=vocab, chunk=chunk if mode != "naive" else None,
                 added_peak_gib=round(added, 2), seconds=round(seconds, 1))
+
+
+LOGPROB_MODES = ("naive", "chunked", "bdkd", "sinkhorn")
 
 
 def logprob_memory(opts):
     """Each mode in a fresh process, so that one's peak does not hide the other's."""
     rows = []
-    for mode in ("naive", "chunked"):
+    for mode in opts.modes:
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--logprob-one", mode, "--batch", str(opts.batch),
                             "--positions", str(opts.positions), "--vocab", str(opts.vocab), "--hidden", str(opts.hidden),
                             "--chunk", str(opts.chunk)], capture_output=True, text=True)
@@ -271,7 +292,9 @@ def main():
     p.add_argument("--trl", action="store_true", help="time TRL's GRPOTrainer instead of grpo.py")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the means (default 2; --gpu-check: 1)")
     p.add_argument("--logprob-memory", action="store_true", help="peak memory of chunked vs naive log-probs")
-    p.add_argument("--logprob-one", choices=("naive", "chunked"), help=argparse.SUPPRESS)
+    p.add_argument("--logprob-one", choices=LOGPROB_MODES, help=argparse.SUPPRESS)
+    p.add_argument("--modes", nargs="+", choices=LOGPROB_MODES, default=["naive", "chunked"],
+                   help="--logprob-memory: passes to measure, each in its own process")
     p.add_argument("--batch", type=int, default=8, help="--logprob-memory: sequences")
     p.add_argument("--positions", type=int, default=512, help="--logprob-memory: positions per sequence")
     p.add_argument("--vocab", type=int, default=151936, help="--logprob-memory: LM-head rows (Qwen2.5: 151,936)")

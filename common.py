@@ -884,13 +884,18 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
 # Per-token log-probs of the sampled tokens
 
 
-def _chunk_logprobs(h, w, y, temperature: float, vocab: Optional[int], with_entropy: bool):
+def _lm_head(h, w, temperature: float, vocab: Optional[int]):
     with torch.autocast(h.device.type, enabled=False):  # fp32 under autocast too: bf16 logits are off by up to 2^-9 of their size
-        logits = h.float() @ w.T  # (n, V) w is fp32
+        logits = h.float() @ w.T  # (n, V) w is fp32 (completion_states)
     if vocab is not None:
         logits = logits[:, :vocab]
     if temperature != 1.0:  # a (n, V) copy: skipped at T = 1, the on-policy default
         logits = logits / temperature
+    return logits
+
+
+def _chunk_logprobs(h, y, w, temperature: float, vocab: Optional[int], with_entropy: bool):
+    logits = _lm_head(h, w, temperature, vocab)  # (n, V)
     lse = torch.logsumexp(logits, -1)  # (n,)
     logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse  # (n,)
     if not with_entropy:
@@ -899,6 +904,22 @@ def _chunk_logprobs(h, w, y, temperature: float, vocab: Optional[int], with_entr
         p = torch.softmax(logits, -1)
         ent = lse - (p * logits).sum(-1)  # (n,)
     return logp, ent
+
+
+def map_chunks(fn, rows: tuple, chunk_size: int, *consts):
+    """fn(*chunk of each tensor in `rows`, *consts) -> tuple of per-row tensors (or None), run on
+    `chunk_size` rows at a time under `autocast` and concatenated. With grad, each chunk is
+    recomputed in backward (activation checkpointing): only the inputs are kept, never the (n, V)
+    logits a chunk makes. The one chunk loop of the log-prob and full-vocabulary passes."""
+    n, outs = len(rows[0]), []
+    with autocast(rows[0].device):
+        for s in range(0, max(n, 1), chunk_size):  # no rows: one empty chunk, outputs of length 0
+            args = (*(r[s:s + chunk_size] for r in rows), *consts)
+            if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args):
+                outs.append(checkpoint(fn, *args, use_reentrant=False))
+            else:
+                outs.append(fn(*args))
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs))
 
 
 def last_hidden_state(model, ids, attn, pos) -> torch.Tensor:
@@ -914,8 +935,21 @@ def last_hidden_state(model, ids, attn, pos) -> torch.Tensor:
     return out[0]
 
 
+def completion_states(model, rollout: Rollout):
+    """(h, w): the decoder's state before each completion token, (B*T, D) row-major over (B, T), and
+    the LM head (V, D), read after the forward (FSDP has gathered it). One forward, no logits: what
+    the chunked passes (`token_logprobs`, `paired_logits`) turn into logits a chunk at a time."""
+    ids, attn = rollout.input_ids(), rollout.attention_mask()  # (B, P+T)
+    B, T = rollout.completion_ids.shape
+    pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B, P+T) left padding shifts positions
+    with autocast(ids.device):
+        h = last_hidden_state(model, ids, attn, pos)  # (B, P+T, D)
+    w = model.get_output_embeddings().weight.float()  # (V, D) fp32 LM head: a bf16 one (frozen, FSDP-gathered) is copied
+    return h[:, -T - 1:-1].reshape(B * T, -1), w  # (B*T, D), (V, D)
+
+
 def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int = 1024,
-                   vocab_size: Optional[int] = None, with_entropy: bool = False):
+                   vocab_size: Optional[int] = None, with_entropy: bool = False, states=None):
     """log pi(o_t | q, o_<t) of each completion token at the sampling temperature, (B, T).
 
     The full (B, T, V) logits are never held: the LM head runs on `chunk_size` positions at a
@@ -923,29 +957,31 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size
     each chunk is recomputed in backward (activation checkpointing), so training keeps only the
     hidden states. `vocab_size` slices the logits (a 7B Qwen has 152,064 rows, a 0.5B 151,936).
     The LM head and log-softmax run in fp32 under autocast too: the head of a bf16 model (frozen,
-    or gathered by FSDP) is copied to fp32 for the call (V x D x 4 bytes: 0.5 GiB for 0.5B)."""
-    ids, attn = rollout.input_ids(), rollout.attention_mask()  # (B, P+T)
+    or gathered by FSDP) is copied to fp32 for the call (V x D x 4 bytes: 0.5 GiB for 0.5B).
+    `states`: this model's `completion_states(model, rollout)` when the caller has them already
+    (a full-vocabulary term on the same forward), else the forward runs here."""
     B, T = rollout.completion_ids.shape
-    pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B, P+T) left padding shifts positions
-    logps, ents = [], []
-    with autocast(ids.device):
-        h = last_hidden_state(model, ids, attn, pos)  # (B, P+T, D)
-        h = h[:, -T - 1:-1].reshape(B * T, -1)  # (B*T, D) the state before each completion token
-        w = model.get_output_embeddings().weight.float()  # (V, D) read after the forward: FSDP has gathered it
-        y = rollout.completion_ids.reshape(B * T)  # (B*T,)
-        for s in range(0, B * T, chunk_size):
-            args = (h[s:s + chunk_size], w, y[s:s + chunk_size], temperature, vocab_size, with_entropy)
-            if torch.is_grad_enabled() and h.requires_grad:
-                lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-            else:
-                lp, ent = _chunk_logprobs(*args)
-            logps.append(lp)
-            ents.append(ent)
-    logp = torch.cat(logps).view(B, T) if logps else h.new_zeros(B, T, dtype=torch.float32)
-    if with_entropy:
-        ent = torch.cat(ents).view(B, T) if ents else logp.detach().clone()
-        return logp, ent
-    return logp
+    h, w = completion_states(model, rollout) if states is None else states  # (B*T, D), (V, D)
+    y = rollout.completion_ids.reshape(B * T)  # (B*T,)
+    logp, ent = map_chunks(_chunk_logprobs, (h, y), chunk_size, w, temperature, vocab_size, with_entropy)
+    return (logp.view(B, T), ent.view(B, T)) if with_entropy else logp.view(B, T)
+
+
+def _paired_chunk(h, h_other, w, w_other, temperature: float, vocab: Optional[int], fn):
+    logits = _lm_head(h, w, temperature, vocab)  # (n, V)
+    with torch.no_grad():  # the other model is frozen here (a teacher, or the partner of the moment)
+        other = _lm_head(h_other, w_other, temperature, vocab)  # (n, V)
+    return fn(logits, other)
+
+
+def paired_logits(fn, states, other_states, chunk_size: int, temperature: float = 1.0,
+                  vocab_size: Optional[int] = None):
+    """fn(logits (n, V), other_logits (n, V)) -> tuple of (n,) tensors, for two models' full
+    distributions at the same positions (`completion_states` of each, rows selected alike), with
+    the memory of the log-prob pass: `chunk_size` positions at a time, the other model under
+    no_grad. Returns fn's outputs concatenated over the N positions, (N,) each."""
+    (h, w), (h_other, w_other) = states, other_states
+    return map_chunks(_paired_chunk, (h, h_other), chunk_size, w, w_other, temperature, vocab_size, fn)
 
 
 def naive_token_logprobs(model, rollout: Rollout, temperature: float = 1.0):
@@ -993,6 +1029,19 @@ def kl_k3(log_ratio):
 
 KL_ESTIMATORS = dict(k1=kl_k1, k2=kl_k2, k3=kl_k3)
 
+
+def full_kl(logits, other_logits):
+    """Exact divergences between two full distributions p = softmax(logits) and q =
+    softmax(other_logits), row by row: (KL(p||q), KL(q||p), H(p), H(q)), (n,) each. A `fn` of
+    `paired_logits`: the gradient flows through p only."""
+    logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(other_logits, -1).detach()  # (n, V)
+    p, q = logp.exp(), logq.exp()  # (n, V)
+    ent_p, ent_q = -(p * logp).sum(-1), -(q * logq).sum(-1)  # (n,)
+    kl_p_q = -ent_p - (p * logq).sum(-1)  # (n,) sum_v p (log p - log q)
+    kl_q_p = -ent_q - (q * logp).sum(-1)  # (n,) sum_v q (log q - log p)
+    return kl_p_q, kl_q_p, ent_p, ent_q
+
+
 # f-divergences D_f(q||p) = E_{y~p}[f(u)], u = q(y)/p(y) (docs/derivations.md §4): (f, f').
 DIVERGENCES = ("rkl", "fkl", "jsd", "tv", "alpha")
 
@@ -1022,22 +1071,34 @@ def f_divergence(name: str, alpha: float = 0.5):
 
 
 @torch.no_grad()
-def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, batch_size: int = 64) -> float:
+def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, batch_size: int = 64, ece_bins: int = 0):
     """Greedy pass@1: the fraction of `rows` whose greedy completion has the gold answer. Under
-    torchrun each rank answers its share and the counts are summed."""
+    torchrun each rank answers its share and the counts are summed. `ece_bins` > 0: (accuracy, ECE),
+    the expected calibration error of the greedy answer's confidence over that many equal-width
+    bins, sum_b |sum_{i in b} (c_i - 1[correct_i])| / N, with c_i the probability (T = 1) of the
+    whole greedy completion: on the toy that is the answer's digits and EOS; after a reasoning
+    chain it is not an answer confidence (the chain's probability is tiny whatever the answer)."""
     if not rows:
-        return float("nan")
+        return (float("nan"), float("nan")) if ece_bins else float("nan")
     mine = rows[rank()::world_size()]
     per_rank = -(-len(rows) // world_size())
     mine += [None] * (per_rank - len(mine))  # FSDP: every rank makes as many generate calls (None: not counted)
-    correct = 0
+    device = next(model.parameters()).device
+    correct, gap = 0, torch.zeros(max(ece_bins, 1), dtype=torch.float64, device=device)  # (bins,) sum of c - correct
     for s in range(0, len(mine), batch_size):
         part = mine[s:s + batch_size]
         ro = sample(model, tok, [format_prompt(tok, (r or rows[0])["question"], dataset) for r in part], 1,
                     max_new_tokens, greedy=True)
         graded = rewards_for(ro.texts, [(r or rows[0])["answer"] for r in part]).correct  # errors score 0
-        correct += sum(r is not None and ok for ok, r in zip(graded.tolist(), part))
-    return float(all_sum(torch.tensor(float(correct), device=next(model.parameters()).device))) / len(rows)
+        right = [r is not None and ok for ok, r in zip(graded.tolist(), part)]
+        correct += sum(right)
+        if ece_bins:
+            conf = torch.exp((token_logprobs(model, ro) * ro.mask).sum(1)).double()  # (b,)
+            counted = torch.tensor([r is not None for r in part], device=device)  # (b,)
+            b = (conf * ece_bins).long().clamp(max=ece_bins - 1)  # (b,)
+            gap.index_add_(0, b[counted], (conf - torch.tensor(right, device=device, dtype=torch.float64))[counted])
+    acc = float(all_sum(torch.tensor(float(correct), device=device))) / len(rows)
+    return (acc, float(all_sum(gap).abs().sum()) / len(rows)) if ece_bins else acc
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ ROWS = [
      "(DPH-RL's baseline: the same loss on every question)"),
     ("DPH-RL forward", "dph_rl.py", [], "Pass@16 kept near base where GRPO falls (SQL, Llama-3.1-8B)"),
     ("DPH-RL js", "dph_rl.py", ["--divergence", "js", "--eta", "0.1"], "Bird Pass@16: base 75.0, GRPO 67.7, DPH-JS 72.4"),
+    ("CoDistill BD-KD", "codistill.py", ["--kd-divergence", "bdkd"],
+     "BD-KD (online KD, CIFAR/ImageNet CNNs): the student's accuracy and calibration (ECE) both improve"),
+    ("KDRL SinKD", "kdrl.py", ["--kd-loss", "sinkhorn"], "SinKD (BERT on GLUE, T0, GPT-Neo): beats KL, RKL and JS KD"),
     ("GRPO toy-large", "grpo.py", ["--model", "toy-large"], "the baseline of CoDistill's large model"),
     ("GRPO G=16", "grpo.py", ["--group-size", "16"], "(CPPO's setting: G = 16)"),
     ("CPPO G=16 P=0.875", "cppo.py", ["--group-size", "16", "--prune-rate", "0.875"], "k = 2 of 16: 4.89x faster (vLLM on its own GPU)"),
@@ -81,7 +84,8 @@ def read_run(out, prefix=""):
         elapsed[r["step"]] = t
     curve = [(r["step"], elapsed[r["step"]], r[key]) for r in rows if key in r]
     grad_key = f"{prefix}grad_norm" if prefix else "train/grad_norm"
-    return dict(acc=curve[-1][2], curve=curve, train_s=t,
+    ece = [r[f"{prefix}eval/ece"] for r in rows if f"{prefix}eval/ece" in r]  # codistill logs it
+    return dict(acc=curve[-1][2], curve=curve, train_s=t, ece=ece[-1] if ece else None,
                 gen_s=sum(r["time/generate"] for r in train), upd_s=sum(r["time/update"] for r in train),
                 tok_s=sum(r["train/tokens"] for r in train) / t,
                 grad=statistics.mean(r[grad_key] for r in train))
@@ -171,8 +175,9 @@ def main():
     results = []
     for name, script, flags, claim in rows:
         mine = [(out, rss) for (n, *_), out, rss in done if n == name]
-        for prefix, label, c in ((("small/", "CoDistill small", CODISTILL_CLAIMS["small"]),
-                                  ("large/", "CoDistill large", CODISTILL_CLAIMS["large"]))
+        own = name == "CoDistill"  # the other codistill rows carry their own claim, for the small model
+        for prefix, label, c in ((("small/", f"{name} small", CODISTILL_CLAIMS["small"] if own else claim),
+                                  ("large/", f"{name} large", CODISTILL_CLAIMS["large"] if own else ""))
                                  if script == "codistill.py" else (("", name, claim),)):
             runs = [dict(read_run(out, prefix), rss=rss) for out, rss in mine]
             results.append((label, runs, c))
@@ -186,6 +191,10 @@ def main():
         notes.append(f"CoDistill trains both models in {together:.1f} s of training time; GRPO on toy-small plus GRPO "
                      f"on toy-large take {separate:.1f} s ({100 * (1 - together / separate):+.0f}% saved); the "
                      f"large model's generation that CoDistill skips is {mean(by['GRPO toy-large'], 'gen_s'):.1f} s.")
+    eces = [(name, [r["ece"] for r in runs]) for name, runs, _ in results if runs[0]["ece"] is not None]
+    if eces:
+        notes.append("Expected calibration error of the greedy answer's confidence at the last evaluation (10 bins; "
+                     "lower is better): " + "; ".join(f"{n} {mean_std(e)}" for n, e in eces) + ".")
     machine = f"{os.cpu_count()} CPU cores, one thread per run, {opts.jobs} runs at a time"
     md = [f"Toy world, {len(opts.seeds)} seeds ({' '.join(map(str, opts.seeds))}), {machine}; "
           f"made by `python results.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` "
