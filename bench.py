@@ -13,7 +13,17 @@ still fits a CPU (its completions are random, so every reward is 0; the timings 
     python bench.py -- --model Qwen2.5-0.5B-Instruct --dataset gsm8k --steps 10 --eval-every 1000 --eval-size 0
     python bench.py --trl -- --steps 20 ...   # the same step in TRL's GRPOTrainer (pip install trl)
     python bench.py --logprob-memory          # chunked vs naive log-probs at Qwen's vocabulary size
+    python bench.py --logprob-memory --modes chunked bdkd sinkhorn --chunk 256   # + each full-vocabulary KD term
+    python bench.py --gpu-check               # every script on random-weight Qwen2.5-0.5B/1.5B, offline (below)
     torchrun --nproc_per_node 2 bench.py --random-model 1024,12 -- --dataset toy --fsdp ...   # per-rank peak
+
+--gpu-check needs no network: it builds random-weight Qwen2.5-0.5B and -1.5B (the real configs,
+full depth, and tests/qwen_like.py's tokenizer with Qwen's special tokens and chat template), a
+dataset of prompts of about --check-prompt-tokens tokens, runs each script --check-steps steps at
+its GPU defaults with --check-prompts questions x --check-group completions of --check-new-tokens
+(random models almost never sample EOS: every completion runs to the limit), each in a fresh
+process, then TRL's GRPOTrainer on grpo.py's run when trl is importable, and prints a table.
+--check-layers and --check-hidden cut the models (the vocabulary stays 151,936) to run it on a CPU.
 
 Not a test: timings depend on the machine. Peak memory is torch.cuda.max_memory_allocated on a
 GPU, the process's peak resident set on a CPU.
@@ -23,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,16 +55,17 @@ def summarize(metrics_path: str, warmup: int) -> dict:
     return dict(steps=len(train), step_s=mean("time/step"), generate_s=mean("time/generate"),
                 update_s=mean("time/update"), trained_tokens=mean("train/tokens"),
                 update_ms_per_trained_token=1000 * mean("time/update") / mean("train/tokens"),
-                completion_len=mean("train/completion_len"))
+                completion_len=mean("train/completion_len"),
+                questions=mean("cppo/questions") if "cppo/questions" in train[0] else None)
 
 
 def random_model(spec: str) -> str:
     """A random-weight Qwen2 with hidden size H and L layers ('H,L') and the toy tokenizer, saved."""
     import common
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     hidden, layers = map(int, spec.split(","))
-    tok = common.toy_tokenizer()
+    tok = AutoTokenizer.from_pretrained(common.toy_path("toy-small"))
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
@@ -77,6 +89,7 @@ def bench_ours(script: str, flags: list, warmup: int) -> dict:
         return dict(peak_mem_gib=peak_memory_gib())
     res = summarize(os.path.join(out, "run", "metrics.jsonl"), warmup)
     res["peak_mem_gib"] = peak_memory_gib()
+    shutil.rmtree(out, ignore_errors=True)  # checkpoint and final model: gigabytes at Qwen sizes
     return res
 
 
@@ -132,7 +145,10 @@ def current_rss_gib() -> float:
 def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int, chunk: int) -> dict:
     """One forward + backward of the sampled tokens' log-probs, as in a training step, on a
     random-weight Qwen2 with a `vocab`-row LM head: common.token_logprobs (chunked) or the full
-    log_softmax (naive). Memory is what the pass adds to the model's: peak minus the level before."""
+    log_softmax (naive); bdkd and sinkhorn add, on the same forward, codistill's BD-KD loss or
+    kdrl's SinKD term (script defaults) against a second random model's full distributions (a
+    frozen teacher, loaded before the measurement). Memory is what the pass adds to the models':
+    peak minus the level before."""
     import common
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -141,6 +157,7 @@ def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int,
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
     model = Qwen2ForCausalLM(cfg).to(device)
+    teacher = common.freeze(Qwen2ForCausalLM(cfg).to(device)) if mode in ("bdkd", "sinkhorn") else None
     P = 16  # prompt positions; the rest are completion tokens
     ids = torch.randint(vocab, (batch, positions), device=device)
     ones = torch.ones(batch, positions, device=device)
@@ -153,22 +170,38 @@ def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int,
     else:
         before = current_rss_gib()
     t0 = time.perf_counter()
-    if mode == "chunked":
-        logp = common.token_logprobs(model, rollout, 1.0, chunk)
-    else:
+    if mode == "naive":
         with common.autocast(device):
             logp = common.naive_token_logprobs(model, rollout)
-    (logp * rollout.mask).sum().backward()
+        loss = (logp * rollout.mask).sum()
+    else:
+        states = common.completion_states(model, rollout)
+        loss = (common.token_logprobs(model, rollout, 1.0, chunk, states=states) * rollout.mask).sum()
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_states = common.completion_states(teacher, rollout)
+        if mode == "bdkd":
+            import codistill
+            kls = common.paired_logits(common.full_kl, states, teacher_states, chunk)  # (N,) x 4
+            loss = loss + codistill.balanced_divergence(*kls, codistill.Args().bdkd_kappa)[0].sum()
+        elif mode == "sinkhorn":
+            import kdrl
+            args = kdrl.Args(logprob_chunk=chunk)
+            loss = loss + kdrl.sinkhorn_term(states, teacher_states, rollout.mask, args)[0].sum()
+    loss.backward()
     seconds = time.perf_counter() - t0
     added = peak_memory_gib() - before
-    return dict(mode=mode, positions=f"{batch} x {positions}", vocab=vocab, chunk=chunk if mode == "chunked" else None,
+    return dict(mode=mode, positions=f"{batch} x {positions}", vocab=vocab, chunk=chunk if mode != "naive" else None,
                 added_peak_gib=round(added, 2), seconds=round(seconds, 1))
+
+
+LOGPROB_MODES = ("naive", "chunked", "bdkd", "sinkhorn")
 
 
 def logprob_memory(opts):
     """Each mode in a fresh process, so that one's peak does not hide the other's."""
     rows = []
-    for mode in ("naive", "chunked"):
+    for mode in opts.modes:
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--logprob-one", mode, "--batch", str(opts.batch),
                             "--positions", str(opts.positions), "--vocab", str(opts.vocab), "--hidden", str(opts.hidden),
                             "--chunk", str(opts.chunk)], capture_output=True, text=True)
@@ -178,25 +211,115 @@ def logprob_memory(opts):
     return rows
 
 
+CHECK_RUNS = {  # script: its models (Qwen2.5 sizes); everything else at the script's GPU defaults
+    "grpo": dict(model="0.5B"),
+    "cppo": dict(model="0.5B"),
+    "kdrl": dict(model="0.5B", teacher="1.5B"),
+    "opd_plus": dict(model="0.5B", teacher="1.5B"),
+    "codistill": dict(small="0.5B", large="1.5B"),
+    "dph_rl": dict(model="0.5B"),
+}
+
+
+def check_inputs(opts, root: str):
+    """Random-weight Qwen2.5 models (tests/qwen_like.py, shared with the real-shape test) and a
+    .jsonl of questions of about --check-prompt-tokens tokens each."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    import random
+    from qwen_like import _CORPUS, qwen_like_model, qwen_tokenizer
+
+    cut = {} if not opts.check_hidden else dict(hidden_size=opts.check_hidden, intermediate_size=2 * opts.check_hidden,
+                                                num_attention_heads=4, num_key_value_heads=2)
+    models = {size: qwen_like_model(os.path.join(root, size), size, layers=opts.check_layers, instruct=True, **cut)
+              for size in sorted({s for run in CHECK_RUNS.values() for s in run.values()})}
+    tok, rng, words = qwen_tokenizer(instruct=True), random.Random(0), " ".join(_CORPUS).split()
+    with open(os.path.join(root, "prompts.jsonl"), "w") as f:
+        for i in range(4 * opts.check_prompts * opts.check_steps):
+            ids = tok(" ".join(rng.choice(words) for _ in range(2 * opts.check_prompt_tokens))).input_ids
+            f.write(json.dumps(dict(question=tok.decode(ids[:opts.check_prompt_tokens]), answer=str(i))) + "\n")
+    return models, os.path.join(root, "prompts.jsonl")
+
+
+def gpu_check(opts):
+    """Each script (and TRL) in a fresh process; one table row each."""
+    root = tempfile.mkdtemp(prefix="bench-gpu-check-")
+    models, data = check_inputs(opts, root)
+    shared = ["--dataset", data, "--steps", str(opts.check_steps), "--prompts-per-step", str(opts.check_prompts),
+              "--group-size", str(opts.check_group), "--max-new-tokens", str(opts.check_new_tokens)]
+    runs = [(s, CHECK_RUNS[s]) for s in opts.check_scripts.split(",")]
+    try:
+        import trl  # noqa: F401
+        runs.append(("trl", CHECK_RUNS["grpo"]))
+    except ImportError:
+        print("trl is not importable: no TRL row (pip install trl, or its wheel on an offline machine)", file=sys.stderr)
+    rows = []
+    for script, sizes in runs:
+        which = ["--trl"] if script == "trl" else ["--script", script]
+        flags = [x for k, v in sizes.items() for x in (f"--{k}", models[v])] + shared
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), *which, "--warmup", str(opts.warmup), "--", *flags],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"{script} failed:\n{p.stderr[-3000:]}")
+        r = json.loads(p.stdout[p.stdout.rindex("{\n"):])  # the script's own last line comes before
+        row = dict(script="TRL GRPOTrainer" if script == "trl" else f"{script}.py",
+                   models=" + ".join(f"{v}" for v in sizes.values()), step_s=r["step_s"], peak_gib=r["peak_mem_gib"])
+        if script != "trl":
+            generated = r["completion_len"] * (r["questions"] or opts.check_prompts) * opts.check_group
+            row.update(generate_s=r["generate_s"], update_s=r["update_s"], generated_tok_s=generated / r["generate_s"],
+                       trained_tok_s=r["trained_tokens"] / r["update_s"])
+        rows.append(row)
+    shutil.rmtree(root, ignore_errors=True)
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    cut = "" if not (opts.check_layers or opts.check_hidden) else \
+        f", cut to {opts.check_layers or 'all'} layers, hidden {opts.check_hidden or 'real'}"
+    print(f"{dev}; random-weight Qwen2.5{cut}; {opts.check_prompts} questions x {opts.check_group} completions of "
+          f"up to {opts.check_new_tokens} tokens, prompts ~{opts.check_prompt_tokens} tokens; means of steps "
+          f"{opts.warmup + 1}-{opts.check_steps}; peak memory: {'max allocated' if torch.cuda.is_available() else 'resident set'}\n")
+    print("| script | models | step (s) | generate (s) | update (s) | generated tok/s | trained tok/s | peak memory (GiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    fmt = lambda r, k, f: format(r[k], f) if k in r else "-"
+    for r in rows:
+        print(f"| {r['script']} | {r['models']} | {r['step_s']:.2f} | {fmt(r, 'generate_s', '.2f')} | "
+              f"{fmt(r, 'update_s', '.2f')} | {fmt(r, 'generated_tok_s', ',.0f')} | {fmt(r, 'trained_tok_s', ',.0f')} | "
+              f"{r['peak_gib']:.1f} |")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--script", default="grpo", choices=("grpo", "cppo", "kdrl", "opd_plus", "codistill"))
+    p.add_argument("--script", default="grpo", choices=("grpo", "cppo", "kdrl", "opd_plus", "codistill", "dph_rl"))
     p.add_argument("--random-model", default=None, help="'H,L': a random-weight Qwen2 as --model")
     p.add_argument("--trl", action="store_true", help="time TRL's GRPOTrainer instead of grpo.py")
-    p.add_argument("--warmup", type=int, default=2, help="steps left out of the means")
+    p.add_argument("--warmup", type=int, default=None, help="steps left out of the means (default 2; --gpu-check: 1)")
     p.add_argument("--logprob-memory", action="store_true", help="peak memory of chunked vs naive log-probs")
-    p.add_argument("--logprob-one", choices=("naive", "chunked"), help=argparse.SUPPRESS)
+    p.add_argument("--logprob-one", choices=LOGPROB_MODES, help=argparse.SUPPRESS)
+    p.add_argument("--modes", nargs="+", choices=LOGPROB_MODES, default=["naive", "chunked"],
+                   help="--logprob-memory: passes to measure, each in its own process")
     p.add_argument("--batch", type=int, default=8, help="--logprob-memory: sequences")
     p.add_argument("--positions", type=int, default=512, help="--logprob-memory: positions per sequence")
     p.add_argument("--vocab", type=int, default=151936, help="--logprob-memory: LM-head rows (Qwen2.5: 151,936)")
     p.add_argument("--hidden", type=int, default=128, help="--logprob-memory: hidden size of the random model")
     p.add_argument("--chunk", type=int, default=1024, help="--logprob-memory: positions per chunk (--logprob-chunk)")
+    p.add_argument("--gpu-check", action="store_true", help="every script on random-weight Qwen2.5-0.5B/1.5B, offline")
+    p.add_argument("--check-scripts", default=",".join(CHECK_RUNS), help="--gpu-check: scripts, comma-separated")
+    p.add_argument("--check-steps", type=int, default=2, help="--gpu-check: steps per script (the first --warmup left out)")
+    p.add_argument("--check-prompts", type=int, default=8, help="--gpu-check: questions per step")
+    p.add_argument("--check-group", type=int, default=8, help="--gpu-check: completions per question")
+    p.add_argument("--check-new-tokens", type=int, default=512, help="--gpu-check: completion length limit")
+    p.add_argument("--check-prompt-tokens", type=int, default=150, help="--gpu-check: tokens per question")
+    p.add_argument("--check-layers", type=int, default=None, help="--gpu-check: cut the models to this depth (CPU)")
+    p.add_argument("--check-hidden", type=int, default=None, help="--gpu-check: this hidden size instead of the real one (CPU)")
     argv = sys.argv[1:]
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     opts = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if opts.logprob_one:
         print(json.dumps(logprob_pass(opts.logprob_one, opts.batch, opts.positions, opts.vocab, opts.hidden, opts.chunk)))
         return
+    if opts.gpu_check:
+        opts.warmup = min(1 if opts.warmup is None else opts.warmup, opts.check_steps - 1)
+        gpu_check(opts)
+        return
+    opts.warmup = 2 if opts.warmup is None else opts.warmup
     if opts.logprob_memory:
         dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
         for row in logprob_memory(opts):

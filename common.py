@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -60,13 +61,17 @@ MODEL_FIELDS = ("model", "teacher", "small", "large")
 def parse_args(cls, argv=None):
     """Build argparse from the dataclass. Defaults follow the model: when every model named is a
     toy model, fields with a `toy` default take it, unless the flag was given."""
-    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
+    title = " ".join((sys.modules["__main__"].__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
+    p = argparse.ArgumentParser(description=title,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         toy = "" if meta.get("toy") is None else f"; toy models: {meta['toy']}"
-        help = f"{meta.get('help', '')} (default: {f.default}{toy})".replace("%", "%%")
+        help = meta.get("help", "")
+        if "(default:" not in help:  # a field may say its default in words
+            help += f" (default: {f.default}{toy})"
+        help = help.replace("%", "%%")
         if f.type in (bool, "bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
@@ -91,7 +96,7 @@ def check_common_args(args):
     if args.group_size < 2:
         die(f"--group-size must be at least 2 (got {args.group_size}): "
             "group-relative advantages need two completions to compare")
-    for name, least in (("steps", 0), ("eval_size", 0), ("pass_n", 0), ("prompts_per_step", 1), ("max_new_tokens", 1),
+    for name, least in (("steps", 0), ("eval_size", 0), ("pass_n", 0), ("threads", 0), ("prompts_per_step", 1), ("max_new_tokens", 1),
                         ("micro_batch_size", 1)):
         if getattr(args, name) < least:
             die(f"--{name.replace('_', '-')} must be {'non-negative' if least == 0 else 'positive'} "
@@ -149,9 +154,12 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def init_distributed(name: str = "auto") -> torch.device:
-    """The device of this process. Under torchrun (WORLD_SIZE > 1) it also joins the process group:
-    NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU."""
+def init_distributed(name: str = "auto", threads: int = 0) -> torch.device:
+    """The device of this process, and its CPU threads (`threads` > 0; 0 keeps torch's default, one
+    per core). Under torchrun (WORLD_SIZE > 1) it also joins the process group: NCCL with one GPU
+    per process (LOCAL_RANK) on CUDA, gloo on CPU."""
+    if threads > 0:
+        torch.set_num_threads(threads)
     device = get_device(name)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
         return device
@@ -185,18 +193,19 @@ def std_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return (all_sum(((x - mean) ** 2).sum()) / (n - 1)).sqrt()
 
 
-def apply_fsdp(model):
+def apply_fsdp(model, device: torch.device):
     """FSDP2 over all ranks: one unit per decoder layer, the rest (embeddings, final norm, LM head:
-    one tensor when tied, as in Qwen2.5 0.5B-3B) in the root unit. On CUDA the gathered weights are
-    bf16 (what autocast would make of them) and gradients are reduced in fp32. A no-op in one process."""
+    one tensor when tied, as in Qwen2.5 0.5B-3B) in the root unit. The model comes on the CPU:
+    fully_shard moves one unit at a time to `device` and keeps this rank's shard, so the whole model
+    never sits on one GPU. On CUDA the gathered weights are bf16 (what autocast would make of them)
+    and gradients are reduced in fp32. A no-op in one process."""
     if world_size() == 1:
-        return model
+        return model.to(device)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (world_size(),))
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if uses_bf16(device)
           else MixedPrecisionPolicy())
     for layer in model.get_decoder().layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -276,12 +285,30 @@ def mean_over_ranks(metrics: dict) -> dict:
     return dict(zip(keys, (x / world_size()).tolist()))
 
 
+BF16_DEVICES = ("cuda",)  # where matmuls run in bf16 and frozen models are stored in bf16 (tests add "cpu")
+
+
+def uses_bf16(device: torch.device) -> bool:
+    return device.type in BF16_DEVICES
+
+
 def autocast(device: torch.device):
     """Mixed precision on CUDA: trained weights (and AdamW states) stay fp32, matmuls run in bf16.
-    Pure bf16 weights would round updates of lr 1e-6 away. The log-prob math is fp32 everywhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    Pure bf16 weights would round updates of lr 1e-6 away. The LM head and log-softmax of the
+    log-prob pass run in fp32 all the same (`_chunk_logprobs`)."""
+    if uses_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def rope_in_autocast_dtype(module, args, out):
+    """Forward hook of the rotary embedding: under autocast, cos and sin in the autocast dtype. They
+    come in the embeddings' dtype (fp32 master weights), and q * cos would promote the rotated keys
+    to fp32: the KV cache would hold fp32 keys beside bf16 values, 1.5x the bf16 cache."""
+    device = out[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return out
+    return tuple(o.to(torch.get_autocast_dtype(device)) for o in out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,17 +333,21 @@ def resolve_model_name(name: str) -> str:
 def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, frozen: bool = False,
                fsdp: bool = False):
     """(model, tokenizer) from a toy name, a local `save_pretrained` directory or a hub id.
-    Weights in fp32 (trained models keep fp32 master weights; `frozen` ones are `freeze`d, bf16 on
-    CUDA); compute runs under `autocast`. `fsdp`: sharded over the ranks (`apply_fsdp`); build the
-    optimizer after this, on the sharded parameters."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    Trained models keep fp32 master weights; `frozen` ones are `freeze`d and, on CUDA, read in bf16
+    (never a full fp32 copy); compute runs under `autocast`. `fsdp`: sharded over the ranks
+    (`apply_fsdp`) before the whole model reaches the device; build the optimizer after this, on
+    the sharded parameters. `model.published_dtype` is the dtype of the weights as published (the
+    config's), which the final model is saved in."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per run: ours
     path = toy_path(name) if is_toy(name) else resolve_model_name(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        published = AutoConfig.from_pretrained(path).dtype or torch.float32  # from_pretrained overwrites it
+        dtype = torch.bfloat16 if frozen and uses_bf16(device) else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         hub = "" if os.path.isdir(path) else (
             "; the hub is unreachable from here" if not hub_reachable() else "")
@@ -326,20 +357,25 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
     tok.padding_side = "left"  # batched generation appends after the prompt
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    model.published_dtype = getattr(torch, published) if isinstance(published, str) else published
+    rope = getattr(model.get_decoder(), "rotary_emb", None)
+    if rope is not None:
+        rope.register_forward_hook(rope_in_autocast_dtype)  # bf16 keys in the KV cache
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-    model = model.to(device)
     if frozen:
         freeze(model)
-    return (apply_fsdp(model) if fsdp else model), tok
+    return (apply_fsdp(model, device) if fsdp else model.to(device)), tok
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off"):
         return False
     import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((host, 443), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -359,6 +395,37 @@ def end_of_turn_id(tok) -> Optional[int]:
     after = text.split(mark, 1)[1] if isinstance(text, str) and mark in text else ""
     ids = tok(after, add_special_tokens=False).input_ids if after else []
     return ids[0] if ids and ids[0] in tok.get_added_vocab().values() else None
+
+
+HUB_DATASETS = {"gsm8k": ("openai/gsm8k",), "math": ("DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500")}
+
+
+def check_available(models: list, dataset: str):
+    """Before anything is loaded: when the hub cannot be reached, every model must be a toy, a local
+    directory or in the local Hugging Face cache, and a gsm8k/math dataset in the datasets cache;
+    otherwise one line names all that is missing and how to get it (the hub client would retry
+    for a minute, then name only the first). Offline, HF_HUB_OFFLINE=1 is set for the rest of the
+    run, so that cached files load without a request. With the hub reachable, nothing is checked:
+    whatever is missing is downloaded as usual."""
+    hub_models = [resolve_model_name(m) for m in models if not (is_toy(m) or os.path.isdir(m))]
+    if not hub_models and dataset not in HUB_DATASETS:
+        return
+    if hub_reachable():
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub and datasets when they are imported
+    from huggingface_hub import constants, try_to_load_from_cache
+    constants.HF_HUB_OFFLINE = True  # in case they were imported already
+    models = [m for m in hub_models if not isinstance(try_to_load_from_cache(m, "config.json"), str)]
+    datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
+    repos = HUB_DATASETS.get(dataset, ())
+    data = any(not os.path.isdir(os.path.join(datasets_cache, r.replace("/", "___"))) for r in repos)
+    if models or data:
+        missing = [f"model '{m}'" for m in models] + ([f"dataset {dataset} ({', '.join(repos)})"] if data else [])
+        get = [f"`hf download {m}`" for m in models] + (["one run of this command for the dataset"] if data else [])
+        die(f"not in the local cache (the hub is unreachable: HF_HUB_OFFLINE=1 or no network; HF_HOME={constants.HF_HOME}): "
+            f"{', '.join(missing)}. Where the hub is reachable, {'; '.join(get)}; then run here with HF_HUB_OFFLINE=1 "
+            f"and the same HF_HOME. Or pass a local directory written by save_pretrained as the model, a .jsonl "
+            f"file (question/answer) as --dataset, or the toy world (toy-small, toy-large, --dataset toy)")
 
 
 def eos_ids(model, tok) -> list:
@@ -394,39 +461,32 @@ def shared_vocab(model, tok, other, other_tok, name: str, other_name: str) -> in
     return rows
 
 
+def warn_if_smaller(teacher, student, teacher_name: str, student_name: str, role: str = "teacher"):
+    """A teacher with fewer parameters than its student runs (a weak teacher is a legitimate
+    experiment), with one warning line, since swapped flags are the likelier cause."""
+    n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
+    if n_teacher < n_student:
+        print(f"warning: the {role} '{teacher_name}' has fewer parameters than '{student_name}' "
+              f"({n_teacher / 1e6:.2f}M < {n_student / 1e6:.2f}M); were the two swapped?", file=sys.stderr, flush=True)
+
+
 def freeze(model):
-    """A frozen model (teacher, reference): eval mode, no grads, bf16 weights on CUDA."""
+    """A frozen model (teacher, reference): eval mode, no grads (`load_model` reads it in bf16 on CUDA)."""
     model.eval()
     model.requires_grad_(False)
-    if next(model.parameters()).is_cuda:
-        model.to(torch.bfloat16)
     return model
 
 
 # ----------------------------------------------------------------------------------------------
-# The toy world: tiny Qwen2-architecture models on 2-digit addition, built locally.
+# The toy world: tiny Qwen2-architecture models on addition, shipped in toy/<name>/.
 #
-# Task: "a+b" with a, b in 0..99, written at a fixed width ("05+68=073", then EOS; a fixed
-# layout lets a 2-layer model learn addition in seconds). Held out: a fixed set of 500 pairs. Warm-start: a short supervised phase on answers that are wrong in a
-# systematic, human way: the carry is dropped ("57+68=15") with probability `drop_carry`.
-# toy-small is warm-started on data where the carry is dropped more often than not, so its
-# greedy answer to most carrying sums is wrong while the right one is sampled often: exactly the
-# situation RL fixes. toy-large (6x the parameters) is taught with the carry mostly kept, so it
-# is a clearly better teacher. Both share one character-level tokenizer. Built once (2-3 minutes
-# for both on 2 CPU cores) and cached under $TOY_CACHE (default ~/.cache/rl-reasoning-toy).
+# toy (toy-small, toy-large): "a+b" with a, b in 0..99, answered at a fixed width ("05+68=073",
+# then EOS). toy-hard (toy-hard-small, toy-hard-large): "a+b" with a, b in 0..999 and a + b >= 1000
+# ("417+817=1234"), where the small model is rarely right. Held out: 500 fixed questions each. The
+# models are loaded like any local directory, so every machine starts from the same weights;
+# toy/build.py is the recipe that made them (and rebuilds and compares).
 
-TOY_CHARS = "0123456789+="
-TOY_RECIPES = {
-    # name:      model shape                                 warm-start data and schedule
-    "toy-small": dict(hidden=64, layers=2, heads=4, ffn=256, drop_carry=0.65, steps=600, lr=3e-3, batch=256, seed=1),
-    "toy-large": dict(hidden=128, layers=3, heads=4, ffn=512, drop_carry=0.15, steps=600, lr=2e-3, batch=256, seed=2),
-    # toy-hard: `drop` are the columns whose carry the wrong answer drops (units = 0)
-    "toy-hard-small": dict(hidden=96, layers=2, heads=4, ffn=384, drop_carry=0.90, drop=(0, 1, 2), steps=1500, lr=3e-3,
-                           batch=256, seed=1),
-    "toy-hard-large": dict(hidden=128, layers=3, heads=4, ffn=512, drop_carry=0.70, drop=(0,), steps=1000, lr=2e-3,
-                           batch=256, seed=2),
-}
-TOY_VERSION = "v1"  # bump when the recipe changes: the cache is keyed by it
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
 TOY_EVAL_PAIRS = 500
 
 
@@ -452,99 +512,12 @@ def toy_hard_problems(split: str):
     return pairs[:TOY_EVAL_PAIRS] if split == "eval" else pairs[TOY_EVAL_PAIRS:]
 
 
-def toy_answer(a: int, b: int, drop_carry: bool = False) -> int:
-    if not drop_carry:
-        return a + b
-    return int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:02d}", f"{b:02d}")))
-
-
-def toy_hard_answer(a: int, b: int, drop: tuple = ()) -> int:
-    """a + b column by column (units = column 0), the carry out of each column in `drop` dropped."""
-    total, carry = 0, 0
-    for i in range(3):
-        s = a // 10 ** i % 10 + b // 10 ** i % 10 + carry
-        total += s % 10 * 10 ** i
-        carry = 0 if i in drop else s // 10
-    return total + carry * 1000
-
-
-def toy_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    vocab.update({c: i + 3 for i, c in enumerate(TOY_CHARS)})
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    t.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    # the toy's chat format: the question, then "=" as the generation prompt
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}={% endif %}")
-    return tok
-
-
 def toy_path(name: str) -> str:
-    root = os.environ.get("TOY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rl-reasoning-toy"))
-    path = os.path.join(root, TOY_VERSION, name)
-    if not os.path.exists(os.path.join(path, "config.json")):
-        build_toy(name, path)
+    path = os.path.join(TOY_DIR, name)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        die(f"the toy model '{name}' is missing from {path}: it ships with the repository (restore it with "
+            f"`git checkout -- toy/`, or rebuild it with `python toy/build.py {name} --write`)")
     return path
-
-
-def build_toy(name: str, path: str):
-    """Build and warm-start a toy model, then save it like any hub model (save_pretrained)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    r = TOY_RECIPES[name]
-    print(f"building {name} (once; cached in {path}) ...", file=sys.stderr, flush=True)
-    t0 = time.time()
-    tok = toy_tokenizer()
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=r["hidden"], intermediate_size=r["ffn"],
-                      num_hidden_layers=r["layers"], num_attention_heads=r["heads"],
-                      num_key_value_heads=r["heads"], max_position_embeddings=64, tie_word_embeddings=True,
-                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    g = torch.Generator().manual_seed(r["seed"])
-    torch.manual_seed(r["seed"])
-    model = Qwen2ForCausalLM(cfg)
-    # every training pair twice, "a+b=" + answer + <eos>, with the right and the carry-dropped
-    # answer; labels (loss) on the answer and EOS only
-    ids, labels = [], []
-    hard = name.startswith("toy-hard")  # "123+987=" + "1110", the wrong answer drops the carries of r["drop"]
-    for drop in (False, True):
-        rows = []
-        for a, b in (toy_hard_problems("train") if hard else toy_problems("train")):
-            question, answer = ((f"{a:03d}+{b:03d}", f"{toy_hard_answer(a, b, r['drop'] if drop else ()):04d}") if hard
-                                else (f"{a:02d}+{b:02d}", f"{toy_answer(a, b, drop):03d}"))
-            prompt = tok(format_prompt(tok, question, TOY_MODELS[name])).input_ids
-            rows.append((prompt, tok(answer).input_ids + [tok.eos_token_id]))
-        L = len(rows[0][0]) + len(rows[0][1])  # fixed width: 10 tokens each
-        ids.append(torch.tensor([p + c + [tok.pad_token_id] * (L - len(p) - len(c)) for p, c in rows]))
-        labels.append(torch.tensor([[-100] * len(p) + c + [-100] * (L - len(p) - len(c)) for p, c in rows]))
-    n = len(ids[0])
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"], pct_start=0.1)
-    model.train()
-    for _ in range(r["steps"]):
-        idx = torch.randint(n, (r["batch"],), generator=g)  # (b,)
-        drop = (torch.rand(r["batch"], generator=g) < r["drop_carry"])[:, None]  # (b, 1)
-        x = torch.where(drop, ids[1][idx], ids[0][idx])  # (b, L)
-        y = torch.where(drop, labels[1][idx], labels[0][idx])  # (b, L)
-        loss = model(input_ids=x, labels=y).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    tmp = path + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.replace(tmp, path)
-    print(f"built {name} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -857,11 +830,34 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.mask.long()], 1)  # (B, P+T)
 
     def select(self, idx: torch.Tensor) -> "Rollout":
-        """The rows `idx`, padding columns that no kept row uses are trimmed."""
+        """The rows `idx`, with the padding columns that no kept row uses trimmed: the prompts' common
+        left padding (one long prompt in the step would otherwise widen every micro-batch) and the
+        completions' right padding. Positions come from the attention mask, so log-probs are unchanged."""
         il = idx.tolist()
+        pm = self.prompt_mask[idx]  # (b, P)
+        used = pm.any(0)  # (P,)
+        S = int(used.int().argmax()) if used.any() else pm.shape[1]  # first prompt column a kept row uses
         T = int(self.lengths[idx].max()) if len(il) else 0
-        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx, :T],
+        return Rollout(self.prompt_ids[idx, S:], pm[:, S:], self.completion_ids[idx, :T],
                        self.mask[idx, :T], self.lengths[idx], [self.texts[i] for i in il], self.truncated[idx])
+
+    def to(self, device) -> "Rollout":
+        return Rollout(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
+                       self.mask.to(device), self.lengths.to(device), list(self.texts), self.truncated.to(device))
+
+
+def cat_rollouts(parts: list, pad_id: int) -> Rollout:
+    """One rollout from several: prompts left-padded, completions right-padded to the widest."""
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    T = max(r.completion_ids.shape[1] for r in parts)
+    left = lambda x, n, v: F.pad(x, (n - x.shape[1], 0), value=v)
+    right = lambda x, n, v: F.pad(x, (0, n - x.shape[1]), value=v)
+    return Rollout(torch.cat([left(r.prompt_ids, P, pad_id) for r in parts]),
+                   torch.cat([left(r.prompt_mask, P, 0) for r in parts]),
+                   torch.cat([right(r.completion_ids, T, pad_id) for r in parts]),
+                   torch.cat([right(r.mask, T, 0) for r in parts]),
+                   torch.cat([r.lengths for r in parts]), [t for r in parts for t in r.texts],
+                   torch.cat([r.truncated for r in parts]))
 
 
 def completion_mask(completion_ids: torch.Tensor, eos: list):
@@ -913,12 +909,18 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
 # Per-token log-probs of the sampled tokens
 
 
-def _chunk_logprobs(h, w, y, temperature: float, vocab: Optional[int], with_entropy: bool):
-    logits = (h @ w.T).float()  # (n, V)
+def _lm_head(h, w, temperature: float, vocab: Optional[int]):
+    with torch.autocast(h.device.type, enabled=False):  # fp32 under autocast too: bf16 logits are off by up to 2^-9 of their size
+        logits = h.float() @ w.T  # (n, V) w is fp32 (completion_states)
     if vocab is not None:
         logits = logits[:, :vocab]
     if temperature != 1.0:  # a (n, V) copy: skipped at T = 1, the on-policy default
         logits = logits / temperature
+    return logits
+
+
+def _chunk_logprobs(h, y, w, temperature: float, vocab: Optional[int], with_entropy: bool):
+    logits = _lm_head(h, w, temperature, vocab)  # (n, V)
     lse = torch.logsumexp(logits, -1)  # (n,)
     logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse  # (n,)
     if not with_entropy:
@@ -927,6 +929,22 @@ def _chunk_logprobs(h, w, y, temperature: float, vocab: Optional[int], with_entr
         p = torch.softmax(logits, -1)
         ent = lse - (p * logits).sum(-1)  # (n,)
     return logp, ent
+
+
+def map_chunks(fn, rows: tuple, chunk_size: int, *consts):
+    """fn(*chunk of each tensor in `rows`, *consts) -> tuple of per-row tensors (or None), run on
+    `chunk_size` rows at a time under `autocast` and concatenated. With grad, each chunk is
+    recomputed in backward (activation checkpointing): only the inputs are kept, never the (n, V)
+    logits a chunk makes. The one chunk loop of the log-prob and full-vocabulary passes."""
+    n, outs = len(rows[0]), []
+    with autocast(rows[0].device):
+        for s in range(0, max(n, 1), chunk_size):  # no rows: one empty chunk, outputs of length 0
+            args = (*(r[s:s + chunk_size] for r in rows), *consts)
+            if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args):
+                outs.append(checkpoint(fn, *args, use_reentrant=False))
+            else:
+                outs.append(fn(*args))
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs))
 
 
 def last_hidden_state(model, ids, attn, pos) -> torch.Tensor:
@@ -942,36 +960,53 @@ def last_hidden_state(model, ids, attn, pos) -> torch.Tensor:
     return out[0]
 
 
+def completion_states(model, rollout: Rollout):
+    """(h, w): the decoder's state before each completion token, (B*T, D) row-major over (B, T), and
+    the LM head (V, D), read after the forward (FSDP has gathered it). One forward, no logits: what
+    the chunked passes (`token_logprobs`, `paired_logits`) turn into logits a chunk at a time."""
+    ids, attn = rollout.input_ids(), rollout.attention_mask()  # (B, P+T)
+    B, T = rollout.completion_ids.shape
+    pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B, P+T) left padding shifts positions
+    with autocast(ids.device):
+        h = last_hidden_state(model, ids, attn, pos)  # (B, P+T, D)
+    w = model.get_output_embeddings().weight.float()  # (V, D) fp32 LM head: a bf16 one (frozen, FSDP-gathered) is copied
+    return h[:, -T - 1:-1].reshape(B * T, -1), w  # (B*T, D), (V, D)
+
+
 def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int = 1024,
-                   vocab_size: Optional[int] = None, with_entropy: bool = False):
+                   vocab_size: Optional[int] = None, with_entropy: bool = False, states=None):
     """log pi(o_t | q, o_<t) of each completion token at the sampling temperature, (B, T).
 
     The full (B, T, V) logits are never held: the LM head runs on `chunk_size` positions at a
     time and gives z_y - logsumexp(z) (151,936 fp32 logits are 0.6 MB a position). With grad,
     each chunk is recomputed in backward (activation checkpointing), so training keeps only the
-    hidden states. `vocab_size` slices the logits (a 7B Qwen has 152,064 rows, a 0.5B 151,936)."""
-    ids, attn = rollout.input_ids(), rollout.attention_mask()  # (B, P+T)
+    hidden states. `vocab_size` slices the logits (a 7B Qwen has 152,064 rows, a 0.5B 151,936).
+    The LM head and log-softmax run in fp32 under autocast too: the head of a bf16 model (frozen,
+    or gathered by FSDP) is copied to fp32 for the call (V x D x 4 bytes: 0.5 GiB for 0.5B).
+    `states`: this model's `completion_states(model, rollout)` when the caller has them already
+    (a full-vocabulary term on the same forward), else the forward runs here."""
     B, T = rollout.completion_ids.shape
-    pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B, P+T) left padding shifts positions
-    logps, ents = [], []
-    with autocast(ids.device):
-        h = last_hidden_state(model, ids, attn, pos)  # (B, P+T, D)
-        h = h[:, -T - 1:-1].reshape(B * T, -1)  # (B*T, D) the state before each completion token
-        w = model.get_output_embeddings().weight  # (V, D) read after the forward: FSDP has gathered it
-        y = rollout.completion_ids.reshape(B * T)  # (B*T,)
-        for s in range(0, B * T, chunk_size):
-            args = (h[s:s + chunk_size], w, y[s:s + chunk_size], temperature, vocab_size, with_entropy)
-            if torch.is_grad_enabled() and h.requires_grad:
-                lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-            else:
-                lp, ent = _chunk_logprobs(*args)
-            logps.append(lp)
-            ents.append(ent)
-    logp = torch.cat(logps).view(B, T) if logps else h.new_zeros(B, T, dtype=torch.float32)
-    if with_entropy:
-        ent = torch.cat(ents).view(B, T) if ents else logp.detach().clone()
-        return logp, ent
-    return logp
+    h, w = completion_states(model, rollout) if states is None else states  # (B*T, D), (V, D)
+    y = rollout.completion_ids.reshape(B * T)  # (B*T,)
+    logp, ent = map_chunks(_chunk_logprobs, (h, y), chunk_size, w, temperature, vocab_size, with_entropy)
+    return (logp.view(B, T), ent.view(B, T)) if with_entropy else logp.view(B, T)
+
+
+def _paired_chunk(h, h_other, w, w_other, temperature: float, vocab: Optional[int], fn):
+    logits = _lm_head(h, w, temperature, vocab)  # (n, V)
+    with torch.no_grad():  # the other model is frozen here (a teacher, or the partner of the moment)
+        other = _lm_head(h_other, w_other, temperature, vocab)  # (n, V)
+    return fn(logits, other)
+
+
+def paired_logits(fn, states, other_states, chunk_size: int, temperature: float = 1.0,
+                  vocab_size: Optional[int] = None):
+    """fn(logits (n, V), other_logits (n, V)) -> tuple of (n,) tensors, for two models' full
+    distributions at the same positions (`completion_states` of each, rows selected alike), with
+    the memory of the log-prob pass: `chunk_size` positions at a time, the other model under
+    no_grad. Returns fn's outputs concatenated over the N positions, (N,) each."""
+    (h, w), (h_other, w_other) = states, other_states
+    return map_chunks(_paired_chunk, (h, h_other), chunk_size, w, w_other, temperature, vocab_size, fn)
 
 
 def naive_token_logprobs(model, rollout: Rollout, temperature: float = 1.0):
@@ -1019,6 +1054,19 @@ def kl_k3(log_ratio):
 
 KL_ESTIMATORS = dict(k1=kl_k1, k2=kl_k2, k3=kl_k3)
 
+
+def full_kl(logits, other_logits):
+    """Exact divergences between two full distributions p = softmax(logits) and q =
+    softmax(other_logits), row by row: (KL(p||q), KL(q||p), H(p), H(q)), (n,) each. A `fn` of
+    `paired_logits`: the gradient flows through p only."""
+    logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(other_logits, -1).detach()  # (n, V)
+    p, q = logp.exp(), logq.exp()  # (n, V)
+    ent_p, ent_q = -(p * logp).sum(-1), -(q * logq).sum(-1)  # (n,)
+    kl_p_q = -ent_p - (p * logq).sum(-1)  # (n,) sum_v p (log p - log q)
+    kl_q_p = -ent_q - (q * logp).sum(-1)  # (n,) sum_v q (log q - log p)
+    return kl_p_q, kl_q_p, ent_p, ent_q
+
+
 # f-divergences D_f(q||p) = E_{y~p}[f(u)], u = q(y)/p(y) (docs/derivations.md §4): (f, f').
 DIVERGENCES = ("rkl", "fkl", "jsd", "tv", "alpha")
 
@@ -1065,12 +1113,16 @@ def parse_pass_k(spec) -> list:
 
 @torch.no_grad()
 def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: int = 0, pass_k="1,4,16",
-             batch_size: int = 64) -> dict:
-    """The held-out metrics of `rows`: eval/accuracy (greedy pass@1) and time/eval (seconds); with
-    `pass_n` > 0 also eval/pass@k for each k of `pass_k`, from `pass_n` answers per question
-    sampled at temperature 1 (pass_n times the greedy generation; time/eval_pass_at_k is its cost).
-    A generate call holds at most `batch_size` answers. Under torchrun each rank answers its share
-    and the counts are summed."""
+             batch_size: int = 64, ece_bins: int = 0) -> dict:
+    """The held-out metrics of `rows`: eval/accuracy (greedy pass@1) and time/eval (seconds).
+    `pass_n` > 0: eval/pass@k for each k of `pass_k`, from `pass_n` answers per question sampled at
+    temperature 1 (pass_n times the greedy generation; time/eval_pass_at_k is its cost).
+    `ece_bins` > 0: eval/ece, the expected calibration error of the greedy answer's confidence over
+    that many equal-width bins, sum_b |sum_{i in b} (c_i - 1[correct_i])| / N, with c_i the
+    probability (T = 1) of the whole greedy completion: on the toy that is the answer's digits and
+    EOS; after a reasoning chain it is not an answer confidence (the chain's probability is tiny
+    whatever the answer). A generate call holds at most `batch_size` answers. Under torchrun each
+    rank answers its share and the counts are summed."""
     if not rows:
         return {"eval/accuracy": float("nan")}
     ks = parse_pass_k(pass_k) if pass_n > 0 else []
@@ -1079,13 +1131,21 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: 
     mine += [None] * (per_rank - len(mine))  # FSDP: every rank makes as many generate calls (None: not counted)
     prompts = [format_prompt(tok, (r or rows[0])["question"], dataset) for r in mine]
     golds = [(r or rows[0])["answer"] for r in mine]
+    device = next(model.parameters()).device
     sums = torch.zeros(1 + len(ks), dtype=torch.float64)  # correct greedy answers, then pass@k summed over questions
+    gap = torch.zeros(max(ece_bins, 1), dtype=torch.float64, device=device)  # (bins,) sum of c - correct
     with Timer() as t_greedy:
         for s in range(0, len(mine), batch_size):
+            part = mine[s:s + batch_size]
             ro = sample(model, tok, prompts[s:s + batch_size], 1, max_new_tokens, greedy=True)
             graded = rewards_for(ro.texts, golds[s:s + batch_size]).correct  # grading errors score 0
-            sums[0] += sum(r is not None and ok for ok, r in zip(graded.tolist(), mine[s:]))
-    device = next(model.parameters()).device
+            right = [r is not None and ok for ok, r in zip(graded.tolist(), part)]
+            sums[0] += sum(right)
+            if ece_bins:
+                conf = torch.exp((token_logprobs(model, ro) * ro.mask).sum(1)).double()  # (b,)
+                counted = torch.tensor([r is not None for r in part], device=device)  # (b,)
+                b = (conf * ece_bins).long().clamp(max=ece_bins - 1)  # (b,)
+                gap.index_add_(0, b[counted], (conf - torch.tensor(right, device=device, dtype=torch.float64))[counted])
     # the RNG is forked, so that training continues as it would without pass@k (and resumes the same)
     with Timer() as t_pass, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         step = max(1, batch_size // max(pass_n, 1))  # questions per generate call
@@ -1097,8 +1157,10 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: 
                     c = int(graded[i * pass_n:(i + 1) * pass_n].sum())
                     sums[1:] += torch.tensor([pass_at_k(pass_n, c, k) for k in ks], dtype=torch.float64)
     sums = all_sum(sums.to(device)).cpu() / len(rows)
-    metrics = {"eval/accuracy": sums[0].item(), **{f"eval/pass@{k}": v.item() for k, v in zip(ks, sums[1:])},
-               "time/eval": t_greedy.seconds + t_pass.seconds}
+    metrics = {"eval/accuracy": sums[0].item(), **{f"eval/pass@{k}": v.item() for k, v in zip(ks, sums[1:])}}
+    if ece_bins:
+        metrics["eval/ece"] = float(all_sum(gap).abs().sum()) / len(rows)
+    metrics["time/eval"] = t_greedy.seconds + t_pass.seconds
     if ks:
         metrics["time/eval_pass_at_k"] = t_pass.seconds
     return metrics
@@ -1109,31 +1171,38 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: 
 
 
 def prepare_out(args, script: str) -> str:
-    """DIR for this run. Refuse a directory that holds another run unless --resume. Rank 0 decides
-    and writes; the other ranks get its answer."""
+    """DIR for this run, written into args.out (config.json holds the resolved path). Refuse a
+    directory that holds another run unless --resume. Rank 0 decides and writes; the other ranks
+    get its answer."""
     out = args.out or os.path.join("runs", f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     if dist.is_initialized():
         box = [out]
         dist.broadcast_object_list(box, src=0)
-        if rank() != 0:
-            return box[0]
+        out = box[0]
+    args.out = _run["out"] = out
+    if rank() != 0:
+        return out
     occupied = os.path.exists(os.path.join(out, "metrics.jsonl")) or os.path.exists(os.path.join(out, "checkpoint"))
     if args.resume and not os.path.exists(os.path.join(out, "checkpoint", "state.pt")):
         die(f"--resume: no checkpoint in '{out}/checkpoint' to resume from")
     if occupied and not args.resume:
         die(f"'{out}' already holds a run: pass --resume to continue it, or choose another --out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+    except OSError as e:
+        die(f"cannot write the output directory '{out}' ({e.strerror}): choose another --out")
     return out
 
 
 class Logger:
     """metrics.jsonl, appended and flushed line by line. On resume at step s, lines after s (from
-    steps after the last checkpoint) are dropped, so no step is lost or repeated. Only rank 0 writes."""
+    steps after the last checkpoint) are dropped, so no step is lost or repeated; the kept lines
+    count for `first`. Only rank 0 writes."""
 
     def __init__(self, out: str, resume_step: Optional[int] = None):
-        self.f = None
+        self.f, self.firsts = None, {}
         if rank() != 0:
             return
         self.path = os.path.join(out, "metrics.jsonl")
@@ -1142,36 +1211,58 @@ class Logger:
                 keep = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
+            for line in keep:
+                for k, v in json.loads(line).items():
+                    self.firsts.setdefault(k, v)
         self.f = open(self.path, "a")
 
     def log(self, step: int, metrics: dict):
+        _run["step"] = step
         if self.f is None:
             return
         row = {"step": step}
         row.update({k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in metrics.items()})
+        for k, v in row.items():
+            self.firsts.setdefault(k, v)
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
+
+    def first(self, key: str) -> float:
+        """The first value logged under `key` in this run, resumed lines included (nan if none)."""
+        return self.firsts.get(key, float("nan"))
 
     def close(self):
         if self.f is not None:
             self.f.close()
 
 
-def save_pretrained(model, tok, path: str):
-    """`save_pretrained` of a model and its tokenizer, loadable by `load_model`. Every rank calls it:
-    FSDP first gathers the shards (on CPU, rank 0's copy only); rank 0 writes."""
+def save_pretrained(model, tok, path: str, published: bool = False):
+    """`save_pretrained` of a model and its tokenizer, loadable by `load_model`. `published`: the
+    weights in the dtype the model was published in (bf16 for Qwen2.5: half the size of fp32);
+    otherwise as they are (a checkpoint keeps the fp32 master weights that resume needs). The
+    config records the published dtype either way. Every rank calls it: FSDP first gathers the
+    shards (on CPU, rank 0's copy only); rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     reshard(model)  # FSDP: the model holds its shards again (the root stays gathered after a forward)
+    dtype = getattr(model, "published_dtype", None) or next(model.parameters()).dtype
+    cast = published and dtype != next(model.parameters()).dtype
     state = None
     if is_sharded(model):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        first = {}  # the gathered copies of a tied weight are separate tensors: keep its first name only
+    elif cast and rank() == 0:
+        state = model.state_dict()
+    if state is not None:
+        first = {}  # the copies of a tied weight are separate tensors: keep its first name only
         for name, p in model.named_parameters(remove_duplicate=False):
             if first.setdefault(id(p), name) != name:
                 state.pop(name, None)
     if rank() == 0:
+        if cast:
+            state = {k: v.to("cpu", dtype) for k, v in state.items()}  # one tensor at a time to the host
         model.save_pretrained(path, state_dict=state)
+        model.config.dtype = dtype  # save_pretrained wrote the dtype of the weights in memory
+        model.config.save_pretrained(path)
         tok.save_pretrained(path)
 
 
@@ -1200,8 +1291,12 @@ def save_checkpoint(out: str, step: int, models: dict, optimizers: dict, sampler
         return
     state = dict(step=step, optimizers=optimizer_states, sampler=sampler.state_dict(), rng=rngs)
     torch.save(state, os.path.join(tmp, "state.pt"))
+    _run["saving"] = True  # Ctrl-C waits for the swap: there is always one whole checkpoint
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _run.update(saving=False, checkpoint=step)
+    if _run["interrupted"]:
+        _exit_interrupted()
 
 
 def load_checkpoint(out: str, models: dict, optimizers: dict, sampler: PromptSampler) -> int:
@@ -1216,6 +1311,7 @@ def load_checkpoint(out: str, models: dict, optimizers: dict, sampler: PromptSam
     for k, o in optimizers.items():
         set_optimizer_state_dict(models[k], o, state["optimizers"][k], options=StateDictOptions(full_state_dict=True))
     sampler.load_state_dict(state["sampler"])
+    _run["checkpoint"] = state["step"]
     rng = state["rng"][rank()]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["np"])
@@ -1226,9 +1322,53 @@ def load_checkpoint(out: str, models: dict, optimizers: dict, sampler: PromptSam
 
 
 def save_final(out: str, models: dict):
-    """DIR/final (one model) or DIR/final/<name>. Every rank calls it; rank 0 writes."""
+    """DIR/final (one model) or DIR/final/<name>, in the dtype each model was published in. Every
+    rank calls it; rank 0 writes."""
     for name, (model, tok) in models.items():
-        save_pretrained(model, tok, os.path.join(out, "final", name) if name else os.path.join(out, "final"))
+        save_pretrained(model, tok, os.path.join(out, "final", name) if name else os.path.join(out, "final"),
+                        published=True)
+
+
+# Ctrl-C: one line saying where the last checkpoint is and the command that resumes it
+
+_run = dict(out=None, step=None, checkpoint=None, saving=False, interrupted=False)
+
+
+def exit_on_interrupt():
+    """Make Ctrl-C (SIGINT) stop the script with one line instead of a traceback. Checkpoints are
+    written whole (a temporary directory, then a rename that Ctrl-C waits for), so the last one is
+    at most --save-every steps old."""
+
+    def handler(signum, frame):
+        if _run["saving"]:
+            _run["interrupted"] = True
+        else:
+            _exit_interrupted()
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def _exit_interrupted():
+    if rank() == 0:
+        out, step, ckpt = _run["out"], _run["step"], _run["checkpoint"]
+        at = "" if step is None else f" after step {step}"
+        if out is None:
+            msg = "interrupted before the run started; nothing was written"
+        elif ckpt is None:
+            msg = (f"interrupted{at}, before the first checkpoint (--save-every): nothing to resume; "
+                   f"'{out}' holds this run's metrics, so start again with another --out")
+        else:
+            argv, i = [], 1  # the same command, then --out DIR --resume
+            while i < len(sys.argv):
+                a = sys.argv[i]
+                i += 2 if a == "--out" else 1
+                if a != "--out" and not a.startswith("--out=") and a not in ("--resume", "--no-resume"):
+                    argv.append(a)
+            launcher = ["python"] if world_size() == 1 else ["torchrun", f"--nproc_per_node={world_size()}"]
+            cmd = shlex.join(launcher + [sys.argv[0], *argv, "--out", out, "--resume"])
+            msg = f"interrupted{at}; the last checkpoint (step {ckpt}) is in '{out}/checkpoint'. Resume with: {cmd}"
+        print("\n" + msg, file=sys.stderr, flush=True)  # after the progress bar's line
+    os._exit(130)
 
 
 def check_finite(loss: torch.Tensor, step: int, out: str):

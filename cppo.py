@@ -70,6 +70,7 @@ class Args:
     save_every: int = arg(50, "checkpoint every N steps")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
+    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
@@ -171,11 +172,11 @@ def main():
     if kept_per_group(args.group_size, args.prune_rate) < 1:  # CPPO:
         common.die(f"--prune-rate {args.prune_rate} keeps no completion of a group of {args.group_size} "
                    f"(floor(G (1 - P)) < 1): use at most 1 - 1/G = {1 - 1 / args.group_size:g}")
+    common.check_available([args.model], args.dataset)  # offline: one line naming all that is missing
     sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
     eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device)  # one process, or one rank of torchrun
+    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     out = common.prepare_out(args, "cppo")
-    common.seed_everything(args.seed + common.rank())  # ranks sample different completions
     G = args.group_size
     k = kept_per_group(G, args.prune_rate)  # CPPO: completions kept per question
     budget = args.prompts_per_step // common.world_size() * (G if args.dynamic_allocation else k)  # CPPO: completions trained per step (per rank)
@@ -184,6 +185,7 @@ def main():
     start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
     ref = common.load_model(args.model, device, frozen=True, fsdp=args.fsdp)[0] if args.beta > 0 else None
+    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)
@@ -193,7 +195,7 @@ def main():
         logger.log(step, metrics)
         return metrics["eval/accuracy"]
 
-    acc0 = acc = evaluate(0) if start == 0 else float("nan")
+    acc0 = acc = evaluate(0) if start == 0 else logger.first("eval/accuracy")  # resumed: step 0's
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=common.rank() != 0)
     for step in bar:
@@ -279,4 +281,5 @@ def main():
 
 
 if __name__ == "__main__":
+    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

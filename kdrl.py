@@ -35,9 +35,35 @@ Deviations from the paper (besides those of grpo.py, which apply here too):
    the KD gradient is as large as the GRPO one; annealed, the coefficient reaches its floor at
    t = 80 as with the reported (5e-3, 1e-3, 5e-5).
 
+--kd-loss sinkhorn: the KD term of SinKD (Sinkhorn Distance Minimization for Knowledge
+Distillation, arXiv 2402.17110) in place of the sampled-token KL estimate. From the official code
+(github.com/2018cx/SinKD, loss.py and GPT-Neo/lossd.py, class Sinkhorn): p_s = softmax(z_s / T),
+p_t = softmax(z_t / T), T = 2; cost W = cdist(p_s, p_t, p=1), the L1 distances between every
+student and every teacher distribution of a batch; kernel K = exp(-W / eps), eps = 0.1; 20
+alternating row and column normalisations of K give the plan P; loss sum(P * W), the gradient
+flowing through P and W. For a language model the batch is the completion positions. Ours:
+S1. The batch of the transport is a chunk of --logprob-chunk KD positions of a micro-batch (the
+    whole micro-batch when it fits: always on the toy), so its memory is bounded by the chunk;
+    a KD position's term depends on the other positions of its chunk, as SinKD's on its batch.
+S2. Top-k truncation (--sinkhorn-topk k): the L1 cost compares student position i with teacher
+    position j coordinate by coordinate, so all positions of a chunk need the same coordinates;
+    a per-position top-k would compare different tokens. Each chunk keeps the k tokens with the
+    largest teacher probability summed over its positions, plus one bucket holding the rest of
+    the mass, so every row is still a distribution; merging tokens can only lower an L1 distance,
+    by at most the two distributions' mass outside the k. kd/sinkhorn_coverage logs the teacher
+    mass kept (1 on the toy: 15 tokens).
+S3. Per position: each KD position's row c_i = sum_j P_ij W_ij is its KD term, aggregated by
+    --loss-type and scaled by --kd-coef like the KL term. P's marginals are 1 (as in the code),
+    so the mean of c_i over a chunk is the entropic transport cost between the uniform measures
+    on the chunk's student and teacher distributions; the code instead takes sum(P * W) times
+    0.0008 (0.001 for BERT).
+The official T0 script applies the loss to (batch, length, vocabulary) logits with the softmax
+over dim 1; we follow the reading above (positions as the batch, softmax over the vocabulary).
+
 CPU (toy world, minutes):  python kdrl.py            (student toy-small, teacher toy-large)
 GPU:                       python kdrl.py --model Qwen2.5-0.5B-Instruct --teacher Qwen2.5-1.5B-Instruct
 Annealed (as reported):    add --kd-anneal --kd-coef 5e-3 (--kd-coef-min 1e-3 --kd-anneal-rate 5e-5)
+SinKD:                     add --kd-loss sinkhorn
 """
 
 import os
@@ -73,6 +99,7 @@ class Args:
     save_every: int = arg(50, "checkpoint every N steps")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
+    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
@@ -91,6 +118,11 @@ class Args:
     kd_coef_min: float = arg(1e-3, "floor of the annealed KD coefficient", toy=0.2)
     kd_anneal_rate: float = arg(5e-5, "decrease of the KD coefficient per training step (batch of rollouts) when annealing", toy=0.01)
     kd_mask: str = arg("none", "reward-guided KD: none, response (skip correct completions), group (only prompts with no correct completion)", choices=("none", "response", "group"))
+    kd_loss: str = arg("kl", "the KD term: kl (--kd-estimator on the sampled tokens) or sinkhorn (SinKD, arXiv 2402.17110: Sinkhorn distance between full distributions over a chunk of positions)", choices=("kl", "sinkhorn"))
+    sinkhorn_temperature: float = arg(2.0, "SinKD: softmax temperature of both distributions")
+    sinkhorn_eps: float = arg(0.1, "SinKD: entropic regularisation eps of the kernel exp(-W / eps)")
+    sinkhorn_iters: int = arg(20, "SinKD: Sinkhorn iterations (each normalises rows, then columns)")
+    sinkhorn_topk: int = arg(512, "SinKD: vocabulary entries kept per chunk (the k with the most teacher mass over its positions, plus one bucket for the rest)")
 
 
 # ALGO LOGIC: advantages and loss
@@ -155,8 +187,58 @@ def kd_term(logp, teacher_logp, kd_mask, estimator: str):
     return common.KL_ESTIMATORS[estimator](log_ratio), log_ratio  # (b, T), (b, T)
 
 
+@torch.no_grad()
+def teacher_states(teacher, rollout, idx):
+    """SinKD: the teacher's `common.completion_states` of micro-batch `idx` (every row; the KD
+    positions are picked in sinkhorn_term), from which its full distributions are made a chunk at
+    a time."""
+    return common.completion_states(teacher, rollout.select(idx))  # (b*T, D_T), (V_T, D_T)
+
+
+def sinkhorn_plan(K, iters: int):
+    """The transport plan from the kernel K (n, m): `iters` times, each row normalised to sum 1,
+    then each column (SinKD's code): the columns sum to 1 exactly, the rows approach 1."""
+    for _ in range(iters):
+        K = K / K.sum(1, keepdim=True)  # (n, m)
+        K = K / K.sum(0, keepdim=True)  # (n, m)
+    return K
+
+
+def sinkhorn_chunk(logits, teacher_logits, topk: int, eps: float, iters: int):
+    """SinKD on one chunk of n positions (a `fn` of common.paired_logits, logits already divided
+    by T): each student position's row sum_j P_ij W_ij of the transport to the teacher's
+    distributions, (n,), with the gradient through P and W; and the teacher mass the shared top-k
+    support keeps at each position, (n,)."""
+    with torch.no_grad():
+        q = torch.softmax(teacher_logits, -1)  # (n, V)
+        support = q.sum(0).topk(min(topk, q.shape[1])).indices  # (k,) the chunk's shared coordinates
+        q_k = q[:, support]  # (n, k)
+        q_k = torch.cat([q_k, (1 - q_k.sum(1, keepdim=True)).clamp(min=0)], 1)  # (n, k+1) the rest in one bucket
+    p = torch.softmax(logits, -1)  # (n, V)
+    p_k = p[:, support]  # (n, k)
+    p_k = torch.cat([p_k, (1 - p_k.sum(1, keepdim=True)).clamp(min=0)], 1)  # (n, k+1)
+    cost = torch.cdist(p_k, q_k, p=1)  # (n, n) W_ij = |p_s,i - p_t,j|_1
+    plan = sinkhorn_plan(torch.exp(-cost / eps), iters)  # (n, n) P
+    return (plan * cost).sum(1), q_k[:, :-1].sum(1)  # (n,), (n,)
+
+
+def sinkhorn_term(states, teacher_states, kd_mask, args, vocab=None):
+    """SinKD's KD term per token (arXiv 2402.17110; see the docstring): over the KD positions of a
+    micro-batch, a chunk of --logprob-chunk at a time, each position's row of its chunk's Sinkhorn
+    transport cost between the student's and the teacher's distributions at T = --sinkhorn-temperature,
+    (b, T), 0 off KD; and the teacher mass kept by the top-k support, (b, T)."""
+    keep = kd_mask.reshape(-1) > 0  # (b*T,)
+    (h, w), (h_teacher, w_teacher) = states, teacher_states
+    cost, coverage = common.paired_logits(
+        lambda z, z_teacher: sinkhorn_chunk(z, z_teacher, args.sinkhorn_topk, args.sinkhorn_eps, args.sinkhorn_iters),
+        (h[keep], w), (h_teacher[keep], w_teacher), args.logprob_chunk, args.sinkhorn_temperature, vocab)  # (n,), (n,)
+    zeros = torch.zeros_like(kd_mask).reshape(-1)  # (b*T,)
+    return (zeros.masked_scatter(keep, cost).view_as(kd_mask),
+            zeros.masked_scatter(keep, coverage).view_as(kd_mask))  # (b, T), (b, T)
+
+
 def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, n_tokens,
-                 teacher_logp, kd_mask, kd_coef: float):
+                 teacher_logp, kd_mask, kd_coef: float, sinkhorn_cost=None):
     """KDRL objective (arXiv 2506.02208; reconstructed): J = J_GRPO - beta_t KL(pi_theta||pi_T),
     as a loss to minimise, per token:
         L_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t + beta_t * sg(rho_t) kd_t M^KD_t,
@@ -164,7 +246,8 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
         kd_t = k(sg(l_T_t) - l_t) with k = --kd-estimator (see kd_term), M^KD = kd_mask,
     aggregated by --loss-type (both terms alike). sg(rho_t) reweights pi_old's tokens to pi_theta
     (1 in value with --num-iterations 1). `n_seqs` and `n_tokens` are the whole step's
-    (all micro-batches), so that the summed micro-batch losses equal the full-batch loss."""
+    (all micro-batches), so that the summed micro-batch losses equal the full-batch loss.
+    --kd-loss sinkhorn (SinKD, arXiv 2402.17110): kd_t = `sinkhorn_cost` (sinkhorn_term) instead."""
     ratio = torch.exp(logp - old_logp)  # (b, T)
     A = advantages[:, None]  # (b, 1)
     clipped_ratio = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)  # (b, T)
@@ -173,8 +256,12 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
     if ref_logp is not None:
         kl_policy_ref_k3 = common.kl_k3(ref_logp - logp)  # (b, T) estimates KL(pi_theta||pi_ref)
         per_token = per_token + args.beta * kl_policy_ref_k3  # (b, T)
-    kl_student_teacher, log_ratio_teacher_student = kd_term(logp, teacher_logp, kd_mask, args.kd_estimator)  # (b, T) KL(pi_theta||pi_T), 0 off KD
-    per_token = per_token + kd_coef * ratio.detach() * kl_student_teacher  # (b, T) sg(rho): samples of pi_old
+    if sinkhorn_cost is None:
+        kl_student_teacher, log_ratio_teacher_student = kd_term(logp, teacher_logp, kd_mask, args.kd_estimator)  # (b, T) KL(pi_theta||pi_T), 0 off KD
+        kd, kd_kl = kl_student_teacher, common.kl_k3(log_ratio_teacher_student.detach())  # k3: the unbiased KL value
+    else:  # SinKD
+        kd, kd_kl = sinkhorn_cost * kd_mask, None  # (b, T) 0 off KD
+    per_token = per_token + kd_coef * ratio.detach() * kd  # (b, T) sg(rho): samples of pi_old
     if args.loss_type == "grpo":  # mean over each sequence, then over sequences
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
     elif args.loss_type == "bnpo":  # token mean of this micro-batch, micro-batches averaged
@@ -184,8 +271,7 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
     else:  # dapo: token mean over the whole step
         loss = (per_token * mask).sum() / n_tokens
     is_clipped = ((ratio < 1 - args.epsilon) & (A < 0)) | ((ratio > 1 + args.epsilon_high) & (A > 0))  # (b, T)
-    return loss, dict(kl=kl_policy_ref_k3, clipped=is_clipped.float(), kd=kl_student_teacher,
-                      kd_kl=common.kl_k3(log_ratio_teacher_student.detach()))  # k3: the unbiased KL value
+    return loss, dict(kl=kl_policy_ref_k3, clipped=is_clipped.float(), kd=kd, kd_kl=kd_kl)
 
 
 def main():
@@ -197,11 +283,19 @@ def main():
         common.die("--kd-coef, --kd-coef-min and --kd-anneal-rate must be non-negative")
     if args.kd_anneal and args.kd_coef_min > args.kd_coef:
         common.die(f"--kd-coef-min ({args.kd_coef_min}) must not exceed --kd-coef ({args.kd_coef}) when annealing")
+    sinkhorn = args.kd_loss == "sinkhorn"  # SinKD
+    if sinkhorn and (args.sinkhorn_temperature <= 0 or args.sinkhorn_eps <= 0 or args.sinkhorn_iters < 1
+                     or args.sinkhorn_topk < 1):
+        common.die("--sinkhorn-temperature and --sinkhorn-eps must be positive, --sinkhorn-iters and "
+                   "--sinkhorn-topk at least 1")
+    if sinkhorn and args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        common.die("--kd-loss sinkhorn does not run under --fsdp yet (the teacher's LM head is held between "
+                   "forwards); use data parallel")
+    common.check_available([args.model, args.teacher], args.dataset)  # offline: one line naming all that is missing
     sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
     eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device)  # one process, or one rank of torchrun
+    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     out = common.prepare_out(args, "kdrl")
-    common.seed_everything(args.seed + common.rank())  # ranks sample different completions
     G = args.group_size
 
     start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
@@ -209,6 +303,8 @@ def main():
     ref = common.load_model(args.model, device, frozen=True, fsdp=args.fsdp)[0] if args.beta > 0 else None
     teacher, teacher_tok = common.load_model(args.teacher, device, frozen=True, fsdp=args.fsdp)  # KDRL
     vocab = common.shared_vocab(model, tok, teacher, teacher_tok, args.model, args.teacher)  # the student's rows
+    common.warn_if_smaller(teacher, model, args.teacher, args.model)
+    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)
@@ -218,7 +314,7 @@ def main():
         logger.log(step, metrics)
         return metrics["eval/accuracy"]
 
-    acc0 = acc = evaluate(0) if start == 0 else float("nan")
+    acc0 = acc = evaluate(0) if start == 0 else logger.first("eval/accuracy")  # resumed: step 0's
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=common.rank() != 0)
     for step in bar:
@@ -248,25 +344,36 @@ def main():
                         for i in batches] if args.num_iterations > 1 else None)
                 refs = ([common.token_logprobs(ref, rollout.select(i), args.temperature, args.logprob_chunk)
                          for i in batches] if ref is not None else None)
-            teachers = [teacher_logprobs(teacher, rollout, i, kd_row, args, vocab) for i in batches]  # KDRL
+            if sinkhorn:  # SinKD: the teacher's states, where a micro-batch has KD rows
+                teachers = [teacher_states(teacher, rollout, i) if kd_row[i].any() else None for i in batches]
+            else:
+                teachers = [teacher_logprobs(teacher, rollout, i, kd_row, args, vocab) for i in batches]  # KDRL
             model.train()
-            sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, kd=0.0, kd_kl=0.0)
+            sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, kd=0.0, kd_kl=0.0, coverage=0.0)
             for _ in range(args.num_iterations):
                 optimizer.zero_grad(set_to_none=True)
                 for j, idx in enumerate(batches):
                     mb = rollout.select(idx)
+                    states = common.completion_states(model, mb)  # (b*T, D), (V, D)
                     logp, entropy = common.token_logprobs(model, mb, args.temperature, args.logprob_chunk,
-                                                          with_entropy=True)  # (b, T)
+                                                          with_entropy=True, states=states)  # (b, T)
                     old_logp = old[j] if old is not None else logp.detach()  # (b, T)
                     kd_mask = mb.mask * kd_row[idx][:, None]  # (b, T) KDRL
+                    sinkhorn_cost = None
+                    if sinkhorn:  # SinKD: the full distributions of both models, a chunk of KD positions at a time
+                        sinkhorn_cost, coverage = (sinkhorn_term(states, teachers[j], kd_mask, args, vocab)
+                                                   if teachers[j] is not None else (torch.zeros_like(logp),) * 2)
+                        sums["coverage"] += (coverage * kd_mask).sum()
                     loss, s = compute_loss(logp, old_logp, refs[j] if refs else None, advantages[idx],
-                                           mb.mask, args, n_seqs_all, n_tokens_all, teachers[j], kd_mask, kd_coef)
+                                           mb.mask, args, n_seqs_all, n_tokens_all, teachers[j], kd_mask, kd_coef,
+                                           sinkhorn_cost)
                     loss.backward()
                     sums["loss"] += loss.detach()
                     sums["clipped"] += (s["clipped"] * mb.mask).sum()
                     sums["entropy"] += (entropy * mb.mask).sum()
                     sums["kd"] += (s["kd"].detach() * kd_mask).sum()
-                    sums["kd_kl"] += (s["kd_kl"] * kd_mask).sum()
+                    if s["kd_kl"] is not None:
+                        sums["kd_kl"] += (s["kd_kl"] * kd_mask).sum()
                     if s["kl"] is not None:
                         sums["kl"] += (s["kl"].detach() * mb.mask).sum()
                 grad_norm = common.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
@@ -287,8 +394,11 @@ def main():
         if ref is not None:
             metrics["train/kl"] = sums["kl"] / per_token
         n_kd = (n_kd_tokens * args.num_iterations).clamp(min=1)  # KDRL
-        metrics["kd/term"] = sums["kd"] / n_kd  # the --kd-estimator's value (k2: not a KL estimate)
-        metrics["kd/kl"] = sums["kd_kl"] / n_kd  # k3: unbiased estimate of KL(student||teacher)
+        metrics["kd/term"] = sums["kd"] / n_kd  # the --kd-estimator's value (k2: not a KL estimate); SinKD: transport cost
+        if sinkhorn:
+            metrics["kd/sinkhorn_coverage"] = sums["coverage"] / n_kd  # teacher mass on the top-k support
+        else:
+            metrics["kd/kl"] = sums["kd_kl"] / n_kd  # k3: unbiased estimate of KL(student||teacher)
         metrics["kd/coef"] = kd_coef
         metrics["kd/masked_frac"] = 1 - n_kd_tokens / n_tokens
         metrics["time/step"] = time.perf_counter() - t_step
@@ -307,4 +417,5 @@ def main():
 
 
 if __name__ == "__main__":
+    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

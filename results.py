@@ -48,6 +48,13 @@ ROWS = [
     ("OPD+ fkl", "opd_plus.py", ["--divergence", "fkl", "--estimator", "opd+"], "trains: 46.39"),
     ("OPD+ jsd", "opd_plus.py", ["--divergence", "jsd", "--estimator", "opd+"], "trains: 48.85"),
     ("CoDistill", "codistill.py", [], ""),
+    ("GRPO no KL, DAPO clip", "grpo.py", ["--beta", "0", "--loss-type", "dapo", "--epsilon-high", "0.28"],
+     "(DPH-RL's baseline: the same loss on every question)"),
+    ("DPH-RL forward", "dph_rl.py", [], "Pass@16 kept near base where GRPO falls (SQL, Llama-3.1-8B)"),
+    ("DPH-RL js", "dph_rl.py", ["--divergence", "js", "--eta", "0.1"], "Bird Pass@16: base 75.0, GRPO 67.7, DPH-JS 72.4"),
+    ("CoDistill BD-KD", "codistill.py", ["--kd-divergence", "bdkd"],
+     "BD-KD (online KD, CIFAR/ImageNet CNNs): the student's accuracy and calibration (ECE) both improve"),
+    ("KDRL SinKD", "kdrl.py", ["--kd-loss", "sinkhorn"], "SinKD (BERT on GLUE, T0, GPT-Neo): beats KL, RKL and JS KD"),
     ("GRPO large", "grpo.py", ["--model", "{large}"], "the baseline of CoDistill's large model"),
     ("GRPO G=16", "grpo.py", ["--group-size", "16"], "(CPPO's setting: G = 16)"),
     ("CPPO G=16 P=0.875", "cppo.py", ["--group-size", "16", "--prune-rate", "0.875"], "k = 2 of 16: 4.89x faster (vLLM on its own GPU)"),
@@ -56,7 +63,7 @@ CODISTILL_CLAIMS = {"small": "+6.0 over GRPO (Minerva, 1.5B)", "large": "nearly 
 MODEL_FLAGS = {  # each script's models in a regime (a row's own --model comes later and wins)
     "grpo.py": ["--model", "{small}"], "cppo.py": ["--model", "{small}"],
     "kdrl.py": ["--model", "{small}", "--teacher", "{large}"], "opd_plus.py": ["--model", "{small}", "--teacher", "{large}"],
-    "codistill.py": ["--small", "{small}", "--large", "{large}"],
+    "codistill.py": ["--small", "{small}", "--large", "{large}"], "dph_rl.py": ["--model", "{small}"],
 }
 # regime: its models, its dataset, the accuracy whose time-to-reach the table reports
 REGIMES = {
@@ -66,9 +73,11 @@ REGIMES = {
 # one panel per family of methods: the rows (table labels) each panel draws
 FAMILIES = {
     "GRPO vs CPPO": ["GRPO", "CPPO P=0.5", "CPPO P=0.875", "CPPO P=0.875 no allocation", "GRPO G=16", "CPPO G=16 P=0.875"],
-    "GRPO vs KDRL (OPD rkl: on-policy KD alone)": ["GRPO", "OPD rkl", "KDRL", "KDRL annealed"],
+    "GRPO vs KDRL (OPD rkl: on-policy KD alone)": ["GRPO", "OPD rkl", "KDRL", "KDRL annealed", "KDRL SinKD"],
     "OPD vs OPD+": ["OPD rkl", "OPD fkl", "OPD jsd", "OPD+ fkl", "OPD+ jsd"],
-    "CoDistill vs GRPO on each model": ["GRPO", "CoDistill small", "GRPO large", "CoDistill large"],
+    "CoDistill vs GRPO on each model": ["GRPO", "CoDistill small", "CoDistill BD-KD small", "GRPO large",
+                                        "CoDistill large", "CoDistill BD-KD large"],
+    "GRPO vs DPH-RL": ["GRPO", "GRPO no KL, DAPO clip", "DPH-RL forward", "DPH-RL js"],
 }
 
 
@@ -100,7 +109,8 @@ def read_run(out, prefix=""):
     curve = [(r["step"], elapsed[r["step"]], r[key]) for r in rows if key in r]
     last = [r for r in rows if key in r][-1]
     grad_key = f"{prefix}grad_norm" if prefix else "train/grad_norm"
-    return dict(acc=curve[-1][2], curve=curve, train_s=t,
+    ece = [r[f"{prefix}eval/ece"] for r in rows if f"{prefix}eval/ece" in r]  # codistill logs it
+    return dict(acc=curve[-1][2], curve=curve, train_s=t, ece=ece[-1] if ece else None,
                 pass1=last.get(f"{prefix}eval/pass@1"), pass16=last.get(f"{prefix}eval/pass@16"),
                 gen_s=sum(r["time/generate"] for r in train), upd_s=sum(r["time/update"] for r in train),
                 tok_s=sum(r["train/tokens"] for r in train) / max(t, 1e-9),
@@ -191,7 +201,7 @@ def main():
 
     sys.path.insert(0, ROOT)
     import common
-    for regime in opts.regime:  # build (or find) the toy models once, before the parallel runs
+    for regime in opts.regime:  # every toy model there, before the parallel runs (one clear line if not)
         for size in ("small", "large"):
             common.toy_path(REGIMES[regime][size])
     jobs = [(regime, name, script, flags, seed) for regime in opts.regime for name, script, flags, _ in rows
@@ -222,8 +232,9 @@ def main():
         results = []
         for name, script, flags, claim in rows:
             mine = [(out, rss) for (g, n, *_), out, rss in done if g == regime and n == name]
-            for prefix, label, c in ((("small/", "CoDistill small", CODISTILL_CLAIMS["small"]),
-                                      ("large/", "CoDistill large", CODISTILL_CLAIMS["large"]))
+            own = name == "CoDistill"  # the other codistill rows carry their own claim, for the small model
+            for prefix, label, c in ((("small/", f"{name} small", CODISTILL_CLAIMS["small"] if own else claim),
+                                      ("large/", f"{name} large", CODISTILL_CLAIMS["large"] if own else ""))
                                      if script == "codistill.py" else (("", name, claim),)):
                 runs = [dict(read_run(out, prefix), rss=rss) for out, rss in mine]
                 results.append((label, runs, c))
@@ -237,6 +248,10 @@ def main():
             notes.append(f"CoDistill trains both models in {together:.1f} s of training time; GRPO on {r['small']} plus "
                          f"GRPO on {r['large']} take {separate:.1f} s ({100 * (1 - together / separate):+.0f}% saved); the "
                          f"large model's generation that CoDistill skips is {mean(by['GRPO large'], 'gen_s'):.1f} s.")
+        eces = [(name, [x["ece"] for x in runs]) for name, runs, _ in results if runs[0]["ece"] is not None]
+        if eces:
+            notes.append("Expected calibration error of the greedy answer's confidence at the last evaluation (10 bins; "
+                         "lower is better): " + "; ".join(f"{n} {mean_std(e)}" for n, e in eces) + ".")
         md += ["", f"### Regime {regime}: {r['small']} and {r['large']} on --dataset {r['dataset']}", "",
                table(results, r["target"]), "", *notes]
         png = os.path.join(opts.out, f"curves-{regime}.png")

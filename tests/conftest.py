@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: one thread here and in every script run
 
 
 def run_script(script, *args, expect_ok=True, timeout=600):
@@ -31,13 +32,6 @@ def assert_user_error(script, *args, message):
 def read_metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def toy_models():
-    """Build (or find cached) toy-small and toy-large once, before any test times a script."""
-    import common
-    return {name: common.toy_path(name) for name in common.TOY_MODELS}
 
 
 @pytest.fixture

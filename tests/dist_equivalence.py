@@ -14,7 +14,6 @@ import sys
 import zlib
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -23,20 +22,6 @@ real_sample = common.sample
 real_load = common.load_model
 calls, loaded, evaluations, evaluating = [0], [], [0], [0]
 real_evaluate = common.evaluate
-
-
-def concat(parts: list, pad: int) -> common.Rollout:
-    """One rollout from several: prompts left-padded, completions right-padded to the widest."""
-    P = max(r.prompt_ids.shape[1] for r in parts)
-    T = max(r.completion_ids.shape[1] for r in parts)
-    left = lambda x, n, v: F.pad(x, (n - x.shape[1], 0), value=v)
-    right = lambda x, n, v: F.pad(x, (0, n - x.shape[1]), value=v)
-    return common.Rollout(torch.cat([left(r.prompt_ids, P, pad) for r in parts]),
-                          torch.cat([left(r.prompt_mask, P, 0) for r in parts]),
-                          torch.cat([right(r.completion_ids, T, pad) for r in parts]),
-                          torch.cat([right(r.mask, T, 0) for r in parts]),
-                          torch.cat([r.lengths for r in parts]), [t for r in parts for t in r.texts],
-                          torch.cat([r.truncated for r in parts]))
 
 
 def sample_per_question(model, tok, prompts, group_size, max_new_tokens, temperature=1.0, greedy=False):
@@ -48,7 +33,7 @@ def sample_per_question(model, tok, prompts, group_size, max_new_tokens, tempera
     for p in prompts:
         torch.manual_seed(zlib.crc32(p.encode()) + 1_000_003 * calls[0] + 7_000_003 * evaluating[0])
         parts.append(real_sample(model, tok, [p], group_size, max_new_tokens, temperature))
-    return concat(parts, tok.pad_token_id)
+    return common.cat_rollouts(parts, tok.pad_token_id)
 
 
 def evaluate_numbered(*args, **kwargs):

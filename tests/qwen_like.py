@@ -116,3 +116,48 @@ def qwen_tokenizer(instruct: bool = False) -> PreTrainedTokenizerFast:
     tok.chat_template = QWEN25_CHAT_TEMPLATE
     return tok
 
+
+
+# The real Qwen2.5 configs (the hub's config.json values that shape memory and numerics); the
+# weights are random. `layers` cuts the depth; everything else is the published model's.
+QWEN25_CONFIGS = {
+    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151_936, tie_word_embeddings=True),
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151_936, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152_064, tie_word_embeddings=False),
+}
+
+
+def qwen_like_model(path: str, size: str = "0.5B", layers=None, instruct: bool = False, seed: int = 0, **overrides) -> str:
+    """A random-weight Qwen2.5-`size` (cut to `layers` decoder layers) with `qwen_tokenizer`, written
+    by save_pretrained in bf16, as the hub publishes it; `overrides` change config fields (e.g.
+    tie_word_embeddings=False). Returns `path`."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tok = qwen_tokenizer(instruct)
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    cfg = dict(QWEN25_CONFIGS[size], max_position_embeddings=32_768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+               hidden_act="silu", bos_token_id=151_643, eos_token_id=eos, pad_token_id=None, dtype="bfloat16")
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    cfg.update(overrides)
+    config = Qwen2Config(**cfg)
+    with torch.device("meta"):  # then filled here: transformers' own init takes seconds per 100M parameters
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty made new tensors
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # as initializer_range 0.02: normal weights, zero biases, unit norms
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype).mul_(config.initializer_range))
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+    model.generation_config = GenerationConfig(bos_token_id=151_643, eos_token_id=[151_645, 151_643] if instruct
+                                               else 151_643, pad_token_id=151_643)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

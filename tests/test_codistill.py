@@ -104,7 +104,7 @@ def test_no_gradient_crosses_between_the_models(models_and_rollout):
         small_old = [common.token_logprobs(small, rollout.select(i)) for i in batches]
     s0 = [p.detach().clone() for p in small.parameters()]
     adv_large, _ = codistill.large_advantages(rewards, None, 4, "group")
-    pieces = [(rollout.select(i), adv_large[i], None, small_old[j]) for j, i in enumerate(batches)]
+    pieces = [(rollout.select(i), adv_large[i], None, small_old[j], None) for j, i in enumerate(batches)]
     vocab = small.get_output_embeddings().weight.shape[0]
     large_logp, stats = codistill.update(large, large_opt, pieces, args, vocab, 1, "unused")
     assert all(p.grad is None for p in small.parameters())
@@ -121,7 +121,7 @@ def test_no_gradient_crosses_between_the_models(models_and_rollout):
     kl = torch.cat([common.masked_mean(small_old[j] - large_logp[j], rollout.select(i).mask, 1)
                     for j, i in enumerate(batches)])  # (B,)
     adv_small = codistill.compute_advantages(codistill.kd_rewards(rewards, kl, 0.5), 4, "group")
-    pieces = [(rollout.select(i), adv_small[i], small_old[j], None) for j, i in enumerate(batches)]
+    pieces = [(rollout.select(i), adv_small[i], small_old[j], None, None) for j, i in enumerate(batches)]
     codistill.update(small, small_opt, pieces, args, vocab, 1, "unused")
     assert all(torch.equal(a, b) for a, b in zip(l_params, large.parameters()))
     assert all(torch.equal(a, b.grad) for a, b in zip(l_grads, large.parameters()))

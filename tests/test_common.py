@@ -79,6 +79,11 @@ def test_masked_mean():
 
 # ---------------------------------------------------------------- chunked log-probs
 
+def toy_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(common.toy_path("toy-small"))
+
+
 def tiny_model(vocab=40, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
@@ -133,15 +138,20 @@ def test_chunked_logprobs_vocab_slice_and_no_grad():
     assert not sliced.requires_grad
 
 
-def test_rollout_select_trims_padding_columns():
+@pytest.mark.parametrize("rows, P, T", [([1, 2], 6, 3),  # row 2 uses every prompt column
+                                          ([1, 3], 4, 5),  # left padding of 2 and 4 columns: 2 in common
+                                          ([3], 2, 5)])
+def test_rollout_select_trims_padding_columns(rows, P, T):
     ro = random_rollout()
-    sub = ro.select(torch.tensor([1, 2]))  # lengths 3 and 1
-    assert sub.completion_ids.shape == (2, 3) and sub.mask.sum().item() == 4
+    sub = ro.select(torch.tensor(rows))
+    assert sub.prompt_ids.shape == sub.prompt_mask.shape == (len(rows), P)
+    assert sub.completion_ids.shape == sub.mask.shape == (len(rows), T)
+    assert sub.prompt_mask.sum() == ro.prompt_mask[rows].sum() and sub.mask.sum() == ro.mask[rows].sum()
     model = tiny_model()
     with torch.no_grad():
         full = common.token_logprobs(model, ro)
         part = common.token_logprobs(model, sub)
-    torch.testing.assert_close(part * sub.mask, full[[1, 2], :3] * sub.mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part * sub.mask, full[rows, :T] * sub.mask, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- KL estimators
@@ -235,9 +245,9 @@ def test_model_names():
 
 
 def test_load_model_from_local_directory(tmp_path):
-    model = tiny_model(vocab=len(common.toy_tokenizer()))
+    model = tiny_model(vocab=len(toy_tokenizer()))
     model.save_pretrained(tmp_path)
-    common.toy_tokenizer().save_pretrained(tmp_path)
+    toy_tokenizer().save_pretrained(tmp_path)
     loaded, tok = common.load_model(str(tmp_path), torch.device("cpu"))
     for a, b in zip(model.parameters(), loaded.parameters()):
         torch.testing.assert_close(a, b)
@@ -271,7 +281,6 @@ def test_toy_data_splits_are_disjoint():
     assert len(ev) == common.TOY_EVAL_PAIRS and len(train) + len(ev) == 10_000
     assert not {r["question"] for r in train} & {r["question"] for r in ev}
     assert all(int(r["answer"]) == sum(map(int, r["question"].split("+"))) for r in ev)
-    assert common.toy_answer(57, 68, drop_carry=True) == 15 and common.toy_answer(57, 68) == 125
 
 
 def test_toy_hard_data_and_its_wrong_answers():
@@ -281,11 +290,12 @@ def test_toy_hard_data_and_its_wrong_answers():
     pairs = [tuple(map(int, r["question"].split("+"))) for r in train + ev]
     assert all(int(r["answer"]) == a + b >= 1000 for r, (a, b) in zip(train + ev, pairs))
     assert all(r["question"][3] == "+" and len(r["question"]) == 7 for r in ev)  # fixed width: "065+967"
-    assert common.toy_hard_answer(456, 789) == 1245
-    assert common.toy_hard_answer(456, 789, (0, 1, 2)) == 135  # every carry dropped: digit-wise sums mod 10
-    assert common.toy_hard_answer(456, 789, (0,)) == 1235  # the units carry dropped (the tens lose 1)
-    assert common.toy_hard_answer(402, 817, (0,)) == 1219  # no units carry: right
-    tok = common.toy_tokenizer()
+    from toy import build  # the recipe's wrong answers
+    assert build.toy_hard_answer(456, 789) == 1245
+    assert build.toy_hard_answer(456, 789, (0, 1, 2)) == 135  # every carry dropped: digit-wise sums mod 10
+    assert build.toy_hard_answer(456, 789, (0,)) == 1235  # the units carry dropped (the tens lose 1)
+    assert build.toy_hard_answer(402, 817, (0,)) == 1219  # no units carry: right
+    tok = toy_tokenizer()
     assert common.format_prompt(tok, ev[0]["question"], "toy-hard") == ev[0]["question"] + "="
 
 
@@ -302,7 +312,7 @@ def test_toy_hard_regime_is_sparse_for_small_and_imperfect_for_large():
 
 
 def test_prompt_format():
-    tok = common.toy_tokenizer()
+    tok = toy_tokenizer()
     assert common.format_prompt(tok, "12+3", "toy") == "12+3="
     tok.chat_template = None
     assert common.format_prompt(tok, "What is 2+2?", "gsm8k").startswith("Question: What is 2+2?\nPlease reason")
@@ -311,7 +321,7 @@ def test_prompt_format():
 def test_sampling_ignores_generation_config(tmp_path):
     """A hostile generation_config (top_k=1, repetition penalty, min_p) must not change what is
     sampled: first-token frequencies match softmax(logits / T)."""
-    tok = common.toy_tokenizer()
+    tok = toy_tokenizer()
     model = tiny_model(vocab=len(tok), seed=1)
     model.generation_config.top_k = 1
     model.generation_config.repetition_penalty = 5.0
@@ -329,7 +339,7 @@ def test_sampling_ignores_generation_config(tmp_path):
 
 
 def test_sampling_rollout_layout():
-    tok = common.toy_tokenizer()
+    tok = toy_tokenizer()
     model = tiny_model(vocab=len(tok), seed=2)
     ro = common.sample(model, tok, ["1+2=", "33+44="], 3, max_new_tokens=5)
     assert ro.completion_ids.shape[0] == 6 and ro.prompt_ids.shape[0] == 6
@@ -377,7 +387,7 @@ def test_evaluate_counts_each_questions_samples(monkeypatch):
         return common.Rollout(None, None, None, None, None, texts, None)
 
     monkeypatch.setattr(common, "sample", fake_sample)
-    tok = common.toy_tokenizer()
+    tok = toy_tokenizer()
     model = torch.nn.Linear(1, 1)
     m = common.evaluate(model, tok, rows, "toy", 8, pass_n=n, pass_k="1,2,4", batch_size=12)  # 3 questions a call
     assert m["eval/accuracy"] == pytest.approx(6 / 11)

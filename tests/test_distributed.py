@@ -47,8 +47,8 @@ def untied(tmp_path_factory):
 
 
 KEYS = ("train/reward", "train/reward_std", "train/tokens", "train/loss", "train/grad_norm", "small/loss", "small/grad_norm",
-        "large/loss", "large/grad_norm", "small/kd_kl", "eval/accuracy", "small/eval/accuracy", "large/eval/accuracy",
-        "eval/pass@1", "eval/pass@16", "small/eval/pass@4", "large/eval/pass@16")
+        "large/loss", "large/grad_norm", "small/kd_kl", "dph/divergence", "eval/accuracy", "small/eval/accuracy",
+        "large/eval/accuracy", "eval/pass@1", "eval/pass@16", "small/eval/pass@4", "large/eval/pass@16")
 CASES = {  # script[:variant]: its flags, {final model directory: where it started}
     "grpo": (["--loss-type", "dapo", "--beta", "0.04", "--lr", "3e-4"], {"final": "toy-small"}),
     # the std of the whole step's rewards, not of each rank's half
@@ -57,6 +57,9 @@ CASES = {  # script[:variant]: its flags, {final model directory: where it start
     # one group per micro-batch, KD only on groups with no correct answer: some micro-batches need no teacher pass
     "kdrl": (["--kd-mask", "group", "--micro-batch-size", "8", "--lr", "3e-4"], {"final": "toy-small"}),
     "opd_plus": (["--lr", "3e-4"], {"final": "toy-small"}),
+    # 16 questions pre-sampled 4 times in 4 steps of 4 (2 per rank); 2 of 4 right puts some in D_pef
+    "dph_rl": (["--lr", "3e-4", "--presample-size", "16", "--presample-k", "4", "--pef-threshold", "2",
+                "--pef-batch", "4", "--eta", "0.5"], {"final": "toy-small"}),
     "codistill": (["--loss-type", "grpo", "--small-lr", "3e-4", "--large-lr", "3e-4", "--large-rollouts", "2",
                    "--large", "UNTIED", "--dataset", "toy", "--max-new-tokens", "8", "--kd-coef", "0.5"],  # micro-batches of 8
                   {"final/small": "toy-small", "final/large": "UNTIED"}),
@@ -64,7 +67,8 @@ CASES = {  # script[:variant]: its flags, {final model directory: where it start
 
 
 @pytest.mark.parametrize("case, mode", [("grpo", "dp"), ("grpo:batch-std", "dp"), ("codistill", "dp"), ("grpo", "fsdp"),
-                                        ("cppo", "fsdp"), ("kdrl", "fsdp"), ("opd_plus", "fsdp"), ("codistill", "fsdp")])
+                                        ("cppo", "fsdp"), ("kdrl", "fsdp"), ("opd_plus", "fsdp"), ("codistill", "fsdp"),
+                                        ("dph_rl", "fsdp")])
 def test_torchrun_update_equals_the_single_process_update(tmp_path, untied, case, mode):
     import common
     flags, finals = CASES[case]

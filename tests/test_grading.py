@@ -190,13 +190,14 @@ def test_generation_stops_at_the_end_of_the_assistant_turn(instruct):
     assert ro.lengths.tolist() == [2, 2] and ro.mask.tolist() == [[1.0, 1.0]] * 2
     assert ro.texts == ["7", "7"]
     assert common.rewards_for(ro.texts, ["7", "7"]).correct.tolist() == [True, True]
-    mask, lengths = common.completion_mask(ro.completion_ids, common.eos_ids(model, tok))
-    assert lengths.tolist() == [2, 2]
+    mask, lengths, truncated = common.completion_mask(ro.completion_ids, common.eos_ids(model, tok))
+    assert lengths.tolist() == [2, 2] and truncated.tolist() == [False, False]
 
 
 def test_end_of_turn_comes_from_the_template():
     from qwen_like import qwen_tokenizer
-    tok = common.toy_tokenizer()  # a template that writes nothing after a message: no end-of-turn token
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(common.toy_path("toy-small"))  # its template writes nothing after a message
     assert common.end_of_turn_id(tok) is None and common.eos_ids(None, tok) == [tok.eos_token_id]
     tok = qwen_tokenizer()
     tok.chat_template = tok.chat_template.replace("<|im_end|>", "<|endoftext|>")  # another template, another token

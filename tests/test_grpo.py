@@ -183,7 +183,7 @@ def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path)
 @pytest.mark.parametrize("flags, message", [
     (["--group-size", 1], "--group-size must be at least 2"),
     (["--steps", -1], "--steps must be non-negative"),
-    (["--model", "no-such-model-anywhere", "--dataset", "toy"], "cannot load model 'no-such-model-anywhere'"),
+    (["--model", "no-such-model-anywhere", "--dataset", "toy"], "model 'no-such-model-anywhere'"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--dataset", "missing.jsonl"], "dataset file 'missing.jsonl' does not exist"),
     (["--num-iterations", 0], "--num-iterations must be at least 1"),

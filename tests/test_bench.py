@@ -1,0 +1,32 @@
+"""bench.py --gpu-check, tiny on CPU: the same code path the GPU run takes (random-weight Qwen2.5
+configs with the real 151,936-row vocabulary, built locally; each script in its own process)."""
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_gpu_check_runs_tiny_on_cpu():
+    p = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--check-scripts", "grpo,codistill", "--check-layers", "1",
+                        "--check-hidden", "64", "--check-steps", "2", "--check-prompts", "1", "--check-group", "4",
+                        "--check-new-tokens", "4", "--check-prompt-tokens", "20"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "cut to 1 layers, hidden 64; 1 questions x 4 completions of up to 4 tokens" in p.stdout
+    rows = {}
+    for line in p.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and re.match(r"^[\d.,-]+$", cells[2]):
+            rows[cells[0]] = cells
+    try:
+        import trl  # noqa: F401
+        assert set(rows) == {"grpo.py", "codistill.py", "TRL GRPOTrainer"}
+    except ImportError:
+        assert set(rows) == {"grpo.py", "codistill.py"} and "trl is not importable" in p.stderr
+    assert rows["codistill.py"][1] == "0.5B + 1.5B"
+    for script in ("grpo.py", "codistill.py"):
+        step, gen, upd, gen_tps, train_tps, peak = (float(c.replace(",", "")) for c in rows[script][2:])
+        assert 0 < gen < step and 0 < upd < step and gen + upd <= step * 1.01
+        assert gen_tps > 0 and train_tps > 0 and peak > 0

@@ -1,0 +1,233 @@
+"""What a newcomer meets first: the shipped toy world, the same numbers on every run, and every way
+out of a run (offline, Ctrl-C, a bad --out, --help) in one line."""
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT, assert_user_error, read_metrics, run_script
+
+SCRIPTS = ("grpo", "cppo", "kdrl", "opd_plus", "codistill", "dph_rl")
+QUICK = ["--steps", "2", "--eval-size", "16", "--eval-every", "100"]
+
+
+def readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------- the shipped toy world
+
+def test_shipped_toy_models_give_the_readme_start_accuracies():
+    """The README's toy table is what the shipped weights give: no build, no machine dependence."""
+    for name, dataset in common.TOY_MODELS.items():
+        model, tok = common.load_model(name, torch.device("cpu"))
+        acc = common.evaluate(model, tok, common.load_data(dataset, "eval"), dataset, max_new_tokens=8)["eval/accuracy"]
+        assert f"| {name} | {acc:.3f} |" in readme(), (name, acc)
+
+
+def test_build_recipe_makes_the_shipped_tokenizer():
+    from toy import build
+    from transformers import AutoTokenizer
+    shipped = AutoTokenizer.from_pretrained(common.toy_path("toy-small"))
+    assert build.toy_tokenizer().get_vocab() == shipped.get_vocab()
+    assert build.toy_answer(57, 68, drop_carry=True) == 15 and build.toy_answer(57, 68) == 125
+    assert sorted(build.RECIPES) == sorted(common.TOY_MODELS)
+
+
+def test_build_tool_reports_progress_and_a_verdict():
+    """A short rebuild (3 warm-start steps instead of 600) differs from the shipped model: the tool
+    shows its progress, says so, exits 1 and leaves the shipped model alone."""
+    shipped = os.path.join(common.TOY_DIR, "toy-small", "model.safetensors")
+    before = os.stat(shipped).st_mtime_ns
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "toy", "build.py"), "toy-small", "--steps", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "toy-small: step 3/3, loss" in p.stdout
+    assert re.search(r"toy-small: rebuilt weights are DIFFERENT from the shipped ones .*greedy accuracy shipped "
+                     r"\d\.\d{3}, rebuilt \d\.\d{3}", p.stdout), p.stdout
+    assert os.stat(shipped).st_mtime_ns == before
+
+
+# ---------------------------------------------------------------- the same command, the same numbers
+
+def no_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_two_runs_of_the_same_command_give_identical_metrics(tmp_path):
+    for out in ("a", "b"):
+        run_script("grpo.py", *QUICK, "--out", tmp_path / out)
+    assert no_times(read_metrics(tmp_path / "a")) == no_times(read_metrics(tmp_path / "b"))
+
+
+def test_seeding_does_not_depend_on_what_loading_draws(monkeypatch, tmp_path):
+    """Loading used to build the toy models on first use, drawing from torch's global generator
+    after the seed: the first run followed another path. Whatever loading draws, the run is the same."""
+    import grpo
+    real_load = common.load_model
+
+    def run(out, draw):
+        def load_model(*a, **kw):
+            torch.rand(draw)  # what a build (or any loader) might consume
+            return real_load(*a, **kw)
+        monkeypatch.setattr(common, "load_model", load_model)
+        monkeypatch.setattr(sys, "argv", ["grpo.py", *QUICK, "--out", str(tmp_path / out)])
+        grpo.main()
+        return no_times(read_metrics(tmp_path / out))
+
+    assert run("plain", 0) == run("drawn", 1000)
+
+
+# ---------------------------------------------------------------- threads
+
+def test_toy_models_default_to_one_thread_and_others_to_torchs_default(tmp_path):
+    import grpo
+    assert common.parse_args(grpo.Args, []).threads == 1
+    assert common.parse_args(grpo.Args, ["--model", str(tmp_path)]).threads == 0
+    assert common.parse_args(grpo.Args, ["--threads", "3"]).threads == 3
+    before = torch.get_num_threads()
+    try:
+        common.init_distributed("cpu", threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- offline
+
+def offline_env(tmp_path):
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE="",
+                HF_HUB_CACHE="", HUGGINGFACE_HUB_CACHE="")
+
+
+def test_offline_headline_command_names_everything_missing_in_one_line_fast(tmp_path):
+    env = {k: v for k, v in offline_env(tmp_path).items() if v != ""}
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "codistill.py"), "--small", "Qwen2.5-0.5B",
+                        "--large", "Qwen2.5-1.5B", "--out", str(tmp_path / "run")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: not in the local cache (the hub is unreachable"), p.stderr
+    for what in ("model 'Qwen/Qwen2.5-0.5B'", "model 'Qwen/Qwen2.5-1.5B'",
+                 "dataset math (DigitalLearningGmbH/MATH-lighteval, HuggingFaceH4/MATH-500)",
+                 "`hf download Qwen/Qwen2.5-0.5B`", "`hf download Qwen/Qwen2.5-1.5B`", "HF_HUB_OFFLINE=1", "local directory"):
+        assert what in lines[0], what
+    assert not os.path.exists(tmp_path / "run")  # checked before anything is written
+    # no "Retrying" lines above (one line in all); CPU seconds, not wall time, which a busy machine stretches
+    assert cpu < 5, cpu
+
+
+def test_offline_cached_model_and_dataset_count_as_available(tmp_path):
+    """A model in the hub cache (a snapshot with config.json) and a dataset in the datasets cache pass
+    the check; the same names absent fail it."""
+    hf = tmp_path / "hf"
+    repo = hf / "hub" / "models--Qwen--Qwen2.5-0.5B"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+    (hf / "datasets" / "openai___gsm8k").mkdir(parents=True)
+    env = {k: v for k, v in offline_env(tmp_path).items() if v != ""}
+    code = "import common; common.check_available({}, {!r}); print('available')"
+    ok = subprocess.run([sys.executable, "-c", code.format(["Qwen2.5-0.5B", "toy-small"], "gsm8k")], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.strip() == "available", ok.stderr
+    bad = subprocess.run([sys.executable, "-c", code.format(["Qwen2.5-0.5B", "Qwen2.5-7B"], "math")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "model 'Qwen/Qwen2.5-7B', dataset math" in bad.stderr, bad.stderr
+    assert "Qwen2.5-0.5B" not in bad.stderr  # the cached one is not named
+
+
+# ---------------------------------------------------------------- Ctrl-C, --out, --resume
+
+def test_ctrl_c_exits_in_one_line_and_the_printed_command_resumes(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "grpo.py"), "--steps", "100000", "--save-every", "2",
+                          "--eval-size", "16", "--eval-every", "100000", "--out", str(out)],
+                         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for a checkpoint and a step after it
+        time.sleep(0.2)
+        if os.path.exists(out / "checkpoint") and os.path.exists(out / "metrics.jsonl"):
+            if max(r["step"] for r in read_metrics(out)) >= 3:
+                break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    lines = [l for l in re.split(r"[\r\n]", err) if l.strip() and not re.search(r"\d+/\d+ \[", l)]  # not the bar
+    assert len(lines) == 1 and lines[0].startswith("interrupted after step"), err
+    last = max(r["step"] for r in read_metrics(out))
+    ckpt = int(re.search(r"the last checkpoint \(step (\d+)\)", lines[0]).group(1))
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == ckpt
+    assert last - 2 <= ckpt <= last  # no older than --save-every steps
+    cmd = lines[0].split("Resume with: ")[1].split()
+    assert cmd[:2] == ["python", os.path.join(ROOT, "grpo.py")] and cmd[-3:] == ["--out", str(out), "--resume"]
+    r = run_script(*cmd[1:], "--steps", ckpt + 1)  # the printed command, shortened
+    steps = [m["step"] for m in read_metrics(out) if "train/reward" in m]
+    assert steps == list(range(1, ckpt + 2))
+    acc0 = read_metrics(out)[0]["eval/accuracy"]
+    assert r.stdout.strip().splitlines()[-1].startswith(f"eval/accuracy: {acc0:.3f} -> ")  # not nan
+
+
+def test_unwritable_out_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    assert_user_error("grpo.py", "--out", tmp_path / "file" / "run", message="cannot write the output directory")
+
+
+def test_config_json_holds_the_resolved_out(monkeypatch, tmp_path):
+    import grpo
+    monkeypatch.chdir(tmp_path)
+    args = common.parse_args(grpo.Args, [])
+    out = common.prepare_out(args, "grpo")
+    assert re.fullmatch(r"runs/grpo-\d{8}-\d{6}", out) and args.out == out
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["out"] == out
+
+
+# ---------------------------------------------------------------- --help and warnings
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_has_the_whole_title_and_one_default_each(monkeypatch, capsys, script):
+    module = importlib.import_module(script)
+    monkeypatch.setitem(sys.modules, "__main__", module)
+    with pytest.raises(SystemExit):
+        common.parse_args(module.Args, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    title = " ".join(module.__doc__.strip().split("\n\n")[0].split())
+    assert title.endswith(")") or title.endswith(".")  # a whole first paragraph
+    assert title in text
+    assert "(default: )" not in text and text.count("(default: runs/<script>-<time>)") == 1
+    assert "--threads THREADS CPU threads for torch (0: torch's default, one per core) (default: 0; toy models: 1)" in text
+    fields = [f.name.replace("_", "-") for f in dataclasses.fields(module.Args)]
+    assert all(text.count(f"--{f}") >= 1 for f in fields)
+
+
+def test_teacher_smaller_than_student_warns_in_one_line(tmp_path):
+    p = run_script("kdrl.py", "--teacher", "toy-small", "--model", "toy-large", "--steps", "0", "--eval-size", "0",
+                   "--out", tmp_path / "swapped")
+    warnings = [l for l in p.stderr.splitlines() if l.startswith("warning:")]
+    assert warnings == ["warning: the teacher 'toy-small' has fewer parameters than 'toy-large' "
+                        "(0.13M < 0.79M); were the two swapped?"], p.stderr
+
+
+def test_teacher_larger_than_student_does_not_warn(capsys):
+    small, _ = common.load_model("toy-small", torch.device("cpu"))
+    large, _ = common.load_model("toy-large", torch.device("cpu"))
+    common.warn_if_smaller(large, small, "toy-large", "toy-small")
+    assert capsys.readouterr().err == ""
+    common.warn_if_smaller(small, large, "toy-small", "toy-large", role="--large model")
+    assert capsys.readouterr().err.startswith("warning: the --large model 'toy-small' has fewer parameters")

@@ -1,0 +1,125 @@
+"""Precision and memory of the GPU path, checked on CPU: bf16 autocast is forced on for the CPU
+(common.BF16_DEVICES), which takes the same branches as CUDA does."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import common
+from qwen_like import QWEN_VOCAB_ROWS, qwen_like_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def bf16_on_cpu(monkeypatch):
+    monkeypatch.setattr(common, "BF16_DEVICES", ("cuda", "cpu"))
+
+
+def real_head_model(seed=0):
+    """A random Qwen2 with Qwen2.5's 151,936-row tied head (narrow and one layer deep), its head scaled
+    so that logits spread as a trained model's do (std ~4: bf16 rounds them by up to ~0.03)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=QWEN_VOCAB_ROWS, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 0.5)
+    return model
+
+
+def rollout(B=3, P=5, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0
+    return common.Rollout(torch.randint(QWEN_VOCAB_ROWS, (B, P), generator=g), prompt_mask,
+                          torch.randint(QWEN_VOCAB_ROWS, (B, T), generator=g), torch.ones(B, T),
+                          torch.full((B,), T), [""] * B, torch.zeros(B, dtype=torch.bool))
+
+
+def test_logprobs_under_bf16_autocast_have_an_fp32_lm_head(monkeypatch):
+    """Under autocast the decoder's matmuls are bf16, but the LM head and the log-softmax are fp32:
+    the log-probs equal an fp32 head applied to the autocast hidden states (to 1e-5), and the fp32
+    model's to 5e-3 (the decoder's own bf16 error: 7e-4 here; a bf16 head was off by 0.13)."""
+    model, ro = real_head_model(), rollout()
+    fp32 = common.token_logprobs(model, ro)  # (B, T) no autocast on CPU
+    monkeypatch.setattr(common, "BF16_DEVICES", ("cuda", "cpu"))
+    logp = common.token_logprobs(model, ro, chunk_size=7)  # (B, T) chunks across rows
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ids, attn = ro.input_ids(), ro.attention_mask()
+        h = common.last_hidden_state(model, ids, attn, (attn.cumsum(1) - 1).clamp(min=0))[:, -7:-1]
+    assert h.dtype == torch.float32  # the residual stream of fp32 weights stays fp32 under autocast
+    logits = h.float() @ model.get_output_embeddings().weight.T  # (B, T, V) fp32
+    head_fp32 = torch.log_softmax(logits, -1).gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp, head_fp32, atol=1e-5, rtol=0)
+    assert (logp - fp32).abs().max() < 5e-3
+    logp.sum().backward()  # the checkpointed fp32 chunks backpropagate into the fp32 master weights
+    assert model.get_output_embeddings().weight.grad.dtype == torch.float32
+
+
+def test_kv_cache_keys_are_bf16_under_autocast(bf16_on_cpu):
+    """RoPE's cos/sin come in the embeddings' dtype (fp32 master weights) and would promote the
+    rotated keys, and the whole KV cache's keys, to fp32."""
+    model, tok = common.load_model("toy-small", CPU)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad(), common.autocast(CPU):
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    for layer in cache.layers:
+        assert layer.keys.dtype == layer.values.dtype == torch.bfloat16
+    ro = common.sample(model, tok, ["12+34"], 2, 4)  # generation under autocast with the hooked RoPE
+    assert ro.completion_ids.shape[0] == 2
+
+
+def test_frozen_models_are_read_in_bf16_where_compute_is_bf16(bf16_on_cpu, monkeypatch):
+    """A frozen model is read from disk in bf16 (never a full fp32 copy first); a trained one in fp32."""
+    from transformers import AutoModelForCausalLM
+    real, asked = AutoModelForCausalLM.from_pretrained, []
+
+    def spy(*a, **kw):
+        asked.append(kw.get("dtype"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    frozen, _ = common.load_model("toy-large", CPU, frozen=True)
+    trained, _ = common.load_model("toy-small", CPU)
+    assert asked == [torch.bfloat16, torch.float32]
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in frozen.parameters())
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}
+
+
+def dtypes(path):
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def test_final_model_is_saved_in_its_published_dtype_and_the_checkpoint_in_fp32(tmp_path):
+    """A model published in bf16 trains in fp32 and is saved in bf16 (half the size); the checkpoint
+    keeps the fp32 master weights that resume needs, and both configs keep the published dtype."""
+    src = qwen_like_model(str(tmp_path / "src"), "0.5B", layers=1, hidden_size=64, intermediate_size=128,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+    model, tok = common.load_model(src, CPU)
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and model.published_dtype == torch.bfloat16
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))  # a trained model: no longer bf16 values
+    common.save_final(str(tmp_path), {"": (model, tok)})
+    common.save_pretrained(model, tok, str(tmp_path / "ckpt"))
+    final, ckpt = tmp_path / "final", tmp_path / "ckpt"
+    assert dtypes(final) == {"BF16"} and dtypes(ckpt) == {"F32"}
+    for d in (final, ckpt):
+        assert json.load(open(d / "config.json"))["dtype"] == "bfloat16"
+    assert os.path.getsize(final / "model.safetensors") < 0.55 * os.path.getsize(ckpt / "model.safetensors")
+    resumed, _ = common.load_model(str(ckpt), CPU)  # exact: fp32 master weights, published dtype kept
+    assert resumed.published_dtype == torch.bfloat16
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    reloaded, _ = common.load_model(str(final), CPU)
+    for a, b in zip(model.parameters(), reloaded.parameters()):
+        torch.testing.assert_close(a.to(torch.bfloat16).float(), b, atol=0, rtol=0)
+    toy, toy_tok = common.load_model("toy-small", CPU)  # published in fp32: saved in fp32
+    common.save_final(str(tmp_path / "toy"), {"": (toy, toy_tok)})
+    assert dtypes(tmp_path / "toy" / "final") == {"F32"}
