@@ -289,8 +289,8 @@ def main():
     vocab = common.shared_vocab(small, tok, large, large_tok, args.small, args.large)  # the rows S samples from
     common.warn_if_smaller(large, small, args.large, args.small, role="--large model")
     common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
-    optimizers = dict(small=torch.optim.AdamW(small.parameters(), lr=args.small_lr, weight_decay=args.weight_decay),
-                      large=torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay))
+    optimizers = dict(small=torch.optim.AdamW(small.parameters(), lr=args.small_lr, weight_decay=args.weight_decay, fused=True),
+                      large=torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay, fused=True))  # fused: one kernel a step
     start = common.load_checkpoint(out, dict(small=small, large=large), optimizers, sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)
 

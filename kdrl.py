@@ -305,7 +305,7 @@ def main():
     vocab = common.shared_vocab(model, tok, teacher, teacher_tok, args.model, args.teacher)  # the student's rows
     common.warn_if_smaller(teacher, model, args.teacher, args.model)
     common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)  # fused: one kernel a step
     start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
     logger = common.Logger(out, resume_step=start if args.resume else None)
 
