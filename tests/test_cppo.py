@@ -137,7 +137,7 @@ def run_in_process(monkeypatch, tmp_path, *flags):
     monkeypatch.setattr(cppo, "compute_loss", compute_loss)
     monkeypatch.setattr(cppo, "select_completions", select_completions)
     monkeypatch.setattr(sys, "argv", ["cppo.py", "--out", str(tmp_path / "o"), "--eval-size", "4",
-                                      "--eval-every", "100", *map(str, flags)])
+                                      "--eval-every", "100", "--pass-n", "0", *map(str, flags)])  # no pass@k: every sample is training's
     cppo.main()
     return seen, read_metrics(tmp_path / "o")
 

@@ -132,7 +132,8 @@ def test_truncated_frac_counts_completions_without_eos(script, monkeypatch, tmp_
 
     monkeypatch.setattr(common, "sample", sample)
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--steps", "2", "--eval-size", "4", "--eval-every", "100",
-                                      "--prompts-per-step", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "o")])
+                                      "--prompts-per-step", "4", "--max-new-tokens", "4", "--pass-n", "0",  # no pass@k samples
+                                      "--out", str(tmp_path / "o")])
     module.main()
     train = [r for r in read_metrics(tmp_path / "o") if "train/reward" in r]
     assert len(train) == len(rollouts) == 2

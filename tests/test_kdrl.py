@@ -171,7 +171,8 @@ def test_kd_mask_follows_correctness_not_a_format_bonus(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "rewards_for", rewards_for)
     monkeypatch.setattr(common, "sample", sample)
     monkeypatch.setattr(sys, "argv", ["kdrl.py", "--steps", "2", "--eval-size", "4", "--eval-every", "100",
-                                      "--prompts-per-step", "4", "--kd-mask", "response", "--out", str(tmp_path / "o")])
+                                      "--prompts-per-step", "4", "--kd-mask", "response", "--pass-n", "0",  # no pass@k samples
+                                      "--out", str(tmp_path / "o")])
     kdrl.main()
     train = [r for r in read_metrics(tmp_path / "o") if "train/reward" in r]
     assert len(train) == len(seen) == 2
