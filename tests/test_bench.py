@@ -28,5 +28,5 @@ def test_gpu_check_runs_tiny_on_cpu():
     assert rows["codistill.py"][1] == "0.5B + 1.5B"
     for script in ("grpo.py", "codistill.py"):
         step, gen, upd, gen_tps, train_tps, peak = (float(c.replace(",", "")) for c in rows[script][2:])
-        assert 0 < gen < step and 0 < upd < step and gen + upd <= step * 1.01
+        assert 0 < gen < step and 0 < upd < step and gen + upd <= step * 1.01 + 0.01  # the table rounds each to 0.01 s
         assert gen_tps > 0 and train_tps > 0 and peak > 0
