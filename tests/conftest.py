@@ -45,3 +45,16 @@ def other_tokenizer(tmp_path):
     tok.add_tokens(["x"])
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def models_and_rollout():
+    """toy-small and toy-large, their tokenizer, and a rollout of toy-small: 3 questions x 4 (12 rows)."""
+    import torch
+    import common
+    device = torch.device("cpu")
+    small, tok = common.load_model("toy-small", device)
+    large, _ = common.load_model("toy-large", device)
+    torch.manual_seed(0)
+    prompts = [common.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01")]
+    return small, large, tok, common.sample(small, tok, prompts, 4, 8)

@@ -79,22 +79,11 @@ def test_large_rollouts_join_the_large_models_groups():
 
 # ---------------------------------------------------------------- the two models, for real
 
-@pytest.fixture(scope="module")
-def models_and_rollout():
-    device = torch.device("cpu")
-    small, tok = common.load_model("toy-small", device)
-    large, _ = common.load_model("toy-large", device)
-    torch.manual_seed(0)
-    prompts = [common.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01")]
-    rollout = common.sample(small, tok, prompts, 4, 8)  # 12 rows
-    return small, large, rollout
-
-
 def test_no_gradient_crosses_between_the_models(models_and_rollout):
     """One step as main() runs it: the large model's update (IS-weighted, on S's samples), then
     the small model's from the KD reward built with the large model's log-probs. The large step
     leaves S untouched (no grad), the small step leaves L's weights and grads untouched."""
-    small, large, rollout = models_and_rollout
+    small, large, _, rollout = models_and_rollout
     args = loss_args()
     rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1])
     batches = common.micro_batches(12, 5)

@@ -95,16 +95,6 @@ def test_kd_term_is_aggregated_like_the_grpo_term(loss_type):
 
 # ---------------------------------------------------------------- the chunked pass on two real models
 
-@pytest.fixture(scope="module")
-def models_and_rollout():
-    device = torch.device("cpu")
-    small, tok = common.load_model("toy-small", device)
-    large, _ = common.load_model("toy-large", device)
-    torch.manual_seed(0)
-    prompts = [common.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01")]
-    return small, large, tok, common.sample(small, tok, prompts, 4, 8)  # 12 rows
-
-
 def full_logits(model, rollout):
     ids, attn = rollout.input_ids(), rollout.attention_mask()
     pos = (attn.cumsum(1) - 1).clamp(min=0)
