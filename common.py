@@ -397,7 +397,7 @@ def end_of_turn_id(tok) -> Optional[int]:
     return ids[0] if ids and ids[0] in tok.get_added_vocab().values() else None
 
 
-HUB_DATASETS = {"gsm8k": ("openai/gsm8k",), "math": ("DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500")}
+HUB_DATASETS = {"gsm8k": ("openai/gsm8k",), "math": ("DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500")}  # load_data reads these
 
 
 def check_available(models: list, dataset: str):
@@ -566,13 +566,13 @@ def load_data(name: str, split: str) -> list:
     from datasets import load_dataset
     try:
         if name == "gsm8k":
-            ds = load_dataset("openai/gsm8k", "main", split="train" if split == "train" else "test")
+            ds = load_dataset(HUB_DATASETS["gsm8k"][0], "main", split="train" if split == "train" else "test")
             rows = [dict(question=r["question"], answer=gold_answer(r["answer"])) for r in ds]
         elif split == "train":
-            ds = load_dataset("DigitalLearningGmbH/MATH-lighteval", "default", split="train")
+            ds = load_dataset(HUB_DATASETS["math"][0], "default", split="train")
             rows = [dict(question=r["problem"], answer=last_boxed(r["solution"]) or "") for r in ds]
         else:
-            ds = load_dataset("HuggingFaceH4/MATH-500", "default", split="test")
+            ds = load_dataset(HUB_DATASETS["math"][1], "default", split="test")
             rows = [dict(question=r["problem"], answer=r["answer"]) for r in ds]
     except Exception as e:  # datasets raises many types when offline
         die(f"cannot load dataset '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
