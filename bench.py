@@ -126,7 +126,8 @@ def bench_trl(flags: list, warmup: int) -> dict:
                      gradient_accumulation_steps=1, num_generations=args.group_size, max_completion_length=args.max_new_tokens,
                      learning_rate=args.lr, beta=args.beta, max_steps=args.steps, logging_steps=10**6, save_strategy="no",
                      report_to=[], temperature=args.temperature, top_k=0, top_p=1.0, use_cpu=device.type == "cpu",
-                     bf16=device.type == "cuda", disable_tqdm=True, seed=args.seed, loss_type="grpo")
+                     bf16=device.type == "cuda", disable_tqdm=True, seed=args.seed, loss_type="grpo",
+                     gradient_checkpointing=args.gradient_checkpointing)  # TRL's default is on; ours off
     timer = StepTimes()
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=reward, args=cfg, train_dataset=ds,
                           callbacks=[timer])
@@ -249,20 +250,27 @@ def gpu_check(opts):
     runs = [(s, CHECK_RUNS[s]) for s in opts.check_scripts.split(",")]
     try:
         import trl  # noqa: F401
-        runs.append(("trl", CHECK_RUNS["grpo"]))
+        names = [s for s, _ in runs]
+        runs.insert(names.index("grpo") + 1 if "grpo" in names else len(runs), ("trl", CHECK_RUNS["grpo"]))  # beside grpo
     except ImportError:
         print("trl is not importable: no TRL row (pip install trl, or its wheel on an offline machine)", file=sys.stderr)
     rows = []
     for script, sizes in runs:
         which = ["--trl"] if script == "trl" else ["--script", script]
         flags = [x for k, v in sizes.items() for x in (f"--{k}", models[v])] + shared
+        print(f"{script} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         p = subprocess.run([sys.executable, os.path.abspath(__file__), *which, "--warmup", str(opts.warmup), "--", *flags],
                            capture_output=True, text=True)
-        if p.returncode != 0:
-            sys.exit(f"{script} failed:\n{p.stderr[-3000:]}")
-        r = json.loads(p.stdout[p.stdout.rindex("{\n"):])  # the script's own last line comes before
         row = dict(script="TRL GRPOTrainer" if script == "trl" else f"{script}.py",
-                   models=" + ".join(f"{v}" for v in sizes.values()), step_s=r["step_s"], peak_gib=r["peak_mem_gib"])
+                   models=" + ".join(f"{v}" for v in sizes.values()))
+        if p.returncode != 0:  # one failure must not cost the other rows (a GPU lease is short)
+            print(f"{script} failed after {time.perf_counter() - t0:.0f} s:\n{p.stderr[-3000:]}", file=sys.stderr, flush=True)
+            rows.append(dict(row, failed=True))
+            continue
+        r = json.loads(p.stdout[p.stdout.rindex("{\n"):])  # the script's own last line comes before
+        print(f"{script} done in {time.perf_counter() - t0:.0f} s: {json.dumps(r)}", file=sys.stderr, flush=True)
+        row.update(step_s=r["step_s"], peak_gib=r["peak_mem_gib"])
         if script != "trl":
             generated = r["completion_len"] * (r["questions"] or opts.check_prompts) * opts.check_group
             row.update(generate_s=r["generate_s"], update_s=r["update_s"], generated_tok_s=generated / r["generate_s"],
@@ -279,6 +287,9 @@ def gpu_check(opts):
     print("|---|---|---|---|---|---|---|---|")
     fmt = lambda r, k, f: format(r[k], f) if k in r else "-"
     for r in rows:
+        if r.get("failed"):
+            print(f"| {r['script']} | {r['models']} | failed (its error is above) | | | | | |")
+            continue
         print(f"| {r['script']} | {r['models']} | {r['step_s']:.2f} | {fmt(r, 'generate_s', '.2f')} | "
               f"{fmt(r, 'update_s', '.2f')} | {fmt(r, 'generated_tok_s', ',.0f')} | {fmt(r, 'trained_tok_s', ',.0f')} | "
               f"{r['peak_gib']:.1f} |")
@@ -317,7 +328,8 @@ def main():
         return
     if opts.gpu_check:
         opts.warmup = min(1 if opts.warmup is None else opts.warmup, opts.check_steps - 1)
-        gpu_check(opts)
+        if any(r.get("failed") for r in gpu_check(opts)):
+            sys.exit("--gpu-check: a script failed (its error is above)")
         return
     opts.warmup = 2 if opts.warmup is None else opts.warmup
     if opts.logprob_memory:
