@@ -9,11 +9,14 @@ from conftest import ROOT
 
 
 def test_gpu_check_runs_tiny_on_cpu():
-    p = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--check-scripts", "grpo,codistill", "--check-layers", "1",
+    # cppo.py refuses G 4 at its default prune rate (it would keep no completion): its row says it failed,
+    # the other rows are still measured, and the exit code reports the failure
+    p = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--check-scripts", "grpo,cppo,codistill", "--check-layers", "1",
                         "--check-hidden", "64", "--check-steps", "2", "--check-prompts", "1", "--check-group", "4",
                         "--check-new-tokens", "4", "--check-prompt-tokens", "20"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 1 and "--gpu-check: a script failed" in p.stderr, p.stderr[-3000:]
+    assert "| cppo.py | 0.5B | failed (its error is above) |" in p.stdout and "--prune-rate 0.875 keeps no" in p.stderr
     assert "cut to 1 layers, hidden 64; 1 questions x 4 completions of up to 4 tokens" in p.stdout
     rows = {}
     for line in p.stdout.splitlines():
