@@ -11,7 +11,7 @@ import torch
 
 import codistill
 import common
-from conftest import assert_user_error, read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_main, run_script
 
 
 def loss_args(loss_type="grpo", eps=0.2, eps_high=0.2, max_new_tokens=4, is_cap=2.0, num_iterations=1):
@@ -130,8 +130,8 @@ def test_codistill_end_to_end_with_resume(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     p = run_script("codistill.py", "--steps", 3, "--out", full, *common_flags)
     assert "small eval/accuracy:" in p.stdout and "large eval/accuracy:" in p.stdout
-    run_script("codistill.py", "--steps", 2, "--out", part, *common_flags)
-    run_script("codistill.py", "--steps", 3, "--out", part, "--resume", *common_flags)
+    run_main("codistill.py", "--steps", 2, "--out", part, *common_flags)
+    run_main("codistill.py", "--steps", 3, "--out", part, "--resume", *common_flags)
     a, b = read_metrics(full), read_metrics(part)
     train = [r for r in a if "train/reward" in r]
     assert [r["step"] for r in train] == [1, 2, 3]

@@ -11,7 +11,7 @@ import torch
 
 import codistill
 import common
-from conftest import assert_user_error, read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_main
 
 
 def two_categoricals(seed=0, n=5, V=7, scale_s=1.0, scale_t=1.0):
@@ -148,8 +148,8 @@ def test_evaluate_ece_is_the_binned_confidence_gap(models_and_rollout):
 
 def test_codistill_bdkd_end_to_end(tmp_path):
     out = tmp_path / "run"
-    run_script("codistill.py", "--kd-divergence", "bdkd", "--steps", 3, "--eval-size", 30, "--eval-every", 2,
-               "--prompts-per-step", 4, "--micro-batch-size", 12, "--logprob-chunk", 5, "--out", out)
+    run_main("codistill.py", "--kd-divergence", "bdkd", "--steps", 3, "--eval-size", 30, "--eval-every", 2,
+             "--prompts-per-step", 4, "--micro-batch-size", 12, "--logprob-chunk", 5, "--out", out)
     rows = read_metrics(out)
     evals = [r for r in rows if "small/eval/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2, 3]

@@ -10,7 +10,7 @@ import torch
 import common
 import cppo
 import grpo
-from conftest import assert_user_error, read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_main, run_script
 
 
 def test_kept_per_group_is_floor_without_float_error():
@@ -198,8 +198,8 @@ def test_prune_rate_zero_is_grpo(tmp_path):
     """P = 0 keeps every completion: the same run as grpo.py, step for step."""
     flags = ["--steps", 2, "--eval-size", 20, "--eval-every", 100, "--prompts-per-step", 3, "--group-size", 4,
              "--num-iterations", 2]
-    run_script("grpo.py", "--out", tmp_path / "g", *flags)
-    run_script("cppo.py", "--out", tmp_path / "c", "--prune-rate", 0, *flags)
+    run_main("grpo.py", "--out", tmp_path / "g", *flags)
+    run_main("cppo.py", "--out", tmp_path / "c", "--prune-rate", 0, *flags)
     g, c = read_metrics(tmp_path / "g"), read_metrics(tmp_path / "c")
     for key in ("train/reward", "train/loss", "train/kl", "train/grad_norm"):
         assert [r[key] for r in g if key in r] == pytest.approx([r[key] for r in c if key in r], rel=1e-5), key

@@ -3,7 +3,6 @@ expectation over pi_ref (proved by enumeration on a categorical); the D_pef spli
 pre-sampling stage and --resume; one-line errors; end to end through its CLI."""
 
 import math
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 import common
 import dph_rl
-from conftest import read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_main, run_script
 
 DIVERGENCES = [("forward", 0.2), ("js", 0.2), ("alpha", 0.2), ("alpha", 0.7)]
 
@@ -175,8 +174,9 @@ BASE = ["--eval-size", 20, "--prompts-per-step", 4, "--presample-size", 32, "--p
                          ids=["forward", "js", "alpha"])
 def test_end_to_end_each_divergence(tmp_path, flags):
     out = tmp_path / "run"
-    p = run_script("dph_rl.py", "--steps", 3, "--eval-every", 2, "--out", out, *BASE, *flags)
-    assert "eval/accuracy:" in p.stdout and "pre-sampling: 32 questions x 4:" in p.stdout
+    cmd = ("dph_rl.py", "--steps", 3, "--eval-every", 2, "--out", out, *BASE, *flags)
+    stdout = run_main(*cmd) if flags else run_script(*cmd).stdout  # the defaults through the real entry point
+    assert "eval/accuracy:" in stdout and "pre-sampling: 32 questions x 4:" in stdout
     rows = read_metrics(out)
     train = [r for r in rows if "train/reward" in r]
     assert [r["step"] for r in train] == [1, 2, 3]
@@ -190,21 +190,16 @@ def test_end_to_end_each_divergence(tmp_path, flags):
     assert (out / "presample.pt").exists() and (out / "final" / "config.json").exists()
 
 
-def run_main(monkeypatch, argv):
-    monkeypatch.setattr(sys, "argv", ["dph_rl.py", *map(str, argv)])
-    dph_rl.main()
-
-
 def test_resume_reads_the_stage_back_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     calls = []
     real = dph_rl.presample
     monkeypatch.setattr(dph_rl, "presample", lambda *a, **k: calls.append(1) or real(*a, **k))
     flags = [*BASE, "--eval-every", 100, "--save-every", 2]
     full, part = tmp_path / "full", tmp_path / "part"
-    run_main(monkeypatch, ["--steps", 3, "--out", full, *flags])
-    run_main(monkeypatch, ["--steps", 2, "--out", part, *flags])
+    run_main("dph_rl.py", "--steps", 3, "--out", full, *flags)
+    run_main("dph_rl.py", "--steps", 2, "--out", part, *flags)
     assert len(calls) == 2
-    run_main(monkeypatch, ["--steps", 3, "--out", part, "--resume", *flags])
+    run_main("dph_rl.py", "--steps", 3, "--out", part, "--resume", *flags)
     assert len(calls) == 2  # the resumed run did not sample the stage again
     a, b = read_metrics(full), read_metrics(part)
     key = lambda r: (r["train/reward"], r["dph/divergence"], r["train/grad_norm"])
@@ -220,21 +215,12 @@ def test_resume_reads_the_stage_back_and_matches_an_uninterrupted_run(tmp_path, 
     (["--presample-k", "0"], "--presample-k must be at least 1"),
     (["--group-size", "1"], "--group-size must be at least 2"),
 ])
-def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys, flags, message):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_main(monkeypatch, ["--steps", 1, "--out", tmp_path / "o", *flags])
-    assert e.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+def test_user_errors_are_one_line(tmp_path, flags, message):
+    assert_user_error("dph_rl.py", "--steps", 1, "--out", tmp_path / "o", *flags, message=message)
 
 
-def test_resume_without_the_stage_is_one_line(tmp_path, monkeypatch, capsys):
+def test_resume_without_the_stage_is_one_line(tmp_path):
     out = tmp_path / "o"
-    run_main(monkeypatch, ["--steps", 1, "--out", out, *BASE, "--eval-size", 4])
+    run_main("dph_rl.py", "--steps", 1, "--out", out, *BASE, "--eval-size", 4)
     (out / "presample.pt").unlink()
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        run_main(monkeypatch, ["--steps", 2, "--out", out, "--resume", *BASE])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "no pre-sampling stage" in lines[0], lines
+    assert_user_error("dph_rl.py", "--steps", 2, "--out", out, "--resume", *BASE, message="no pre-sampling stage")

@@ -10,7 +10,7 @@ import torch
 
 import common
 import grpo
-from conftest import assert_user_error, read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_main, run_script
 
 
 def test_advantages_closed_form():
@@ -167,11 +167,11 @@ def test_grpo_end_to_end(tmp_path):
 def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path):
     common_args = ["--eval-size", 20, "--eval-every", 100, "--save-every", 2, "--prompts-per-step", 4]
     full, part = tmp_path / "full", tmp_path / "part"
-    run_script("grpo.py", "--steps", 4, "--out", full, *common_args)
-    run_script("grpo.py", "--steps", 2, "--out", part, *common_args)
+    run_main("grpo.py", "--steps", 4, "--out", full, *common_args)
+    run_main("grpo.py", "--steps", 2, "--out", part, *common_args)
     with open(part / "metrics.jsonl", "a") as f:  # a step logged after the last checkpoint
         f.write('{"step": 3, "train/reward": -1}\n')
-    p = run_script("grpo.py", "--steps", 4, "--out", part, "--resume", *common_args)
+    run_main("grpo.py", "--steps", 4, "--out", part, "--resume", *common_args)
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b if "train/reward" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in b if "eval/accuracy" in r] == [0, 2, 4]
@@ -196,7 +196,7 @@ def test_user_errors_are_one_line(tmp_path, flags, message):
 
 
 def test_occupied_out_needs_resume(tmp_path):
-    run_script("grpo.py", "--steps", 0, "--eval-size", 4, "--out", tmp_path / "o")
+    run_main("grpo.py", "--steps", 0, "--eval-size", 4, "--pass-n", 0, "--out", tmp_path / "o")
     assert_user_error("grpo.py", "--steps", 1, "--out", tmp_path / "o", message="already holds a run")
 
 

@@ -10,7 +10,7 @@ import torch
 
 import common
 import kdrl
-from conftest import assert_user_error, read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_main
 
 
 def test_plan_marginals():
@@ -136,9 +136,9 @@ def test_compute_loss_uses_the_sinkhorn_cost_on_kd_tokens():
 
 def test_kdrl_sinkhorn_end_to_end(tmp_path):
     out = tmp_path / "run"
-    run_script("kdrl.py", "--kd-loss", "sinkhorn", "--steps", 3, "--eval-size", 30, "--eval-every", 2,
-               "--prompts-per-step", 4, "--micro-batch-size", 12, "--logprob-chunk", 20, "--sinkhorn-topk", 6,
-               "--kd-mask", "response", "--out", out)
+    run_main("kdrl.py", "--kd-loss", "sinkhorn", "--steps", 3, "--eval-size", 30, "--eval-every", 2,
+             "--prompts-per-step", 4, "--micro-batch-size", 12, "--logprob-chunk", 20, "--sinkhorn-topk", 6,
+             "--kd-mask", "response", "--out", out)
     rows = read_metrics(out)
     train = [r for r in rows if "train/reward" in r]
     assert [r["step"] for r in train] == [1, 2, 3]
