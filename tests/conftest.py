@@ -29,7 +29,7 @@ def run_main(script, *args) -> str:
     """Run a script's main() in this process on this command line (its argv parsing included); return
     what it printed. What `python script args` runs, without the ~3 s of a fresh interpreter's imports:
     every script still has one end-to-end test through run_script, the real entry point."""
-    module = importlib.import_module(script.removesuffix(".py"))
+    module = importlib.import_module(os.path.basename(script).removesuffix(".py"))
     argv, out = sys.argv, io.StringIO()
     sys.argv = [script, *map(str, args)]
     try:
