@@ -13,7 +13,7 @@ true}, made in order in this process (its start, the imports and the process gro
 than a toy run); "patched": false runs the script's own sampling and evaluation. A run that
 finishes writes LOG/<name>.ok; one that fails writes LOG/<name>.error-rank<r>.txt, and then in
 one process the next run starts, while under torchrun the process exits (the other rank may be
-waiting in a collective) and the launcher starts again after that run.
+waiting in a collective) and tests/test_distributed.py launches again from the run after it.
 """
 
 import importlib
