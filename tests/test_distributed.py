@@ -1,14 +1,20 @@
 """torchrun: two CPU processes (gloo) make the same update as one process on the same global batch,
-data parallel and with --fsdp.
+data parallel and with --fsdp; and a data-parallel checkpoint resumes under --fsdp.
 
 The completions are made independent of the process that samples them (tests/dist_equivalence.py),
 so any difference comes from the distributed plumbing: the sharding of questions, the global loss
-normalisation, the gradient reduction, FSDP's gathering and reduce-scattering, rank-0 writing."""
+normalisation, the gradient reduction, FSDP's gathering and reduce-scattering, rank-0 writing.
+
+Starting a process (imports, the process group) costs far more than these two-step toy runs, so
+the `runs` fixture makes them all at once: every single-process reference, one after the other, in
+one process, and every two-process run in one torchrun launch beside it; each test reads its
+runs' outputs."""
 
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -20,12 +26,30 @@ HARNESS = os.path.join(ROOT, "tests", "dist_equivalence.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def run(cmd, out, flags):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([*cmd, *flags, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+def launch(cmd, cases, log):
+    """Make the runs `cases` in order with the harness (tests/dist_equivalence.py) under `cmd`;
+    return {name: None, or why it failed}. A launch that dies in a run (torchrun stops every rank
+    when one fails) starts again after that run."""
+    errors, todo, n = {}, list(cases), 0
+    while todo:
+        path = log / f"cases-{n}.json"
+        path.write_text(json.dumps(todo))
+        p = subprocess.run([*cmd, HARNESS, str(path)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                           capture_output=True, text=True, timeout=600)
+        n += 1
+        for i, c in enumerate(todo):
+            failed = sorted(log.glob(c["name"] + ".error-rank*.txt"))
+            if failed or (log / (c["name"] + ".ok")).exists():
+                errors[c["name"]] = "".join(f.read_text() for f in failed) or None
+            elif p.returncode != 0:  # the run it died in (no Python exception: killed, or a crash)
+                errors[c["name"]] = f"exit code {p.returncode}\n" + p.stderr[-3000:]
+                todo = todo[i + 1:]
+                break
+            else:
+                raise AssertionError(f"{c['name']}: the harness exited 0 without making it\n{p.stderr[-3000:]}")
+        else:
+            todo = []
+    return errors
 
 
 def weights(path):
@@ -66,17 +90,54 @@ CASES = {  # script[:variant]: its flags, {final model directory: where it start
 }
 
 
-@pytest.mark.parametrize("case, mode", [("grpo", "dp"), ("grpo:batch-std", "dp"), ("codistill", "dp"), ("grpo", "fsdp"),
-                                        ("cppo", "fsdp"), ("kdrl", "fsdp"), ("opd_plus", "fsdp"), ("codistill", "fsdp"),
-                                        ("dph_rl", "fsdp")])
-def test_torchrun_update_equals_the_single_process_update(tmp_path, untied, case, mode):
+PAIRS = [("grpo", "dp"), ("grpo:batch-std", "dp"), ("codistill", "dp"), ("grpo", "fsdp"), ("cppo", "fsdp"), ("kdrl", "fsdp"),
+         ("opd_plus", "fsdp"), ("codistill", "fsdp"), ("dph_rl", "fsdp")]
+RESUME = ["--prompts-per-step", "4", "--eval-size", "21", "--eval-every", "100", "--save-every", "1", "--loss-type", "dapo",
+          "--lr", "3e-4"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, untied):
+    """Every run of this file: ROOT/one/<case> in one process (--fsdp does nothing there, so a case's
+    data-parallel and --fsdp runs share it, as before), ROOT/two/<case>-<mode> under torchrun and,
+    in the same launch, the resume test's three runs of grpo.py itself (its own sampling). Returns
+    ROOT and {run: None, or why it failed}."""
+    root = tmp_path_factory.mktemp("dist")
+
+    def case(name, script, out, flags, patched=True):
+        return dict(name=name, script=script, patched=patched, argv=["--out", str(root / out), *flags])
+
+    def flags(c):
+        return ["--steps", "2", "--prompts-per-step", "4", "--eval-size", "21", "--eval-every", "100", "--save-every", "100",
+                *[untied if f == "UNTIED" else f for f in CASES[c][0]]]
+
+    one = [case(f"one-{c}", c.split(":")[0], f"one/{c}", flags(c)) for c in dict.fromkeys(c for c, _ in PAIRS)]
+    two = [case(f"two-{c}-{m}", c.split(":")[0], f"two/{c}-{m}", flags(c) + (["--fsdp"] if m == "fsdp" else []))
+           for c, m in PAIRS]
+    two += [case("straight", "grpo", "straight", RESUME + ["--steps", "3", "--fsdp"], patched=False),
+            case("resumed-dp", "grpo", "resumed", RESUME + ["--steps", "2"], patched=False),
+            case("resumed", "grpo", "resumed", RESUME + ["--steps", "3", "--fsdp", "--resume"], patched=False)]
+    for log in ("log-one", "log-two"):
+        (root / log).mkdir()
+    with ThreadPoolExecutor(2) as pool:  # side by side: much of a start is waiting, not computing
+        a = pool.submit(launch, [sys.executable], one, root / "log-one")
+        b = pool.submit(launch, TORCHRUN, two, root / "log-two")
+        return root, {**a.result(), **b.result()}
+
+
+def succeeded(errors, *names):
+    for name in names:
+        if errors[name] is not None:
+            pytest.fail(f"{name} failed:\n{errors[name]}", pytrace=False)
+
+
+@pytest.mark.parametrize("case, mode", PAIRS)
+def test_torchrun_update_equals_the_single_process_update(runs, untied, case, mode):
     import common
-    flags, finals = CASES[case]
-    flags = [HARNESS, case.split(":")[0], "--steps", "2", "--prompts-per-step", "4", "--eval-size", "21", "--eval-every", "100",
-             "--save-every", "100", *[untied if f == "UNTIED" else f for f in flags]]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable], one, flags)
-    run(TORCHRUN, two, flags + (["--fsdp"] if mode == "fsdp" else []))
+    root, errors = runs
+    succeeded(errors, f"one-{case}", f"two-{case}-{mode}")
+    finals = CASES[case][1]
+    one, two = root / "one" / case, root / "two" / f"{case}-{mode}"
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 2]  # rank 0 alone wrote
     compared = 0
@@ -102,15 +163,12 @@ def test_torchrun_update_equals_the_single_process_update(tmp_path, untied, case
                     assert not m["sharded"] and m["local"] == m["total"], m
 
 
-def test_fsdp_resumes_a_data_parallel_checkpoint(tmp_path):
+def test_fsdp_resumes_a_data_parallel_checkpoint(runs):
     """Optimizer states are saved by parameter name: a data-parallel checkpoint resumes under --fsdp
     and continues as an --fsdp run from the start does."""
-    flags = [os.path.join(ROOT, "grpo.py"), "--prompts-per-step", "4", "--eval-size", "21", "--eval-every", "100",
-             "--save-every", "1", "--loss-type", "dapo", "--lr", "3e-4"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(TORCHRUN, straight, flags + ["--steps", "3", "--fsdp"])
-    run(TORCHRUN, resumed, flags + ["--steps", "2"])
-    run(TORCHRUN, resumed, flags + ["--steps", "3", "--fsdp", "--resume"])
+    root, errors = runs
+    succeeded(errors, "straight", "resumed-dp", "resumed")
+    straight, resumed = root / "straight", root / "resumed"
     a, b = ([r for r in read_metrics(out) if r["step"] == 3 and "train/loss" in r] for out in (straight, resumed))
     assert len(a) == len(b) == 1
     for key in ("train/reward", "train/loss", "train/grad_norm", "train/tokens"):
