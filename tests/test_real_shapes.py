@@ -4,13 +4,17 @@ sizes, tied heads) cut to one decoder layer, and an untied head with the 7B's 15
 0.5B's hidden size, 896 instead of 3,584, so that the test fits a CPU's memory). The tokenizer has
 Qwen2.5's added tokens at their real ids and its chat template (tests/qwen_like.py)."""
 
+import gc
 import json
 import os
+import runpy
+import signal
+import sys
 
 import pytest
 from safetensors import safe_open
 
-from conftest import read_metrics, run_script
+from conftest import ROOT, read_metrics
 from qwen_like import qwen_like_model
 
 
@@ -31,6 +35,22 @@ def qwen(tmp_path_factory):
     )
 
 
+def run_command_line(script, *args):
+    """`python script args`, in this process: the script's file runs as __main__ with this sys.argv, so
+    the same argument parsing and main() run as from a shell, without a fresh interpreter's seconds of
+    torch and transformers imports for each script."""
+    argv, on_ctrl_c = sys.argv, signal.getsignal(signal.SIGINT)
+    sys.argv = [script, *map(str, args)]
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:  # a user error: one line on stderr, exit code 2
+        raise AssertionError(f"{script} {' '.join(sys.argv[1:])} exited with {e.code}") from None
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGINT, on_ctrl_c)  # the script's handler would end pytest with os._exit
+        gc.collect()  # the models of this run, before the next one loads its own
+
+
 SMALL = ["--steps", "2", "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "4", "--eval-size", "1",
          "--micro-batch-size", "2", "--logprob-chunk", "4"]
 CASES = {  # script: (model flags, other flags, final directories)
@@ -48,7 +68,7 @@ def test_script_runs_at_real_qwen_shapes(qwen, tmp_path, script):
     models, flags, finals = CASES[script]
     model_flags = [x for k, v in models.items() for x in (f"--{k}", qwen[v])]
     out = tmp_path / "run"
-    run_script(f"{script}.py", *model_flags, "--dataset", qwen["data"], *SMALL, *flags, "--out", out)
+    run_command_line(f"{script}.py", *model_flags, "--dataset", qwen["data"], *SMALL, *flags, "--out", out)
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "time/step" in r] == [1, 2]
     for final in finals:  # saved in bf16, as published, and loadable; the checkpoint keeps fp32
