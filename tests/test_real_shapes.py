@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import runpy
+import shutil
 import signal
 import sys
 
@@ -19,20 +20,21 @@ from qwen_like import qwen_like_model
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
+def qwen(tmp_path_factory):  # 1.4 GB of models, removed after the module
     root = tmp_path_factory.mktemp("qwen")
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(dict(question=q, answer=a)) + "\n" for q, a in [
         ("Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. "
          "How many clips did she sell altogether?", "72"),
         ("What is 3 + 4?", "#### 7"), ("What is $\\frac{14}{2}$?", "7"), ("Compute 25% of 800.", "200")]))
-    return dict(
+    yield dict(
         data=str(data),
         base_05=qwen_like_model(str(root / "0.5B"), "0.5B", layers=1),
         instruct_15=qwen_like_model(str(root / "1.5B-Instruct"), "1.5B", layers=1, instruct=True),
         untied=qwen_like_model(str(root / "untied"), "0.5B", layers=1, instruct=True, tie_word_embeddings=False,
                                vocab_size=152_064),
     )
+    shutil.rmtree(root)
 
 
 def run_command_line(script, *args):
@@ -51,12 +53,13 @@ def run_command_line(script, *args):
         gc.collect()  # the models of this run, before the next one loads its own
 
 
-# one micro-batch and one log-prob chunk (the defaults): each more costs a pass over the 136M-parameter
-# embedding or head, and the micro-batch and chunk loops are tested on the toy models
-SMALL = ["--steps", "2", "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "4", "--eval-size", "1"]
+# one micro-batch, one log-prob chunk (the defaults) and one update per step: each more is another pass over
+# the 136M-parameter embedding or head (micro-batches, chunks and --num-iterations 2 are tested on the toy
+# models); two new tokens are a prefill and a step with the KV cache
+SMALL = ["--steps", "2", "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "2", "--eval-size", "1"]
 CASES = {  # script: (model flags, other flags, final directories)
     "grpo": (dict(model="base_05"), ["--beta", "0.04"], ["final"]),
-    "cppo": (dict(model="base_05"), ["--beta", "0", "--prune-rate", "0.5"], ["final"]),
+    "cppo": (dict(model="base_05"), ["--beta", "0", "--prune-rate", "0.5", "--num-iterations", "1"], ["final"]),
     "kdrl": (dict(model="base_05", teacher="untied"), ["--beta", "0"], ["final"]),  # 151,936 rows vs 152,064
     "opd_plus": (dict(model="base_05", teacher="instruct_15"), [], ["final"]),
     "codistill": (dict(small="base_05", large="untied"), ["--large-rollouts", "1"], ["final/small", "final/large"]),
@@ -80,3 +83,4 @@ def test_script_runs_at_real_qwen_shapes(qwen, tmp_path, script):
     ckpt = out / "checkpoint" / ("small" if script == "codistill" else "policy")
     with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    shutil.rmtree(out)  # 2-5 GB of checkpoint, that pytest would keep for three sessions (kept if a check fails)
