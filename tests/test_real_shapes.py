@@ -1,8 +1,9 @@
-"""Every script, two steps through its real command line, on random-weight models with the real
-Qwen2.5 shapes: the 0.5B and 1.5B configs (full 151,936-row vocabulary, real hidden, head and MLP
-sizes, tied heads) cut to one decoder layer, and an untied head with the 7B's 152,064 rows (on the
-0.5B's hidden size, 896 instead of 3,584, so that the test fits a CPU's memory). The tokenizer has
-Qwen2.5's added tokens at their real ids and its chat template (tests/qwen_like.py)."""
+"""Every script, two steps through its real command line (its file run as __main__ in this process,
+with the arguments in sys.argv), on random-weight models with the real Qwen2.5 shapes: the 0.5B and
+1.5B configs (full 151,936-row vocabulary, real hidden, head and MLP sizes, tied heads) cut to one
+decoder layer, and an untied head with the 7B's 152,064 rows (on the 0.5B's hidden size, 896 instead
+of 3,584, so that the test fits a CPU's memory). The tokenizer has Qwen2.5's added tokens at their
+real ids and its chat template (tests/qwen_like.py)."""
 
 import gc
 import json
@@ -46,7 +47,8 @@ def run_command_line(script, *args):
     try:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     except SystemExit as e:  # a user error: one line on stderr, exit code 2
-        raise AssertionError(f"{script} {' '.join(sys.argv[1:])} exited with {e.code}") from None
+        if e.code not in (None, 0):
+            raise AssertionError(f"{script} {' '.join(sys.argv[1:])} exited with {e.code}") from None
     finally:
         sys.argv = argv
         signal.signal(signal.SIGINT, on_ctrl_c)  # the script's handler would end pytest with os._exit
