@@ -55,9 +55,9 @@ def run_command_line(script, *args):
         gc.collect()  # the models of this run, before the next one loads its own
 
 
-# one micro-batch, one log-prob chunk (the defaults) and one update per step: each more is another pass over
-# the 136M-parameter embedding or head (micro-batches, chunks and --num-iterations 2 are tested on the toy
-# models); two new tokens are a prefill and a step with the KV cache
+# One micro-batch, one log-prob chunk (the defaults) and one update per step (cppo's default is two): each
+# more is another pass over the 136M-parameter embedding or head; micro-batches, chunks and --num-iterations 2
+# are tested on the toy models. Two new tokens are a prefill and a step with the KV cache.
 SMALL = ["--steps", "2", "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "2", "--eval-size", "1"]
 CASES = {  # script: (model flags, other flags, final directories)
     "grpo": (dict(model="base_05"), ["--beta", "0.04"], ["final"]),
