@@ -8,6 +8,7 @@ end-of-sequence conventions: base models end text with `<|endoftext|>`, Instruct
 turn with `<|im_end|>`. Models with the real 151,936-row head can sample any id, as real ones can.
 """
 
+import functools
 import json
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -93,9 +94,9 @@ _CORPUS = [
 ]
 
 
-def qwen_tokenizer(instruct: bool = False) -> PreTrainedTokenizerFast:
-    """Qwen2.5's added tokens at their real ids and its chat template over a small byte-level BPE.
-    EOS is `<|im_end|>` for Instruct and `<|endoftext|>` for base models, as in their hub configs."""
+@functools.lru_cache(maxsize=None)
+def _qwen_backend() -> Tokenizer:
+    """The tokenizers-level part, built once per process: PreTrainedTokenizerFast works on a copy."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -110,8 +111,14 @@ def qwen_tokenizer(instruct: bool = False) -> PreTrainedTokenizerFast:
     full = Tokenizer(models.BPE(vocab, [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]))
     full.pre_tokenizer, full.decoder = bpe.pre_tokenizer, bpe.decoder
     full.add_tokens([AddedToken(t, special=t in QWEN_SPECIAL, normalized=False) for t in QWEN_ADDED])
-    tok = PreTrainedTokenizerFast(tokenizer_object=full, eos_token="<|im_end|>" if instruct else "<|endoftext|>",
-                                  pad_token="<|endoftext|>",
+    return full
+
+
+def qwen_tokenizer(instruct: bool = False) -> PreTrainedTokenizerFast:
+    """Qwen2.5's added tokens at their real ids and its chat template over a small byte-level BPE.
+    EOS is `<|im_end|>` for Instruct and `<|endoftext|>` for base models, as in their hub configs."""
+    tok = PreTrainedTokenizerFast(tokenizer_object=_qwen_backend(),
+                                  eos_token="<|im_end|>" if instruct else "<|endoftext|>", pad_token="<|endoftext|>",
                                   additional_special_tokens=[t for t in QWEN_SPECIAL if t != "<|endoftext|>"])
     tok.chat_template = QWEN25_CHAT_TEMPLATE
     return tok
@@ -134,6 +141,7 @@ def qwen_like_model(path: str, size: str = "0.5B", layers=None, instruct: bool =
     """A random-weight Qwen2.5-`size` (cut to `layers` decoder layers) with `qwen_tokenizer`, written
     by save_pretrained in bf16, as the hub publishes it; `overrides` change config fields (e.g.
     tie_word_embeddings=False). Returns `path`."""
+    import numpy as np
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -149,11 +157,12 @@ def qwen_like_model(path: str, size: str = "0.5B", layers=None, instruct: bool =
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.to_empty(device="cpu")
     model.tie_weights()  # to_empty made new tensors
-    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():  # as initializer_range 0.02: normal weights, zero biases, unit norms
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype).mul_(config.initializer_range))
+        for name, p in model.named_parameters():  # weights of std initializer_range (0.02), zero biases, unit norms
+            if p.ndim == 2:  # uniform over -127..127 (std 73.6), scaled: a third of torch.randn's time
+                levels = torch.from_numpy(rng.integers(-127, 128, p.shape, dtype=np.int8))
+                p.copy_(levels).mul_(config.initializer_range / 73.6)
             else:
                 p.fill_(1.0 if "norm" in name else 0.0)
     model.generation_config = GenerationConfig(bos_token_id=151_643, eos_token_id=[151_645, 151_643] if instruct
