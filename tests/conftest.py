@@ -1,4 +1,5 @@
 import contextlib
+import gc
 import importlib
 import io
 import json
@@ -37,6 +38,7 @@ def run_main(script, *args) -> str:
             module.main()
     finally:
         sys.argv = argv
+        gc.collect()  # this run's models, before the next run loads its own
     return out.getvalue()
 
 

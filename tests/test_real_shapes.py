@@ -1,22 +1,18 @@
-"""Every script, two steps through its real command line (its file run as __main__ in this process,
-with the arguments in sys.argv), on random-weight models with the real Qwen2.5 shapes: the 0.5B and
+"""Every script, two steps through its real command line (its argument parsing and main(), in this
+process: conftest.run_main), on random-weight models with the real Qwen2.5 shapes: the 0.5B and
 1.5B configs (full 151,936-row vocabulary, real hidden, head and MLP sizes, tied heads) cut to one
 decoder layer, and an untied head with the 7B's 152,064 rows (on the 0.5B's hidden size, 896 instead
 of 3,584, so that the test fits a CPU's memory). The tokenizer has Qwen2.5's added tokens at their
 real ids and its chat template (tests/qwen_like.py)."""
 
-import gc
 import json
 import os
-import runpy
 import shutil
-import signal
-import sys
 
 import pytest
 from safetensors import safe_open
 
-from conftest import ROOT, read_metrics
+from conftest import read_metrics, run_main
 from qwen_like import qwen_like_model
 
 
@@ -38,23 +34,6 @@ def qwen(tmp_path_factory):  # 1.4 GB of models, removed after the module
     shutil.rmtree(root)
 
 
-def run_command_line(script, *args):
-    """`python script args`, in this process: the script's file runs as __main__ with this sys.argv, so
-    the same argument parsing and main() run as from a shell, without a fresh interpreter's seconds of
-    torch and transformers imports for each script."""
-    argv, on_ctrl_c = sys.argv, signal.getsignal(signal.SIGINT)
-    sys.argv = [script, *map(str, args)]
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as e:  # a user error: one line on stderr, exit code 2
-        if e.code not in (None, 0):
-            raise AssertionError(f"{script} {' '.join(sys.argv[1:])} exited with {e.code}") from None
-    finally:
-        sys.argv = argv
-        signal.signal(signal.SIGINT, on_ctrl_c)  # the script's handler would end pytest with os._exit
-        gc.collect()  # the models of this run, before the next one loads its own
-
-
 # One micro-batch, one log-prob chunk (the defaults) and one update per step (cppo's default is two): each
 # more is another pass over the 136M-parameter embedding or head; micro-batches, chunks and --num-iterations 2
 # are tested on the toy models. Two new tokens are a prefill and a step with the KV cache.
@@ -74,7 +53,7 @@ def test_script_runs_at_real_qwen_shapes(qwen, tmp_path, script):
     models, flags, finals = CASES[script]
     model_flags = [x for k, v in models.items() for x in (f"--{k}", qwen[v])]
     out = tmp_path / "run"
-    run_command_line(f"{script}.py", *model_flags, "--dataset", qwen["data"], *SMALL, *flags, "--out", out)
+    run_main(f"{script}.py", *model_flags, "--dataset", qwen["data"], *SMALL, *flags, "--out", out)
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "time/step" in r] == [1, 2]
     for final in finals:  # saved in bf16, as published, and loadable; the checkpoint keeps fp32
