@@ -134,6 +134,7 @@ def bench_trl(flags: list, warmup: int) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
     t = timer.times[warmup:]
     return dict(steps=len(t), step_s=sum(t) / len(t), peak_mem_gib=peak_memory_gib())
 
@@ -340,6 +341,8 @@ def main():
     if opts.random_model:
         flags = ["--small" if opts.script == "codistill" else "--model", random_model(opts.random_model), *flags]
     res = bench_trl(flags, opts.warmup) if opts.trl else bench_ours(opts.script, flags, opts.warmup)
+    if opts.random_model:  # its weights: hundreds of MB in /tmp
+        shutil.rmtree(flags[1], ignore_errors=True)
     if torch.distributed.is_initialized():  # under torchrun: the largest peak over ranks, printed once
         peak = torch.tensor(res["peak_mem_gib"], device="cuda" if torch.cuda.is_available() else "cpu")
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
