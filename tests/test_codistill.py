@@ -3,7 +3,6 @@ advantages only, no gradient between the two models, the update on real toy mode
 through its CLI, with resume and with the large model's own rollouts."""
 
 import math
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -158,13 +157,11 @@ def test_codistill_end_to_end_with_resume(tmp_path):
 
 def test_large_rollouts_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["codistill.py", "--steps", "2", "--eval-size", "10", "--prompts-per-step", "3",
-                                      "--large-rollouts", "2", "--num-iterations", "2", "--micro-batch-size", "5",
-                                      "--out", str(out)])
     calls = []
     real = common.sample
     monkeypatch.setattr(common, "sample", lambda m, tok, prompts, g, *a, **k: calls.append((len(prompts), g, k.get("greedy", False))) or real(m, tok, prompts, g, *a, **k))
-    codistill.main()
+    run_main("codistill.py", "--steps", 2, "--eval-size", 10, "--prompts-per-step", 3, "--large-rollouts", 2,
+             "--num-iterations", 2, "--micro-batch-size", 5, "--out", out)
     assert calls.count((3, 8, False)) == 2 and calls.count((3, 2, False)) == 2  # S: G = 8, L: n = 2, each step
     train = [r for r in read_metrics(out) if "train/reward" in r]
     assert all(0 <= r["large/reward"] <= 1 for r in train)

@@ -1,7 +1,6 @@
 """cppo.py: which completions pruning keeps, that pruned rows never reach a forward, that dynamic
 allocation keeps the trained budget fixed, and the command line end to end."""
 
-import sys
 from collections import Counter
 
 import pytest
@@ -136,9 +135,8 @@ def run_in_process(monkeypatch, tmp_path, *flags):
     monkeypatch.setattr(common, "sample", sample)
     monkeypatch.setattr(cppo, "compute_loss", compute_loss)
     monkeypatch.setattr(cppo, "select_completions", select_completions)
-    monkeypatch.setattr(sys, "argv", ["cppo.py", "--out", str(tmp_path / "o"), "--eval-size", "4",
-                                      "--eval-every", "100", "--pass-n", "0", *map(str, flags)])  # no pass@k: every sample is training's
-    cppo.main()
+    run_main("cppo.py", "--out", tmp_path / "o", "--eval-size", 4, "--eval-every", 100, "--pass-n", 0,  # no pass@k: every
+             *flags)                                                                                # sample is training's
     return seen, read_metrics(tmp_path / "o")
 
 

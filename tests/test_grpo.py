@@ -2,7 +2,6 @@
 
 import math
 import os
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -119,8 +118,6 @@ def test_clipping_stops_the_gradient_outside_the_trust_region():
 def test_truncated_frac_counts_completions_without_eos(script, monkeypatch, tmp_path):
     """A completion is truncated when it has no EOS. With --max-new-tokens 4 the toy's answers
     (3 digits, then EOS) mostly end on the last allowed position: those are not truncated."""
-    import importlib
-    module = importlib.import_module(script)
     real_sample, rollouts = common.sample, []
 
     def sample(model, tok, *a, **kw):
@@ -131,10 +128,8 @@ def test_truncated_frac_counts_completions_without_eos(script, monkeypatch, tmp_
         return ro
 
     monkeypatch.setattr(common, "sample", sample)
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--steps", "2", "--eval-size", "4", "--eval-every", "100",
-                                      "--prompts-per-step", "4", "--max-new-tokens", "4", "--pass-n", "0",  # no pass@k samples
-                                      "--out", str(tmp_path / "o")])
-    module.main()
+    run_main(f"{script}.py", "--steps", 2, "--eval-size", 4, "--eval-every", 100, "--prompts-per-step", 4,
+             "--max-new-tokens", 4, "--pass-n", 0, "--out", tmp_path / "o")  # --pass-n 0: no pass@k samples
     train = [r for r in read_metrics(tmp_path / "o") if "train/reward" in r]
     assert len(train) == len(rollouts) == 2
     for r, (no_eos, lengths) in zip(train, rollouts):
@@ -203,10 +198,7 @@ def test_occupied_out_needs_resume(tmp_path):
 def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch, capsys):
     real = grpo.compute_loss
     monkeypatch.setattr(grpo, "compute_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
-    monkeypatch.setattr(sys, "argv", ["grpo.py", "--steps", 3, "--eval-size", 4, "--out", str(tmp_path / "o"),
-                                      "--prompts-per-step", 2])
-    sys.argv = [str(a) for a in sys.argv]
-    with pytest.raises(SystemExit) as e:
-        grpo.main()
+    with pytest.raises(SystemExit) as e:  # the progress bar shares stderr: not assert_user_error's one line
+        run_main("grpo.py", "--steps", 3, "--eval-size", 4, "--out", tmp_path / "o", "--prompts-per-step", 2)
     assert e.value.code == 2
     assert "loss is nan at step 1" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """kdrl.py: the KD estimators' expected gradients through compute_loss, reward-guided masking,
 the teacher pass on KD rows only, annealing, tokenizer refusal; end to end through its CLI."""
 
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import common
 import grpo
 import kdrl
-from conftest import assert_user_error, read_metrics, run_script
+from conftest import assert_user_error, read_metrics, run_main, run_script
 
 
 def loss_args(loss_type="bnpo", estimator="k2", beta=0.0, max_new_tokens=4):
@@ -170,10 +169,8 @@ def test_kd_mask_follows_correctness_not_a_format_bonus(monkeypatch, tmp_path):
 
     monkeypatch.setattr(common, "rewards_for", rewards_for)
     monkeypatch.setattr(common, "sample", sample)
-    monkeypatch.setattr(sys, "argv", ["kdrl.py", "--steps", "2", "--eval-size", "4", "--eval-every", "100",
-                                      "--prompts-per-step", "4", "--kd-mask", "response", "--pass-n", "0",  # no pass@k samples
-                                      "--out", str(tmp_path / "o")])
-    kdrl.main()
+    run_main("kdrl.py", "--steps", 2, "--eval-size", 4, "--eval-every", 100, "--prompts-per-step", 4, "--kd-mask", "response",
+             "--pass-n", 0, "--out", tmp_path / "o")  # --pass-n 0: no pass@k samples
     train = [r for r in read_metrics(tmp_path / "o") if "train/reward" in r]
     assert len(train) == len(seen) == 2
     for r, s in zip(train, seen):

@@ -78,7 +78,6 @@ def test_two_runs_of_the_same_command_give_identical_metrics(tmp_path):
 def test_seeding_does_not_depend_on_what_loading_draws(monkeypatch, tmp_path):
     """Loading used to build the toy models on first use, drawing from torch's global generator
     after the seed: the first run followed another path. Whatever loading draws, the run is the same."""
-    import grpo
     real_load = common.load_model
 
     def run(out, draw):
@@ -86,8 +85,7 @@ def test_seeding_does_not_depend_on_what_loading_draws(monkeypatch, tmp_path):
             torch.rand(draw)  # what a build (or any loader) might consume
             return real_load(*a, **kw)
         monkeypatch.setattr(common, "load_model", load_model)
-        monkeypatch.setattr(sys, "argv", ["grpo.py", *QUICK, "--out", str(tmp_path / out)])
-        grpo.main()
+        run_main("grpo.py", *QUICK, "--out", tmp_path / out)
         return no_times(read_metrics(tmp_path / out))
 
     assert run("plain", 0) == run("drawn", 1000)

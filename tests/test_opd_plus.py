@@ -2,7 +2,6 @@
 clipping, the reward term, the loss; end to end through its CLI for every divergence."""
 
 import math
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 import common
 import opd_plus
-from conftest import read_metrics, run_main, run_script
+from conftest import assert_user_error, read_metrics, run_main, run_script
 
 DIVERGENCES = [("rkl", 0.5), ("fkl", 0.5), ("jsd", 0.5), ("tv", 0.5), ("alpha", 0.5), ("alpha", 2.0),
                ("alpha", -1.0)]
@@ -228,15 +227,13 @@ def test_end_to_end_each_divergence(tmp_path, flags):
     assert (out / "final" / "config.json").exists() and (out / "checkpoint" / "state.pt").exists()
 
 
-def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path):
     """In-process (two runs of main) to keep the suite fast; the same contract as grpo.py's."""
     common_args = ["--eval-size", "20", "--eval-every", "100", "--save-every", "2", "--prompts-per-step", "4",
                    "--divergence", "fkl"]
     full, part = tmp_path / "full", tmp_path / "part"
-    for argv in (["--steps", "3", "--out", str(full)], ["--steps", "2", "--out", str(part)],
-                 ["--steps", "3", "--out", str(part), "--resume"]):
-        monkeypatch.setattr(sys, "argv", ["opd_plus.py", *argv, *common_args])
-        opd_plus.main()
+    for argv in (["--steps", "3", "--out", full], ["--steps", "2", "--out", part], ["--steps", "3", "--out", part, "--resume"]):
+        run_main("opd_plus.py", *argv, *common_args)
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b if "train/reward" in r] == [1, 2, 3]
     ra = [(r["train/reward"], r["opd/divergence"]) for r in a if "train/reward" in r]
@@ -252,13 +249,7 @@ def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path,
     (["--divergence", "alpha", "--alpha", "0"], "--alpha must not be 0 or 1"),
     (["--log-ratio-clip", "0"], "--log-ratio-clip must be positive"),
 ])
-def test_user_errors_are_one_line(tmp_path, monkeypatch, capsys, other_tokenizer, flags, message):
+def test_user_errors_are_one_line(tmp_path, other_tokenizer, flags, message):
     flags = [other_tokenizer if f == "OTHER" else f for f in flags]
-    capsys.readouterr()  # drop what building the fixture printed
-    monkeypatch.setattr(sys, "argv", ["opd_plus.py", "--steps", "1", "--eval-size", "4", "--out", str(tmp_path / "o"),
-                                      "--dataset", "toy", *flags])
-    with pytest.raises(SystemExit) as e:
-        opd_plus.main()
-    assert e.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert_user_error("opd_plus.py", "--steps", 1, "--eval-size", 4, "--out", tmp_path / "o", "--dataset", "toy", *flags,
+                      message=message)
