@@ -338,11 +338,12 @@ def main():
         for row in logprob_memory(opts):
             print(json.dumps(dict(device=dev, **row)))
         return
-    if opts.random_model:
-        flags = ["--small" if opts.script == "codistill" else "--model", random_model(opts.random_model), *flags]
+    model_dir = random_model(opts.random_model) if opts.random_model else None
+    if model_dir:
+        flags = ["--small" if opts.script == "codistill" else "--model", model_dir, *flags]
     res = bench_trl(flags, opts.warmup) if opts.trl else bench_ours(opts.script, flags, opts.warmup)
-    if opts.random_model:  # its weights: hundreds of MB in /tmp
-        shutil.rmtree(flags[1], ignore_errors=True)
+    if model_dir:  # its weights: hundreds of MB in /tmp
+        shutil.rmtree(model_dir, ignore_errors=True)
     if torch.distributed.is_initialized():  # under torchrun: the largest peak over ranks, printed once
         peak = torch.tensor(res["peak_mem_gib"], device="cuda" if torch.cuda.is_available() else "cpu")
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
