@@ -41,6 +41,8 @@ import time
 
 import torch
 
+TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests")  # qwen_like.py and reference.py live there
+
 
 def peak_memory_gib() -> float:
     if torch.cuda.is_available():
@@ -61,11 +63,11 @@ def summarize(metrics_path: str, warmup: int) -> dict:
 
 def random_model(spec: str) -> str:
     """A random-weight Qwen2 with hidden size H and L layers ('H,L') and the toy tokenizer, saved."""
-    import common
+    import tasks
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     hidden, layers = map(int, spec.split(","))
-    tok = AutoTokenizer.from_pretrained(common.toy_path("toy-small"))
+    tok = AutoTokenizer.from_pretrained(tasks.toy_path("toy-small"))
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
@@ -96,20 +98,22 @@ def bench_ours(script: str, flags: list, warmup: int) -> dict:
 def bench_trl(flags: list, warmup: int) -> dict:
     """The same step (model, prompts, G, new tokens, beta, lr) in TRL's GRPOTrainer."""
     import common
+    import plumbing
+    import tasks
     import grpo
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     args = common.parse_args(grpo.Args, flags)
-    device = common.get_device(args.device)
+    device = plumbing.init_distributed(args.device)
     model, tok = common.load_model(args.model, device)
-    rows = common.load_data(args.dataset, "train")
-    ds = Dataset.from_list([dict(prompt=common.format_prompt(tok, r["question"], args.dataset), answer=r["answer"])
+    rows = tasks.load_data(args.dataset, "train")
+    ds = Dataset.from_list([dict(prompt=tasks.format_prompt(tok, r["question"], args.dataset), answer=r["answer"])
                             for r in rows])
 
     def reward(completions, answer, **kw):
-        return common.rewards_for(completions, answer).reward.tolist()
+        return tasks.rewards_for(completions, answer).reward.tolist()
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -147,19 +151,20 @@ def current_rss_gib() -> float:
 def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int, chunk: int) -> dict:
     """One forward + backward of the sampled tokens' log-probs, as in a training step, on a
     random-weight Qwen2 with a `vocab`-row LM head: common.token_logprobs (chunked) or the full
-    log_softmax (naive); bdkd and sinkhorn add, on the same forward, codistill's BD-KD loss or
-    kdrl's SinKD term (script defaults) against a second random model's full distributions (a
+    log_softmax (naive); bdkd and sinkhorn add, on the same forward, bdkd.py's BD-KD loss or
+    sinkd.py's SinKD term (script defaults) against a second random model's full distributions (a
     frozen teacher, loaded before the measurement). Memory is what the pass adds to the models':
     peak minus the level before."""
     import common
+    import plumbing
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    device = common.get_device("auto")
+    device = plumbing.init_distributed("auto")
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
     model = Qwen2ForCausalLM(cfg).to(device)
-    teacher = common.freeze(Qwen2ForCausalLM(cfg).to(device)) if mode in ("bdkd", "sinkhorn") else None
+    teacher = Qwen2ForCausalLM(cfg).to(device).requires_grad_(False).eval() if mode in ("bdkd", "sinkhorn") else None
     P = 16  # prompt positions; the rest are completion tokens
     ids = torch.randint(vocab, (batch, positions), device=device)
     ones = torch.ones(batch, positions, device=device)
@@ -173,8 +178,10 @@ def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int,
         before = current_rss_gib()
     t0 = time.perf_counter()
     if mode == "naive":
-        with common.autocast(device):
-            logp = common.naive_token_logprobs(model, rollout)
+        sys.path.insert(0, TESTS)
+        from reference import naive_token_logprobs
+        with plumbing.autocast(device):
+            logp = naive_token_logprobs(model, rollout)
         loss = (logp * rollout.mask).sum()
     else:
         states = common.completion_states(model, rollout)
@@ -183,13 +190,13 @@ def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int,
             with torch.no_grad():
                 teacher_states = common.completion_states(teacher, rollout)
         if mode == "bdkd":
-            import codistill
+            import bdkd
             kls = common.paired_logits(common.full_kl, states, teacher_states, chunk)  # (N,) x 4
-            loss = loss + codistill.balanced_divergence(*kls, codistill.Args().bdkd_kappa)[0].sum()
+            loss = loss + bdkd.balanced_divergence(*kls, bdkd.Args().bdkd_kappa)[0].sum()
         elif mode == "sinkhorn":
-            import kdrl
-            args = kdrl.Args(logprob_chunk=chunk)
-            loss = loss + kdrl.sinkhorn_term(states, teacher_states, rollout.mask, args)[0].sum()
+            import sinkd
+            args = sinkd.Args(logprob_chunk=chunk)
+            loss = loss + sinkd.sinkhorn_term(states, teacher_states, rollout.mask, args)[0].sum()
     loss.backward()
     seconds = time.perf_counter() - t0
     added = peak_memory_gib() - before
@@ -226,7 +233,7 @@ CHECK_RUNS = {  # script: its models (Qwen2.5 sizes); everything else at the scr
 def check_inputs(opts, root: str):
     """Random-weight Qwen2.5 models (tests/qwen_like.py, shared with the real-shape test) and a
     .jsonl of questions of about --check-prompt-tokens tokens each."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    sys.path.insert(0, TESTS)
     import random
     from qwen_like import _CORPUS, qwen_like_model, qwen_tokenizer
 
@@ -299,7 +306,7 @@ def gpu_check(opts):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--script", default="grpo", choices=("grpo", "cppo", "kdrl", "opd_plus", "codistill", "dph_rl"))
+    p.add_argument("--script", default="grpo", choices=("grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl"))
     p.add_argument("--random-model", default=None, help="'H,L': a random-weight Qwen2 as --model")
     p.add_argument("--trl", action="store_true", help="time TRL's GRPOTrainer instead of grpo.py")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the means (default 2; --gpu-check: 1)")
@@ -340,7 +347,7 @@ def main():
         return
     model_dir = random_model(opts.random_model) if opts.random_model else None
     if model_dir:
-        flags = ["--small" if opts.script == "codistill" else "--model", model_dir, *flags]
+        flags = ["--small" if opts.script in ("codistill", "bdkd") else "--model", model_dir, *flags]
     res = bench_trl(flags, opts.warmup) if opts.trl else bench_ours(opts.script, flags, opts.warmup)
     if model_dir:  # its weights: hundreds of MB in /tmp
         shutil.rmtree(model_dir, ignore_errors=True)

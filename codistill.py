@@ -4,63 +4,25 @@ Two models learn at the same time and no trained oracle is needed. Only the smal
 generates (G completions per question); the large model L scores those tokens in its own forward.
 - S is updated by GRPO on a reward with an on-policy KD term: r~_i = r_i - alpha * k1_i, where
   k1_i = mean_t sg(l_S - l_L) estimates the per-token reverse KL(pi_S||pi_L) of completion i.
-  S is pulled towards L where S actually goes, and among equally rewarded completions the ones
-  L finds likely win (a signal even in groups whose rewards are all equal).
 - L is updated by GRPO on S's rollouts, advantages from r only, each token weighted by the
   importance weight pi_L/pi_S,old (S sampled the token, L learns from it), truncated at C.
 L needs no generation of its own: the generation time of a separate GRPO run of L is saved.
 
-RECONSTRUCTED: there is no official code and the paper's method text could not be read; the
-recipe is rebuilt from its abstract and secondary sources (docs/derivations.md §6). Ours:
-- the KD reward's form (k1, a per-token mean, subtracted from the task reward before the group
-  normalisation) and the defaults of --kd-coef and --is-cap;
-- how the importance weight meets the clipped surrogate. The weight is split in two:
-  pi_L/pi_S,old = (pi_L/pi_L,old) * (pi_L,old/pi_S,old). The first factor is L's own PPO ratio,
-  clipped to [1 - eps, 1 + eps] as in grpo.py (1 in value with --num-iterations 1); the second,
-  the behaviour mismatch, is a detached weight truncated at --is-cap C (truncated importance
-  sampling, as IMPALA's rho-bar, arXiv 1802.01561). Clipping pi_L/pi_S itself to 1 +- eps would
-  silence almost every token, since a better L disagrees with S by far more than eps. The
-  expected gradient is E_S[min(w, C) A grad l_L], the off-policy gradient up to the truncation;
-- --large-rollouts n > 0: L also samples n completions per question (weight 1: they are its
-  own); its advantages are then normalised over the G + n completions of each question.
-
-Deviations from the paper, besides those of grpo.py (loss types, verifiable rewards):
+RECONSTRUCTED: there is no official code and the method text could not be read; the recipe is
+rebuilt from the abstract and secondary sources. Ours (docs/codistill.md): the KD reward's form and
+the defaults of --kd-coef and --is-cap; how the importance weight meets the clipped surrogate (L's
+own PPO ratio clipped, the behaviour mismatch pi_L,old/pi_S,old a detached weight truncated at C);
+--large-rollouts (L may also sample n completions of its own). Deviations, besides grpo.py's:
 1. No reference model and no KL penalty (the reported recipe uses none).
 2. The reported reward adds 0.25 per closing tag of a <think>/<answer> format; our prompts ask
    for \\boxed{} (or `####`), and --format-coef is that format's bonus (default 0).
-3. The two tokenizers must be identical; L's logits are sliced to S's vocabulary rows when
-   scoring S's tokens (Qwen2.5 7B and up have 152,064 rows, 0.5B-3B 151,936).
-
---kd-divergence bdkd: the small model's distillation term of BD-KD (Balancing the Divergences for
-Online Knowledge Distillation, arXiv 2212.12965), whose setting is this one: teacher and student
-learn together. From the paper's abstract: the student's loss weights forward KL(p_L||p_S) and
-reverse KL(p_S||p_L) sample by sample, guided by the entropy gap between the two predictions, and
-the teacher's loss uses reverse KL as a regulariser; the aim is the student's accuracy and its
-calibration. RECONSTRUCTED: the paper's method section could not be read here (only its abstract)
-and no official code was found, so the weighting is ours, per completion position t:
-    L_S,t = w_t KL(p_S||p_L) + (1 - w_t) KL(p_L||p_S),  w_t = sg(sigmoid(kappa (H(p_S) - H(p_L)))),
-reverse KL (mode-seeking: sharpens) where S is less sure than L, forward KL (mass-covering:
-softens) where S is surer than L; kappa -> infinity is a hard switch on the sign of the gap
-(--bdkd-kappa). It is a logit-based loss, as in the paper: exact sums over the vocabulary (the
-chunked pass, common.paired_logits), added to S's GRPO loss times --kd-coef and aggregated by
---loss-type; S's reward is then the task reward alone (no KD reward). p_L is the large model after
-its step of this batch (S and L are updated in turn, as in deep mutual learning). L's regulariser,
-our reading of "reverse KL": KL(p_L||sg(p_S)) on S's rollouts (the direction that puts L first),
-times --large-kd-coef. Distributions are taken at --temperature (the paper's softening temperature
-is not known here), and so are its coefficients: the defaults of --bdkd-kappa (5) and
---large-kd-coef (0.1) are ours. The paper's "sample" (an image) is a completion position here.
-Both models' full distributions are needed, a chunk of positions at a time.
-Logged: small/eval/ece and large/eval/ece (common.evaluate: the greedy answer's confidence; in
-either mode); with bdkd, small/bdkd_weight (mean w), and per model bdkd_kl_model_partner and
-bdkd_kl_partner_model (small/: KL(p_S||p_L) and KL(p_L||p_S); large/: the other way round).
+3. The two tokenizers must be identical; L's logits are sliced to S's vocabulary rows.
 
 CPU (toy world, minutes):  python codistill.py          (small toy-small, large toy-large)
 GPU:                       python codistill.py --small Qwen2.5-0.5B --large Qwen2.5-1.5B
-BD-KD:                     add --kd-divergence bdkd
 """
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -68,6 +30,8 @@ import torch
 from tqdm import tqdm
 
 import common
+import plumbing
+import tasks
 from common import arg
 
 
@@ -106,15 +70,11 @@ class Args:
     num_iterations: int = arg(1, "updates per batch of rollouts (mu), for each model")
     epsilon: float = arg(0.2, "lower clip range of each model's own ratio: ratio >= 1 - epsilon")
     epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
-    kd_coef: float = arg(0.1, "alpha: the small model's reward is r - alpha * (its per-token reverse KL to the large model); with --kd-divergence bdkd, alpha times the balanced divergence joins its loss instead", toy=0.5)
+    kd_coef: float = arg(0.1, "alpha: the small model's reward is r - alpha * (its per-token reverse KL to the large model)", toy=0.5)
     is_cap: float = arg(2.0, "C: the large model's importance weights pi_L/pi_S,old are truncated at C")
     large_rollouts: int = arg(0, "completions per question the large model also samples itself (0: none)")
-    kd_divergence: str = arg("rkl", "the small model's distillation term: rkl (the KD reward above) or bdkd (BD-KD, arXiv 2212.12965, reconstructed: a loss weighting reverse and forward KL by the entropy gap, and a reverse-KL regulariser on the large model)", choices=("rkl", "bdkd"))
-    bdkd_kappa: float = arg(5.0, "BD-KD: sharpness of the balance w = sigmoid(kappa (H(p_S) - H(p_L))) between reverse (w) and forward KL")
-    large_kd_coef: float = arg(0.1, "BD-KD: coefficient of the large model's regulariser KL(p_L||sg p_S) on the small model's rollouts")
 
-
-# ALGO LOGIC: rewards, advantages, importance weights and loss
+# ALGO LOGIC
 
 
 def compute_advantages(rewards, group_size: int, scale: str):
@@ -126,7 +86,7 @@ def compute_advantages(rewards, group_size: int, scale: str):
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
     elif scale == "batch":
-        centred = centred / (common.std_over_ranks(rewards) + 1e-4)  # (N, G)
+        centred = centred / (plumbing.std_over_ranks(rewards) + 1e-4)  # (N, G)
     return centred.reshape(-1)  # (B,)
 
 
@@ -154,29 +114,18 @@ def importance_weights(large_old_logp, small_old_logp, is_cap: float):
     return torch.exp(log_w.clamp(max=math.log(is_cap)))  # (b, T)
 
 
-def balanced_divergence(kl_small_large, kl_large_small, ent_small, ent_large, kappa: float):
-    """BD-KD's per-position loss of the small model (arXiv 2212.12965; weighting reconstructed, see
-    the docstring): w KL(p_S||p_L) + (1 - w) KL(p_L||p_S), w = sg(sigmoid(kappa (H(p_S) - H(p_L)))).
-    Returns the loss and w."""
-    w = torch.sigmoid(kappa * (ent_small - ent_large)).detach()  # (b, T) > 1/2 where S is less sure than L
-    return w * kl_small_large + (1 - w) * kl_large_small, w  # (b, T), (b, T)
-
-
-def compute_loss(logp, old_logp, advantages, mask, args, n_seqs: int, n_tokens, is_weight=None, kd=None):
+def compute_loss(logp, old_logp, advantages, mask, args, n_seqs: int, n_tokens, is_weight=None):
     """GRPO objective (arXiv 2402.03300, eq. 3) of either model, as a loss to minimise, per token:
         L_t = -w_t min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A),  rho_t = exp(l_t - l_old_t),
     w_t = 1 for the small model (on-policy) and for the large model's own samples; on the small
     model's samples the large model's w_t = min(pi_L,old / pi_S,old, C) (arXiv 2605.08873,
-    reconstructed: see the docstring). `kd` (b, T): a distillation term already times its
-    coefficient (BD-KD), added per token. Aggregated by --loss-type over the whole step."""
+    reconstructed: see the docstring). Aggregated by --loss-type over the whole step."""
     ratio = torch.exp(logp - old_logp)  # (b, T)
     A = advantages[:, None]  # (b, 1)
     clipped_ratio = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)  # (b, T)
     per_token = -torch.min(ratio * A, clipped_ratio * A)  # (b, T)
     if is_weight is not None:
         per_token = is_weight * per_token  # (b, T)
-    if kd is not None:
-        per_token = per_token + kd  # (b, T)
     if args.loss_type == "grpo":  # mean over each sequence, then over sequences
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
     elif args.loss_type == "bnpo":  # token mean of this micro-batch, micro-batches averaged
@@ -189,52 +138,30 @@ def compute_loss(logp, old_logp, advantages, mask, args, n_seqs: int, n_tokens, 
     return loss, dict(clipped=is_clipped.float())
 
 
-def update(model, optimizer, pieces, args, vocab: int, step: int, out: str, kd_coef: float = 0.0,
-           balanced: bool = False):
+def update(model, optimizer, pieces, args, vocab: int, step: int, run):
     """--num-iterations epochs of one model's GRPO update over micro-batches `pieces`, each
-    (rollout, advantages (b,), old log-probs or None, behaviour log-probs or None, partner states or
-    None). Partner states (BD-KD): the other model's `common.completion_states` on the same rollout;
-    the loss gets kd_coef times, per token, the balanced divergence to the partner (`balanced`: the
-    small model) or KL(this model || sg partner) (the large model's regulariser). Old log-probs
+    (rollout, advantages (b,), old log-probs or None, behaviour log-probs or None). Old log-probs
     None: this epoch-0 forward's own, detached (pi_old = pi_theta before the step; no extra pass).
     Behaviour log-probs given: the tokens were sampled by the small model, so they are scored on
     the shared vocabulary rows and importance-weighted. Returns the epoch-0 log-probs (the model
     before its step) and the step's statistics. Under torchrun the loss is normalised by the
     step's counts over all ranks and the gradients are summed over ranks."""
     n_tokens = sum(p[0].mask.sum() for p in pieces)  # this rank's
-    n_seqs_all = sum(len(p[1]) for p in pieces) * common.world_size()
-    n_tokens_all = common.all_sum(n_tokens)
+    n_seqs_all = sum(len(p[1]) for p in pieces) * plumbing.world_size()
+    n_tokens_all = plumbing.all_sum(n_tokens)
     model.train()
     first = [None] * len(pieces)
-    sums = dict(loss=0.0, clipped=0.0, entropy=0.0, is_weight=0.0, is_capped=0.0, is_tokens=0.0,
-                bdkd_weight=0.0, bdkd_kl_model_partner=0.0, bdkd_kl_partner_model=0.0, kd_tokens=0.0)
+    sums = dict(loss=0.0, clipped=0.0, entropy=0.0, is_weight=0.0, is_capped=0.0, is_tokens=0.0)
     for epoch in range(args.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for j, (mb, adv, old, behaviour, partner) in enumerate(pieces):
-            states = common.completion_states(model, mb)  # (b*T, D), (V, D)
+        for j, (mb, adv, old, behaviour) in enumerate(pieces):
             logp, entropy = common.token_logprobs(model, mb, args.temperature, args.logprob_chunk,
-                                                  vocab if behaviour is not None else None, with_entropy=True,
-                                                  states=states)  # (b, T)
+                                                  vocab if behaviour is not None else None, with_entropy=True)  # (b, T)
             if epoch == 0:
                 first[j] = logp.detach()  # (b, T)
             old_logp = old if old is not None else first[j]  # (b, T)
             w = importance_weights(old_logp, behaviour, args.is_cap) if behaviour is not None else None  # (b, T)
-            kd = None
-            if partner is not None:  # BD-KD: both full distributions, a chunk of positions at a time
-                kl_model_partner, kl_partner_model, ent_model, ent_partner = (
-                    x.view_as(logp) for x in common.paired_logits(common.full_kl, states, partner, args.logprob_chunk,
-                                                                  args.temperature, vocab))  # (b, T) each
-                if balanced:  # the small model: w KL(p_S||p_L) + (1 - w) KL(p_L||p_S)
-                    kd, bdkd_w = balanced_divergence(kl_model_partner, kl_partner_model, ent_model, ent_partner,
-                                                     args.bdkd_kappa)  # (b, T)
-                    sums["bdkd_weight"] += (bdkd_w * mb.mask).sum()
-                else:  # the large model: KL(p_L||sg p_S), its reverse-KL regulariser
-                    kd = kl_model_partner  # (b, T)
-                sums["bdkd_kl_model_partner"] += (kl_model_partner.detach() * mb.mask).sum()
-                sums["bdkd_kl_partner_model"] += (kl_partner_model.detach() * mb.mask).sum()
-                sums["kd_tokens"] += mb.mask.sum()
-                kd = kd_coef * kd  # (b, T)
-            loss, s = compute_loss(logp, old_logp, adv, mb.mask, args, n_seqs_all, n_tokens_all, w, kd)
+            loss, s = compute_loss(logp, old_logp, adv, mb.mask, args, n_seqs_all, n_tokens_all, w)
             loss.backward()
             sums["loss"] += loss.detach()
             sums["clipped"] += (s["clipped"] * mb.mask).sum()
@@ -243,79 +170,64 @@ def update(model, optimizer, pieces, args, vocab: int, step: int, out: str, kd_c
                 sums["is_weight"] += (w * mb.mask).sum()
                 sums["is_capped"] += ((old_logp - behaviour >= math.log(args.is_cap)) * mb.mask).sum()
                 sums["is_tokens"] += mb.mask.sum()
-        grad_norm = common.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
-        common.check_finite(sums["loss"], step, out)
+        grad_norm = plumbing.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
+        run.check_finite(sums["loss"], step)
         optimizer.step()
     per_token = n_tokens * args.num_iterations
-    stats = {"loss": common.all_sum(sums["loss"]) / args.num_iterations, "clip_frac": sums["clipped"] / per_token,
+    stats = {"loss": plumbing.all_sum(sums["loss"]) / args.num_iterations, "clip_frac": sums["clipped"] / per_token,
              "entropy": sums["entropy"] / per_token, "grad_norm": grad_norm}
     if sums["is_tokens"]:
         stats["is_weight"] = sums["is_weight"] / sums["is_tokens"]
         stats["is_capped_frac"] = sums["is_capped"] / sums["is_tokens"]
-    if sums["kd_tokens"]:  # BD-KD: exact per-token KLs to the partner (this model first, then the partner)
-        stats["bdkd_kl_model_partner"] = sums["bdkd_kl_model_partner"] / sums["kd_tokens"]
-        stats["bdkd_kl_partner_model"] = sums["bdkd_kl_partner_model"] / sums["kd_tokens"]
-        if balanced:
-            stats["bdkd_weight"] = sums["bdkd_weight"] / sums["kd_tokens"]
     return first, stats
 
 
 def main():
     args = common.parse_args(Args)
-    common.check_common_args(args)
-    if args.num_iterations < 1:
-        common.die(f"--num-iterations must be at least 1 (got {args.num_iterations})")
+    common.check_args(args, num_iterations=1)
     if args.kd_coef < 0 or args.is_cap <= 0 or args.large_rollouts < 0:
-        common.die(f"--kd-coef must be non-negative, --is-cap positive and --large-rollouts non-negative "
-                   f"(got {args.kd_coef}, {args.is_cap}, {args.large_rollouts})")
-    bdkd = args.kd_divergence == "bdkd"  # BD-KD
-    if bdkd and (args.large_kd_coef < 0 or args.bdkd_kappa < 0):
-        common.die(f"--large-kd-coef and --bdkd-kappa must be non-negative (got {args.large_kd_coef}, {args.bdkd_kappa})")
-    if bdkd and args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        common.die("--kd-divergence bdkd does not run under --fsdp yet (each model's LM head is held between "
-                   "forwards of the other); use data parallel")
+        plumbing.die(f"--kd-coef must be non-negative, --is-cap positive and --large-rollouts non-negative "
+                     f"(got {args.kd_coef}, {args.is_cap}, {args.large_rollouts})")
     common.check_available([args.small, args.large], args.dataset)  # offline: one line naming all that is missing
-    sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
-    eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
-    out = common.prepare_out(args, "codistill")
+    sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
+    eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
+    device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
+    run = plumbing.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G, n = args.group_size, args.large_rollouts
 
-    ckpt = os.path.join(out, "checkpoint")
-    small, tok = common.load_model(os.path.join(ckpt, "small") if args.resume else args.small, device,
+    small, tok = common.load_model(run.checkpoint_dir("small") if args.resume else args.small, device,
                                    args.gradient_checkpointing, fsdp=args.fsdp)
-    large, large_tok = common.load_model(os.path.join(ckpt, "large") if args.resume else args.large, device,
+    large, large_tok = common.load_model(run.checkpoint_dir("large") if args.resume else args.large, device,
                                          args.gradient_checkpointing, fsdp=args.fsdp)
     vocab = common.shared_vocab(small, tok, large, large_tok, args.small, args.large)  # the rows S samples from
     common.warn_if_smaller(large, small, args.large, args.small, role="--large model")
-    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
+    plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
     optimizers = dict(small=torch.optim.AdamW(small.parameters(), lr=args.small_lr, weight_decay=args.weight_decay, fused=True),
                       large=torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay, fused=True))  # fused: one kernel a step
-    start = common.load_checkpoint(out, dict(small=small, large=large), optimizers, sampler) if args.resume else 0
-    logger = common.Logger(out, resume_step=start if args.resume else None)
+    start = run.resume(dict(small=small, large=large), optimizers, sampler) if args.resume else 0
 
     def evaluate(step):
         metrics = {name: common.evaluate(m, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k,
                                          ece_bins=10) for name, m in (("small", small), ("large", large))}
-        logger.log(step, {f"{name}/{k}": v for name, ms in metrics.items() for k, v in ms.items()})
+        run.log(step, {f"{name}/{k}": v for name, ms in metrics.items() for k, v in ms.items()})
         return {name: ms["eval/accuracy"] for name, ms in metrics.items()}
 
-    acc0 = acc = evaluate(0) if start == 0 else {k: logger.first(f"{k}/eval/accuracy") for k in ("small", "large")}
+    acc0 = acc = evaluate(0) if start == 0 else {k: run.first(f"{k}/eval/accuracy") for k in ("small", "large")}
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
-               disable=common.rank() != 0)
+               disable=plumbing.rank() != 0)
     for step in bar:
         t_step = time.perf_counter()
         # 1. sample: only the small model generates (the large one too with --large-rollouts n)
-        with common.Timer() as t_gen:
-            rows = common.shard(sampler.next(args.prompts_per_step))  # this rank's questions
-            prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
+        with plumbing.Timer() as t_gen:
+            rows = plumbing.shard(sampler.next(args.prompts_per_step))  # this rank's questions
+            prompts = [tasks.format_prompt(tok, r["question"], args.dataset) for r in rows]
             rollout = common.sample(small, tok, prompts, G, args.max_new_tokens, args.temperature)
             own = common.sample(large, tok, prompts, n, args.max_new_tokens, args.temperature) if n else None
         # 2. score
         golds = [r["answer"] for r in rows for _ in range(G)]
-        scores = common.rewards_for(rollout.texts, golds, args.format_coef)
+        scores = tasks.rewards_for(rollout.texts, golds, args.format_coef)
         rewards = scores.reward.to(device)  # (B,)
-        own_scores = common.rewards_for(own.texts, [r["answer"] for r in rows for _ in range(n)],
+        own_scores = tasks.rewards_for(own.texts, [r["answer"] for r in rows for _ in range(n)],
                                         args.format_coef) if n else None
         own_rewards = own_scores.reward.to(device) if n else None  # (N n,)
         # 3. ALGO LOGIC (large): advantages from the task reward only
@@ -324,38 +236,30 @@ def main():
         # 4. update: the large model first; its log-probs before its step score the small model's tokens
         batches = common.micro_batches(len(rewards), args.micro_batch_size)
         mbs = [rollout.select(i) for i in batches]
-        with common.Timer() as t_large:
-            with torch.no_grad():
-                small_states = [common.completion_states(small, mb) if bdkd else None for mb in mbs]  # BD-KD
-                small_old = [common.token_logprobs(small, mb, args.temperature, args.logprob_chunk, states=small_states[j])
-                             for j, mb in enumerate(mbs)]  # pi_S,old: the behaviour policy of every sampled token
-            pieces = [(mb, adv_large[i], None, small_old[j], small_states[j])
-                      for j, (i, mb) in enumerate(zip(batches, mbs))]
+        with plumbing.Timer() as t_large:
+            with torch.no_grad():  # pi_S,old: the behaviour policy of every sampled token
+                small_old = [common.token_logprobs(small, mb, args.temperature, args.logprob_chunk) for mb in mbs]
+            pieces = [(mb, adv_large[i], None, small_old[j]) for j, (i, mb) in enumerate(zip(batches, mbs))]
             if n:
-                pieces += [(own.select(i), adv_own[i], None, None, None)
+                pieces += [(own.select(i), adv_own[i], None, None)
                            for i in common.micro_batches(len(own_rewards), args.micro_batch_size)]
-            large_logp, large_stats = update(large, optimizers["large"], pieces, args, vocab, step, out,
-                                             args.large_kd_coef)
-        with common.Timer() as t_small:
-            # ALGO LOGIC (small): the on-policy KD reward (BD-KD: a loss instead), then GRPO on its own samples
+            large_logp, large_stats = update(large, optimizers["large"], pieces, args, vocab, step, run)
+        with plumbing.Timer() as t_small:
+            # ALGO LOGIC (small): the on-policy KD reward, then GRPO on its own samples
             kl_small_large_k1 = torch.cat([common.masked_mean(small_old[j] - large_logp[j], mb.mask, 1)
                                            for j, mb in enumerate(mbs)])  # (B,) KL(pi_S||pi_L) per token
-            small_rewards = kd_rewards(rewards, kl_small_large_k1, 0.0 if bdkd else args.kd_coef)  # (B,)
+            small_rewards = kd_rewards(rewards, kl_small_large_k1, args.kd_coef)  # (B,)
             adv_small = compute_advantages(small_rewards, G, args.scale_rewards)  # (B,)
-            with torch.no_grad():  # BD-KD: the large model after its step, as the small one's partner
-                large_states = [common.completion_states(large, mb) if bdkd else None for mb in mbs]
-            pieces = [(mb, adv_small[i], small_old[j], None, large_states[j])
-                      for j, (i, mb) in enumerate(zip(batches, mbs))]
-            _, small_stats = update(small, optimizers["small"], pieces, args, vocab, step, out, args.kd_coef,
-                                    balanced=True)
+            pieces = [(mb, adv_small[i], small_old[j], None) for j, (i, mb) in enumerate(zip(batches, mbs))]
+            _, small_stats = update(small, optimizers["small"], pieces, args, vocab, step, run)
 
         # 5. log, evaluate, save
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/zero_std_frac": zero_std,
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/zero_std_frac": zero_std,
             "train/grade_errors": scores.grade_errors + (own_scores.grade_errors if n else 0),
             "train/completion_len": rollout.lengths.float().mean(),
-            "train/tokens": common.all_sum(2 * rollout.mask.sum() + (own.mask.sum() if n else 0)),  # S's (both), L's own
+            "train/tokens": plumbing.all_sum(2 * rollout.mask.sum() + (own.mask.sum() if n else 0)),  # S's (both), L's own
             "small/kd_kl": kl_small_large_k1.mean(), "small/kd_reward": small_rewards.mean(),
             **{f"small/{k}": v for k, v in small_stats.items()}, **{f"large/{k}": v for k, v in large_stats.items()},
             "time/generate": t_gen.seconds, "time/update": t_large.seconds + t_small.seconds,
@@ -364,21 +268,21 @@ def main():
         if n:
             metrics["large/reward"] = own_rewards.mean()
         metrics["time/step"] = time.perf_counter() - t_step
-        metrics = common.mean_over_ranks(metrics)
-        logger.log(step, metrics)
+        metrics = plumbing.mean_over_ranks(metrics)
+        run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
         if step % args.save_every == 0 or step == args.steps:
-            common.save_checkpoint(out, step, dict(small=(small, tok), large=(large, large_tok)), optimizers, sampler)
+            run.save_checkpoint(step, dict(small=(small, tok), large=(large, large_tok)), optimizers, sampler)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", small=f"{acc['small']:.3f}", large=f"{acc['large']:.3f}")
 
-    common.save_final(out, dict(small=(small, tok), large=(large, large_tok)))
-    logger.close()
-    if common.rank() == 0:
+    run.save_final(dict(small=(small, tok), large=(large, large_tok)))
+    run.close()
+    if plumbing.rank() == 0:
         print(f"small eval/accuracy: {acc0['small']:.3f} -> {acc['small']:.3f}; "
-              f"large eval/accuracy: {acc0['large']:.3f} -> {acc['large']:.3f}  ({out})")
+              f"large eval/accuracy: {acc0['large']:.3f} -> {acc['large']:.3f}  ({run.out})")
 
 
 if __name__ == "__main__":
-    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
+    plumbing.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

@@ -1,43 +1,22 @@
 """CPPO: Accelerating the Training of Group Relative Policy Optimization-Based Reasoning Models
 (arXiv 2503.22342, official code lzhxmu/CPPO).
 
-GRPO (grpo.py) plus two things, both before any old-policy, reference or policy forward pass:
-- Completion pruning. A completion with a small |A_i| contributes little to the gradient, so
-  after rewards and advantages (computed on the full group of G) only the k = floor(G (1 - P))
-  completions with the largest |A_i| of each group are kept (P = --prune-rate; 0.875 keeps 2 of
-  16). Pruned completions cost their generation but no forward and no backward.
-- Dynamic completion allocation. The per-step budget of trained completions stays what GRPO
-  trains on, prompts_per_step x G: ceil(budget / k) questions are sampled (G completions each),
-  pruned, and exactly the budget is trained on. Steps cost more generation, fewer of them make
-  an epoch, and each trains on more questions.
-With P = 0 this script is grpo.py.
+grpo.py plus, before any forward pass, completion pruning (each group of G trains only its k = floor(G (1 - P))
+completions with the largest |A_i|; P = --prune-rate) and dynamic allocation (ceil(budget / k) questions a step,
+so that it still trains on budget = prompts_per_step x G). With P = 0 this is grpo.py. More: docs/cppo.md.
 
 Deviations from the paper:
-1. Everything in grpo.py's list (loss types, verifiable rewards, k3 penalty direction); the
-   defaults follow CPPO's runs (G 16, mu 2, beta 0.04, lr 1e-6, T 1.0, P 0.875), but the loss
-   keeps the paper's per-sequence mean (--loss-type grpo); the official code uses bnpo.
-2. --prune-scope group (default) prunes within each question, as the paper's text says; the
-   official code takes one top-k over the whole local batch (--prune-scope batch), so groups
-   with zero-std rewards (all |A| = 0) are pruned first. Both scopes keep N k = N floor(G (1 - P))
-   completions of N questions; the official code keeps B - int(B P) of B = N G, which is more
-   when G (1 - P) is not an integer (G 10, P 0.75, N 2: 4 here, 5 there).
-3. Dynamic allocation does what the official code's --allocation does (src/open_r1/
-   grpo_trainer_gsm.py and its sampler): G completions per question, advantages normalised over
-   those G, and 1/(1 - P) times more questions per step. (There a question gets
-   int(G (1 - P)) * int(1 / (1 - P)) completions, which is G only when both are integers.)
-4. ceil(budget / k) questions keep up to k - 1 completions more than the budget: these surplus
-   ones, the lowest-|A| among the kept (ties: the later row in batch order), are dropped too.
-5. --prune-metric largest and random (drop the largest |A|, or drop at random) are the paper's
-   ablation controls, not CPPO.
-6. Generation runs in this process with HF generate (the paper: vLLM on a separate GPU), so the
-   whole-step speedup is smaller than the update-phase speedup; both are logged (time/*).
+1. Defaults follow CPPO's runs (G 16, mu 2, beta 0.04, lr 1e-6, P 0.875); the loss is the paper's
+   per-sequence mean (--loss-type grpo), the official code's is bnpo.
+2. --prune-scope batch takes one top-k over the local batch (the official code; default: per question).
+3. The surplus of ceil(budget / k) questions, up to k - 1 completions, is dropped too (lowest |A|).
+4. Generation runs in this process (the paper: vLLM on its own GPU): the step gains less than the update.
 
 CPU (toy world, minutes):  python cppo.py
 GPU:                       python cppo.py --model Qwen2.5-1.5B-Instruct --dataset gsm8k
 """
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -45,6 +24,8 @@ import torch
 from tqdm import tqdm
 
 import common
+import plumbing
+import tasks
 from common import arg
 
 
@@ -88,7 +69,7 @@ class Args:
     dynamic_allocation: bool = arg(True, "sample ceil(budget / k) questions so the step trains on budget = prompts_per_step x G completions")
 
 
-# ALGO LOGIC: advantages, pruning and loss
+# ALGO LOGIC
 
 
 def compute_advantages(rewards, group_size: int, scale: str):
@@ -100,7 +81,7 @@ def compute_advantages(rewards, group_size: int, scale: str):
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
     elif scale == "batch":
-        centred = centred / (common.std_over_ranks(rewards) + 1e-4)  # (N, G)
+        centred = centred / (plumbing.std_over_ranks(rewards) + 1e-4)  # (N, G)
     return centred.reshape(-1)  # (B,)
 
 
@@ -109,20 +90,13 @@ def kept_per_group(group_size: int, prune_rate: float) -> int:
     return math.floor(round(group_size * (1 - prune_rate), 6))
 
 
-def select_completions(advantages, group_size: int, k: int, budget: int, scope: str, metric: str,
-                       generator=None):
-    """CPPO completion pruning (arXiv 2503.22342): the sorted row indices of the
-    completions to train on. Each completion gets a keep-score: |A_i| when the smallest |A| are
-    dropped (CPPO), -|A_i| when the largest are, a uniform draw for random. scope 'group' keeps
-    the k best of each group of G, 'batch' the N k best of the whole batch; of those, the
-    `budget` best are kept (dynamic allocation's surplus goes). Ties keep the earlier row."""
+def select_completions(advantages, group_size: int, k: int, budget: int, scope: str, metric: str, generator=None):
+    """CPPO completion pruning (arXiv 2503.22342): the sorted rows to train on. Keep-score |A_i| (CPPO drops
+    the smallest |A|), -|A_i| or a uniform draw (controls); the k best of each group ('group') or the N k
+    best of the batch ('batch'), then the `budget` best of those. Ties keep the earlier row."""
     abs_adv = advantages.abs()  # (B,)
-    if metric == "smallest":
-        score = abs_adv  # (B,)
-    elif metric == "largest":
-        score = -abs_adv  # (B,)
-    else:
-        score = torch.rand(abs_adv.shape, generator=generator).to(abs_adv.device)  # (B,)
+    score = (abs_adv if metric == "smallest" else -abs_adv if metric == "largest"
+             else torch.rand(abs_adv.shape, generator=generator).to(abs_adv.device))  # (B,) keep-score
     N = len(score) // group_size
     if scope == "group":
         order = torch.sort(score.view(N, group_size), dim=1, descending=True, stable=True).indices  # (N, G)
@@ -140,8 +114,8 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
         rho_t = exp(l_t - l_old_t),  k3_t = exp(l_ref_t - l_t) - (l_ref_t - l_t) - 1,
     aggregated by --loss-type. `n_seqs` and `n_tokens` are the whole step's (all micro-batches),
     so that the summed micro-batch losses equal the full-batch loss.
-    CPPO (arXiv 2503.22342) optimises the same objective over the kept completions only: the
-    average is over the k per question (1/k, not 1/G), so n_seqs and n_tokens count kept rows."""
+    CPPO (arXiv 2503.22342) optimises it over the kept completions only: n_seqs and n_tokens count
+    kept rows (the average is over the k per question, not over G)."""
     ratio = torch.exp(logp - old_logp)  # (b, T)
     A = advantages[:, None]  # (b, 1)
     clipped_ratio = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)  # (b, T)
@@ -164,63 +138,59 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
 
 def main():
     args = common.parse_args(Args)
-    common.check_common_args(args)
-    if args.num_iterations < 1:
-        common.die(f"--num-iterations must be at least 1 (got {args.num_iterations})")
+    common.check_args(args, num_iterations=1)
     if args.prune_rate < 0:  # CPPO:
-        common.die(f"--prune-rate must be in [0, 1) (got {args.prune_rate})")
+        plumbing.die(f"--prune-rate must be in [0, 1) (got {args.prune_rate})")
     if kept_per_group(args.group_size, args.prune_rate) < 1:  # CPPO:
-        common.die(f"--prune-rate {args.prune_rate} keeps no completion of a group of {args.group_size} "
-                   f"(floor(G (1 - P)) < 1): use at most 1 - 1/G = {1 - 1 / args.group_size:g}")
+        plumbing.die(f"--prune-rate {args.prune_rate} keeps no completion of a group of {args.group_size} "
+                     f"(floor(G (1 - P)) < 1): use at most 1 - 1/G = {1 - 1 / args.group_size:g}")
     common.check_available([args.model], args.dataset)  # offline: one line naming all that is missing
-    sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
-    eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
-    out = common.prepare_out(args, "cppo")
+    sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
+    eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
+    device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
+    run = plumbing.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G = args.group_size
     k = kept_per_group(G, args.prune_rate)  # CPPO: completions kept per question
-    budget = args.prompts_per_step // common.world_size() * (G if args.dynamic_allocation else k)  # CPPO: completions trained per step (per rank)
+    budget = args.prompts_per_step // plumbing.world_size() * (G if args.dynamic_allocation else k)  # CPPO: completions trained per step (per rank)
     n_questions = math.ceil(budget / k)  # CPPO: questions sampled per step (per rank)
 
-    start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
+    start_from = run.checkpoint_dir("policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
     ref = common.load_model(args.model, device, frozen=True, fsdp=args.fsdp)[0] if args.beta > 0 else None
-    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
+    plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)  # fused: one kernel a step
-    start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
-    logger = common.Logger(out, resume_step=start if args.resume else None)
+    start = run.resume(dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
 
     def evaluate(step):
         metrics = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k)
-        logger.log(step, metrics)
+        run.log(step, metrics)
         return metrics["eval/accuracy"]
 
-    acc0 = acc = evaluate(0) if start == 0 else logger.first("eval/accuracy")  # resumed: step 0's
+    acc0 = acc = evaluate(0) if start == 0 else run.first("eval/accuracy")  # resumed: step 0's
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
-               disable=common.rank() != 0)
+               disable=plumbing.rank() != 0)
     for step in bar:
         t_step = time.perf_counter()
         # 1. sample
-        with common.Timer() as t_gen:
-            rows = common.shard(sampler.next(n_questions * common.world_size()))  # this rank's questions
-            prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
+        with plumbing.Timer() as t_gen:
+            rows = plumbing.shard(sampler.next(n_questions * plumbing.world_size()))  # this rank's questions
+            prompts = [tasks.format_prompt(tok, r["question"], args.dataset) for r in rows]
             rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
         # 2. score
         golds = [r["answer"] for r in rows for _ in range(G)]
-        scores = common.rewards_for(rollout.texts, golds, args.format_coef)
+        scores = tasks.rewards_for(rollout.texts, golds, args.format_coef)
         rewards = scores.reward.to(device)  # (B,)
         # 3. ALGO LOGIC
-        advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,) on the full groups
+        advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)
         kept = select_completions(advantages, G, k, budget, args.prune_scope, args.prune_metric)  # (budget,)
-        dropped = torch.ones_like(rewards, dtype=torch.bool).index_fill(0, kept, False)  # (B,)
         sampled, abs_adv = rollout, advantages.abs()  # (B,) the whole sample, for logging
         rollout, advantages = rollout.select(kept), advantages[kept]  # (budget, T), (budget,) the only rows trained on
 
         # 4. update
-        with common.Timer() as t_upd:
+        with plumbing.Timer() as t_upd:
             batches = common.micro_batches(len(advantages), args.micro_batch_size)
             n_tokens = rollout.mask.sum()
-            n_seqs_all, n_tokens_all = len(advantages) * common.world_size(), common.all_sum(n_tokens)  # the step's
+            n_seqs_all, n_tokens_all = len(advantages) * plumbing.world_size(), plumbing.all_sum(n_tokens)  # the step's
             with torch.no_grad():
                 old = ([common.token_logprobs(model, rollout.select(i), args.temperature, args.logprob_chunk)
                         for i in batches] if args.num_iterations > 1 else None)
@@ -243,43 +213,42 @@ def main():
                     sums["entropy"] += (entropy * mb.mask).sum()
                     if s["kl"] is not None:
                         sums["kl"] += (s["kl"].detach() * mb.mask).sum()
-                grad_norm = common.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
-                common.check_finite(sums["loss"], step, out)
+                grad_norm = plumbing.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
+                run.check_finite(sums["loss"], step)
                 optimizer.step()
 
-        # 5. log, evaluate, save (train/reward, _std, completion_len, truncated_frac: every sampled
-        # completion; loss, clip_frac, entropy, kl, grad_norm: the kept ones that were trained on)
+        # 5. log, evaluate, save
         per_token = n_tokens * args.num_iterations
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
-            "train/loss": common.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
-            "train/zero_std_frac": zero_std, "train/completion_len": sampled.lengths.float().mean(),
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
+            "train/loss": plumbing.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
+            "train/zero_std_frac": zero_std, "train/completion_len": sampled.lengths.float().mean(),  # every sampled one
             "train/truncated_frac": sampled.truncated.float().mean(),
             "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens_all,
             "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
-            "cppo/questions": len(rows) * common.world_size(), "cppo/kept_frac": len(kept) / len(rewards),  # CPPO:
+            "cppo/questions": len(rows) * plumbing.world_size(), "cppo/kept_frac": len(kept) / len(rewards),  # CPPO:
             "cppo/reward_kept": rewards[kept].mean(), "cppo/abs_adv_kept": abs_adv[kept].mean(),  # CPPO:
         }
-        if dropped.any():  # CPPO: absent when nothing is pruned (P = 0)
-            metrics["cppo/abs_adv_dropped"] = abs_adv[dropped].mean()
+        if len(kept) < len(rewards):  # CPPO: absent when nothing is pruned (P = 0)
+            metrics["cppo/abs_adv_dropped"] = abs_adv[torch.ones_like(abs_adv, dtype=torch.bool).index_fill(0, kept, False)].mean()
         if ref is not None:
             metrics["train/kl"] = sums["kl"] / per_token
         metrics["time/step"] = time.perf_counter() - t_step
-        metrics = common.mean_over_ranks(metrics)
-        logger.log(step, metrics)
+        metrics = plumbing.mean_over_ranks(metrics)
+        run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
         if step % args.save_every == 0 or step == args.steps:
-            common.save_checkpoint(out, step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
+            run.save_checkpoint(step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")
 
-    common.save_final(out, {"": (model, tok)})
-    logger.close()
-    if common.rank() == 0:
-        print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({out})")
+    run.save_final({"": (model, tok)})
+    run.close()
+    if plumbing.rank() == 0:
+        print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({run.out})")
 
 
 if __name__ == "__main__":
-    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
+    plumbing.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

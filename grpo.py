@@ -19,7 +19,6 @@ CPU (toy world, minutes):  python grpo.py
 GPU:                       python grpo.py --model Qwen2.5-0.5B-Instruct --dataset gsm8k
 """
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -27,6 +26,8 @@ import torch
 from tqdm import tqdm
 
 import common
+import plumbing
+import tasks
 from common import arg
 
 
@@ -66,7 +67,7 @@ class Args:
     epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
 
 
-# ALGO LOGIC: advantages and loss
+# ALGO LOGIC
 
 
 def compute_advantages(rewards, group_size: int, scale: str):
@@ -78,7 +79,7 @@ def compute_advantages(rewards, group_size: int, scale: str):
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
     elif scale == "batch":
-        centred = centred / (common.std_over_ranks(rewards) + 1e-4)  # (N, G)
+        centred = centred / (plumbing.std_over_ranks(rewards) + 1e-4)  # (N, G)
     return centred.reshape(-1)  # (B,)
 
 
@@ -110,51 +111,48 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
 
 def main():
     args = common.parse_args(Args)
-    common.check_common_args(args)
-    if args.num_iterations < 1:
-        common.die(f"--num-iterations must be at least 1 (got {args.num_iterations})")
+    common.check_args(args, num_iterations=1)
     common.check_available([args.model], args.dataset)  # offline: one line naming all that is missing
-    sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
-    eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
-    out = common.prepare_out(args, "grpo")
+    sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
+    eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
+    device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
+    run = plumbing.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G = args.group_size
 
-    start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
+    start_from = run.checkpoint_dir("policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
     ref = common.load_model(args.model, device, frozen=True, fsdp=args.fsdp)[0] if args.beta > 0 else None
-    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
+    plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)  # fused: one kernel a step
-    start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
-    logger = common.Logger(out, resume_step=start if args.resume else None)
+    start = run.resume(dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
 
     def evaluate(step):
         metrics = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k)
-        logger.log(step, metrics)
+        run.log(step, metrics)
         return metrics["eval/accuracy"]
 
-    acc0 = acc = evaluate(0) if start == 0 else logger.first("eval/accuracy")  # resumed: step 0's
+    acc0 = acc = evaluate(0) if start == 0 else run.first("eval/accuracy")  # resumed: step 0's
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
-               disable=common.rank() != 0)
+               disable=plumbing.rank() != 0)
     for step in bar:
         t_step = time.perf_counter()
         # 1. sample
-        with common.Timer() as t_gen:
-            rows = common.shard(sampler.next(args.prompts_per_step))  # this rank's questions
-            prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
+        with plumbing.Timer() as t_gen:
+            rows = plumbing.shard(sampler.next(args.prompts_per_step))  # this rank's questions
+            prompts = [tasks.format_prompt(tok, r["question"], args.dataset) for r in rows]
             rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
         # 2. score
         golds = [r["answer"] for r in rows for _ in range(G)]
-        scores = common.rewards_for(rollout.texts, golds, args.format_coef)
+        scores = tasks.rewards_for(rollout.texts, golds, args.format_coef)
         rewards = scores.reward.to(device)  # (B,)
         # 3. ALGO LOGIC
         advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)
 
         # 4. update
-        with common.Timer() as t_upd:
-            batches = common.micro_batches(len(rewards), args.micro_batch_size)
+        with plumbing.Timer() as t_upd:
+            batches = common.micro_batches(len(advantages), args.micro_batch_size)
             n_tokens = rollout.mask.sum()
-            n_seqs_all, n_tokens_all = len(rewards) * common.world_size(), common.all_sum(n_tokens)  # the step's
+            n_seqs_all, n_tokens_all = len(advantages) * plumbing.world_size(), plumbing.all_sum(n_tokens)  # the step's
             with torch.no_grad():
                 old = ([common.token_logprobs(model, rollout.select(i), args.temperature, args.logprob_chunk)
                         for i in batches] if args.num_iterations > 1 else None)
@@ -177,16 +175,16 @@ def main():
                     sums["entropy"] += (entropy * mb.mask).sum()
                     if s["kl"] is not None:
                         sums["kl"] += (s["kl"].detach() * mb.mask).sum()
-                grad_norm = common.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
-                common.check_finite(sums["loss"], step, out)
+                grad_norm = plumbing.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
+                run.check_finite(sums["loss"], step)
                 optimizer.step()
 
         # 5. log, evaluate, save
         per_token = n_tokens * args.num_iterations
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
-            "train/loss": common.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
+            "train/loss": plumbing.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
             "train/truncated_frac": rollout.truncated.float().mean(),
             "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens_all,
@@ -195,20 +193,20 @@ def main():
         if ref is not None:
             metrics["train/kl"] = sums["kl"] / per_token
         metrics["time/step"] = time.perf_counter() - t_step
-        metrics = common.mean_over_ranks(metrics)
-        logger.log(step, metrics)
+        metrics = plumbing.mean_over_ranks(metrics)
+        run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
         if step % args.save_every == 0 or step == args.steps:
-            common.save_checkpoint(out, step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
+            run.save_checkpoint(step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")
 
-    common.save_final(out, {"": (model, tok)})
-    logger.close()
-    if common.rank() == 0:
-        print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({out})")
+    run.save_final({"": (model, tok)})
+    run.close()
+    if plumbing.rank() == 0:
+        print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({run.out})")
 
 
 if __name__ == "__main__":
-    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
+    plumbing.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

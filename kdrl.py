@@ -1,72 +1,28 @@
 """KDRL: Post-Training Reasoning LLMs via Unified Knowledge Distillation and Reinforcement
 Learning (arXiv 2506.02208).
 
-grpo.py plus a frozen teacher. On the same on-policy rollouts of the student pi_theta, the
-GRPO loss gets a second per-token term: beta_t times an estimate of the reverse KL
-KL(pi_theta || pi_T) to the teacher, so one update both follows the reward (self-exploration)
-and pulls the student towards the teacher where the student actually goes (on-policy KD).
+grpo.py plus a frozen teacher. On the same on-policy rollouts of the student pi_theta, the GRPO
+loss gets a second per-token term, beta_t times an estimate of the reverse KL(pi_theta || pi_T)
+to the teacher: one update both follows the reward and pulls the student towards the teacher
+where the student actually goes (on-policy KD).
 
-RECONSTRUCTED: there is no official code and the paper's method text could not be read; the
-objective below is reconstructed from the abstract (J = J_GRPO - beta_t * KL(pi_theta||pi_T),
-optimised by policy gradient) and the reported settings (docs/derivations.md §5). The exact
-form of the estimators, of the annealing schedule and of reward-guided masking is ours.
-- --kd-estimator: with R = sg(l_T) - l_theta per sampled token, k1 = -R (its expected gradient
-  is 0: kept only as a lesson), k2 = R^2 / 2 (expected gradient = grad KL(pi_theta||pi_T): the
-  default), k3 = e^R - R - 1 (expected gradient = grad of the FORWARD KL(pi_T||pi_theta)).
-  With --num-iterations > 1 the tokens come from pi_old, not pi_theta, so the KD term is
-  weighted by the detached ratio sg(rho_t) = pi_theta/pi_old (1 with one iteration): the
-  expectations above then hold on every iteration (importance sampling, unclipped).
-- --kd-anneal: beta_t = max(beta_0 - delta * t, beta_min), t = training steps already taken
-  (t = 0 at the first step); a step is one batch of rollouts, whatever --num-iterations, so
-  the iterations of a step share one beta_t.
-- --kd-mask: response = no KD on completions whose final answer is already correct;
-  group = KD only on prompts where no completion is correct. Correct is the grader's verdict,
-  never the reward (a format bonus alone does not count). The teacher scores only the
-  completions that keep KD.
+RECONSTRUCTED: there is no official code and the method text could not be read; the objective is
+rebuilt from the abstract and the reported settings. Ours (docs/kdrl.md): the estimators
+(--kd-estimator: k2, whose expected gradient is the reverse-KL one, by default), the annealing
+schedule (--kd-anneal) and the reward-guided masking rules (--kd-mask).
 
-Deviations from the paper (besides those of grpo.py, which apply here too):
-1. The KD term joins the GRPO term in one per-token loss before aggregation, so --loss-type
-   aggregates both the same way (a token masked from KD adds 0 but still counts in the
-   normaliser).
-2. The reference-model k3 penalty of grpo.py (--beta) is kept as it is; whether the paper kept
-   one is not known here (--beta 0 drops it and the reference model).
-3. Toy defaults of --kd-coef, --kd-coef-min and --kd-anneal-rate (1.0, 0.2, 0.01) are far
-   larger than the reported ones (the toy's KL is ~0.2 nats a token, its advantages ~1), so that
-   the KD gradient is as large as the GRPO one; annealed, the coefficient reaches its floor at
-   t = 80 as with the reported (5e-3, 1e-3, 5e-5).
-
---kd-loss sinkhorn: the KD term of SinKD (Sinkhorn Distance Minimization for Knowledge
-Distillation, arXiv 2402.17110) in place of the sampled-token KL estimate. From the official code
-(github.com/2018cx/SinKD, loss.py and GPT-Neo/lossd.py, class Sinkhorn): p_s = softmax(z_s / T),
-p_t = softmax(z_t / T), T = 2; cost W = cdist(p_s, p_t, p=1), the L1 distances between every
-student and every teacher distribution of a batch; kernel K = exp(-W / eps), eps = 0.1; 20
-alternating row and column normalisations of K give the plan P; loss sum(P * W), the gradient
-flowing through P and W. For a language model the batch is the completion positions. Ours:
-S1. The batch of the transport is a chunk of --logprob-chunk KD positions of a micro-batch (the
-    whole micro-batch when it fits: always on the toy), so its memory is bounded by the chunk;
-    a KD position's term depends on the other positions of its chunk, as SinKD's on its batch.
-S2. Top-k truncation (--sinkhorn-topk k): the L1 cost compares student position i with teacher
-    position j coordinate by coordinate, so all positions of a chunk need the same coordinates;
-    a per-position top-k would compare different tokens. Each chunk keeps the k tokens with the
-    largest teacher probability summed over its positions, plus one bucket holding the rest of
-    the mass, so every row is still a distribution; merging tokens can only lower an L1 distance,
-    by at most the two distributions' mass outside the k. kd/sinkhorn_coverage logs the teacher
-    mass kept (1 on the toy: 15 tokens).
-S3. Per position: each KD position's row c_i = sum_j P_ij W_ij is its KD term, aggregated by
-    --loss-type and scaled by --kd-coef like the KL term. P's marginals are 1 (as in the code),
-    so the mean of c_i over a chunk is the entropic transport cost between the uniform measures
-    on the chunk's student and teacher distributions; the code instead takes sum(P * W) times
-    0.0008 (0.001 for BERT).
-The official T0 script applies the loss to (batch, length, vocabulary) logits with the softmax
-over dim 1; we follow the reading above (positions as the batch, softmax over the vocabulary).
+Deviations (besides grpo.py's, which apply here too):
+1. The KD term joins the GRPO term in one per-token loss before aggregation (--loss-type).
+2. With --num-iterations > 1 the KD term is weighted by the detached ratio pi_theta/pi_old.
+3. grpo.py's k3 penalty to the initial policy (--beta) is kept; whether the paper kept one is unknown.
+4. Toy defaults of --kd-coef, --kd-coef-min, --kd-anneal-rate (1.0, 0.2, 0.01) are far larger than
+   the reported ones, so that the KD gradient is as large as the GRPO one on the toy.
 
 CPU (toy world, minutes):  python kdrl.py            (student toy-small, teacher toy-large)
 GPU:                       python kdrl.py --model Qwen2.5-0.5B-Instruct --teacher Qwen2.5-1.5B-Instruct
 Annealed (as reported):    add --kd-anneal --kd-coef 5e-3 (--kd-coef-min 1e-3 --kd-anneal-rate 5e-5)
-SinKD:                     add --kd-loss sinkhorn
 """
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -74,6 +30,8 @@ import torch
 from tqdm import tqdm
 
 import common
+import plumbing
+import tasks
 from common import arg
 
 
@@ -118,14 +76,9 @@ class Args:
     kd_coef_min: float = arg(1e-3, "floor of the annealed KD coefficient", toy=0.2)
     kd_anneal_rate: float = arg(5e-5, "decrease of the KD coefficient per training step (batch of rollouts) when annealing", toy=0.01)
     kd_mask: str = arg("none", "reward-guided KD: none, response (skip correct completions), group (only prompts with no correct completion)", choices=("none", "response", "group"))
-    kd_loss: str = arg("kl", "the KD term: kl (--kd-estimator on the sampled tokens) or sinkhorn (SinKD, arXiv 2402.17110: Sinkhorn distance between full distributions over a chunk of positions)", choices=("kl", "sinkhorn"))
-    sinkhorn_temperature: float = arg(2.0, "SinKD: softmax temperature of both distributions")
-    sinkhorn_eps: float = arg(0.1, "SinKD: entropic regularisation eps of the kernel exp(-W / eps)")
-    sinkhorn_iters: int = arg(20, "SinKD: Sinkhorn iterations (each normalises rows, then columns)")
-    sinkhorn_topk: int = arg(512, "SinKD: vocabulary entries kept per chunk (the k with the most teacher mass over its positions, plus one bucket for the rest)")
 
 
-# ALGO LOGIC: advantages and loss
+# ALGO LOGIC
 
 
 def compute_advantages(rewards, group_size: int, scale: str):
@@ -137,7 +90,7 @@ def compute_advantages(rewards, group_size: int, scale: str):
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
     elif scale == "batch":
-        centred = centred / (common.std_over_ranks(rewards) + 1e-4)  # (N, G)
+        centred = centred / (plumbing.std_over_ranks(rewards) + 1e-4)  # (N, G)
     return centred.reshape(-1)  # (B,)
 
 
@@ -151,7 +104,7 @@ def kd_coefficient(t: int, args) -> float:
 
 def kd_rows(correct, group_size: int, mode: str):
     """(B,) 1 for the completions that get the KD term (reward-guided KD), from `correct` (B,) bool:
-    the grader's verdict (common.Scores.correct), so that a format bonus never counts as correct."""
+    the grader's verdict (tasks.Scores.correct), so that a format bonus never counts as correct."""
     if mode == "response":  # the teacher is not needed where the answer is already right
         keep = ~correct  # (B,)
     elif mode == "group":  # only where RL has no signal: no correct completion in the group
@@ -168,7 +121,7 @@ def teacher_logprobs(teacher, rollout, idx, kd_row, args, vocab_size=None):
     mb = rollout.select(idx)
     out = torch.zeros_like(mb.mask)  # (b, T)
     keep = (kd_row[idx] > 0).cpu()  # (b,)
-    if common.is_sharded(teacher) and not keep.any():  # FSDP: a forward is collective, every rank joins it
+    if plumbing.is_sharded(teacher) and not keep.any():  # FSDP: a forward is collective, every rank joins it
         keep[0] = True  # (its log-probs are masked from KD all the same)
     if keep.any():
         lp = common.token_logprobs(teacher, rollout.select(idx[keep]), args.temperature, args.logprob_chunk,
@@ -187,58 +140,8 @@ def kd_term(logp, teacher_logp, kd_mask, estimator: str):
     return common.KL_ESTIMATORS[estimator](log_ratio), log_ratio  # (b, T), (b, T)
 
 
-@torch.no_grad()
-def teacher_states(teacher, rollout, idx):
-    """SinKD: the teacher's `common.completion_states` of micro-batch `idx` (every row; the KD
-    positions are picked in sinkhorn_term), from which its full distributions are made a chunk at
-    a time."""
-    return common.completion_states(teacher, rollout.select(idx))  # (b*T, D_T), (V_T, D_T)
-
-
-def sinkhorn_plan(K, iters: int):
-    """The transport plan from the kernel K (n, m): `iters` times, each row normalised to sum 1,
-    then each column (SinKD's code): the columns sum to 1 exactly, the rows approach 1."""
-    for _ in range(iters):
-        K = K / K.sum(1, keepdim=True)  # (n, m)
-        K = K / K.sum(0, keepdim=True)  # (n, m)
-    return K
-
-
-def sinkhorn_chunk(logits, teacher_logits, topk: int, eps: float, iters: int):
-    """SinKD on one chunk of n positions (a `fn` of common.paired_logits, logits already divided
-    by T): each student position's row sum_j P_ij W_ij of the transport to the teacher's
-    distributions, (n,), with the gradient through P and W; and the teacher mass the shared top-k
-    support keeps at each position, (n,)."""
-    with torch.no_grad():
-        q = torch.softmax(teacher_logits, -1)  # (n, V)
-        support = q.sum(0).topk(min(topk, q.shape[1])).indices  # (k,) the chunk's shared coordinates
-        q_k = q[:, support]  # (n, k)
-        q_k = torch.cat([q_k, (1 - q_k.sum(1, keepdim=True)).clamp(min=0)], 1)  # (n, k+1) the rest in one bucket
-    p = torch.softmax(logits, -1)  # (n, V)
-    p_k = p[:, support]  # (n, k)
-    p_k = torch.cat([p_k, (1 - p_k.sum(1, keepdim=True)).clamp(min=0)], 1)  # (n, k+1)
-    cost = torch.cdist(p_k, q_k, p=1)  # (n, n) W_ij = |p_s,i - p_t,j|_1
-    plan = sinkhorn_plan(torch.exp(-cost / eps), iters)  # (n, n) P
-    return (plan * cost).sum(1), q_k[:, :-1].sum(1)  # (n,), (n,)
-
-
-def sinkhorn_term(states, teacher_states, kd_mask, args, vocab=None):
-    """SinKD's KD term per token (arXiv 2402.17110; see the docstring): over the KD positions of a
-    micro-batch, a chunk of --logprob-chunk at a time, each position's row of its chunk's Sinkhorn
-    transport cost between the student's and the teacher's distributions at T = --sinkhorn-temperature,
-    (b, T), 0 off KD; and the teacher mass kept by the top-k support, (b, T)."""
-    keep = kd_mask.reshape(-1) > 0  # (b*T,)
-    (h, w), (h_teacher, w_teacher) = states, teacher_states
-    cost, coverage = common.paired_logits(
-        lambda z, z_teacher: sinkhorn_chunk(z, z_teacher, args.sinkhorn_topk, args.sinkhorn_eps, args.sinkhorn_iters),
-        (h[keep], w), (h_teacher[keep], w_teacher), args.logprob_chunk, args.sinkhorn_temperature, vocab)  # (n,), (n,)
-    zeros = torch.zeros_like(kd_mask).reshape(-1)  # (b*T,)
-    return (zeros.masked_scatter(keep, cost).view_as(kd_mask),
-            zeros.masked_scatter(keep, coverage).view_as(kd_mask))  # (b, T), (b, T)
-
-
 def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, n_tokens,
-                 teacher_logp, kd_mask, kd_coef: float, sinkhorn_cost=None):
+                 teacher_logp, kd_mask, kd_coef: float):
     """KDRL objective (arXiv 2506.02208; reconstructed): J = J_GRPO - beta_t KL(pi_theta||pi_T),
     as a loss to minimise, per token:
         L_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t + beta_t * sg(rho_t) kd_t M^KD_t,
@@ -246,8 +149,7 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
         kd_t = k(sg(l_T_t) - l_t) with k = --kd-estimator (see kd_term), M^KD = kd_mask,
     aggregated by --loss-type (both terms alike). sg(rho_t) reweights pi_old's tokens to pi_theta
     (1 in value with --num-iterations 1). `n_seqs` and `n_tokens` are the whole step's
-    (all micro-batches), so that the summed micro-batch losses equal the full-batch loss.
-    --kd-loss sinkhorn (SinKD, arXiv 2402.17110): kd_t = `sinkhorn_cost` (sinkhorn_term) instead."""
+    (all micro-batches), so that the summed micro-batch losses equal the full-batch loss."""
     ratio = torch.exp(logp - old_logp)  # (b, T)
     A = advantages[:, None]  # (b, 1)
     clipped_ratio = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)  # (b, T)
@@ -256,12 +158,8 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
     if ref_logp is not None:
         kl_policy_ref_k3 = common.kl_k3(ref_logp - logp)  # (b, T) estimates KL(pi_theta||pi_ref)
         per_token = per_token + args.beta * kl_policy_ref_k3  # (b, T)
-    if sinkhorn_cost is None:
-        kl_student_teacher, log_ratio_teacher_student = kd_term(logp, teacher_logp, kd_mask, args.kd_estimator)  # (b, T) KL(pi_theta||pi_T), 0 off KD
-        kd, kd_kl = kl_student_teacher, common.kl_k3(log_ratio_teacher_student.detach())  # k3: the unbiased KL value
-    else:  # SinKD
-        kd, kd_kl = sinkhorn_cost * kd_mask, None  # (b, T) 0 off KD
-    per_token = per_token + kd_coef * ratio.detach() * kd  # (b, T) sg(rho): samples of pi_old
+    kl_student_teacher, log_ratio_teacher_student = kd_term(logp, teacher_logp, kd_mask, args.kd_estimator)  # (b, T) KL(pi_theta||pi_T), 0 off KD
+    per_token = per_token + kd_coef * ratio.detach() * kl_student_teacher  # (b, T) sg(rho): samples of pi_old
     if args.loss_type == "grpo":  # mean over each sequence, then over sequences
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
     elif args.loss_type == "bnpo":  # token mean of this micro-batch, micro-batches averaged
@@ -271,62 +169,52 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
     else:  # dapo: token mean over the whole step
         loss = (per_token * mask).sum() / n_tokens
     is_clipped = ((ratio < 1 - args.epsilon) & (A < 0)) | ((ratio > 1 + args.epsilon_high) & (A > 0))  # (b, T)
-    return loss, dict(kl=kl_policy_ref_k3, clipped=is_clipped.float(), kd=kd, kd_kl=kd_kl)
+    return loss, dict(kl=kl_policy_ref_k3, clipped=is_clipped.float(), kd=kl_student_teacher,
+                      kd_kl=common.kl_k3(log_ratio_teacher_student.detach()))  # k3: the unbiased KL value
 
 
 def main():
     args = common.parse_args(Args)
-    common.check_common_args(args)
-    if args.num_iterations < 1:
-        common.die(f"--num-iterations must be at least 1 (got {args.num_iterations})")
+    common.check_args(args, num_iterations=1)
     if min(args.kd_coef, args.kd_coef_min, args.kd_anneal_rate) < 0:
-        common.die("--kd-coef, --kd-coef-min and --kd-anneal-rate must be non-negative")
+        plumbing.die("--kd-coef, --kd-coef-min and --kd-anneal-rate must be non-negative")
     if args.kd_anneal and args.kd_coef_min > args.kd_coef:
-        common.die(f"--kd-coef-min ({args.kd_coef_min}) must not exceed --kd-coef ({args.kd_coef}) when annealing")
-    sinkhorn = args.kd_loss == "sinkhorn"  # SinKD
-    if sinkhorn and (args.sinkhorn_temperature <= 0 or args.sinkhorn_eps <= 0 or args.sinkhorn_iters < 1
-                     or args.sinkhorn_topk < 1):
-        common.die("--sinkhorn-temperature and --sinkhorn-eps must be positive, --sinkhorn-iters and "
-                   "--sinkhorn-topk at least 1")
-    if sinkhorn and args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        common.die("--kd-loss sinkhorn does not run under --fsdp yet (the teacher's LM head is held between "
-                   "forwards); use data parallel")
+        plumbing.die(f"--kd-coef-min ({args.kd_coef_min}) must not exceed --kd-coef ({args.kd_coef}) when annealing")
     common.check_available([args.model, args.teacher], args.dataset)  # offline: one line naming all that is missing
-    sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
-    eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
-    out = common.prepare_out(args, "kdrl")
+    sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
+    eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
+    device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
+    run = plumbing.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G = args.group_size
 
-    start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
+    start_from = run.checkpoint_dir("policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
     ref = common.load_model(args.model, device, frozen=True, fsdp=args.fsdp)[0] if args.beta > 0 else None
     teacher, teacher_tok = common.load_model(args.teacher, device, frozen=True, fsdp=args.fsdp)  # KDRL
     vocab = common.shared_vocab(model, tok, teacher, teacher_tok, args.model, args.teacher)  # the student's rows
     common.warn_if_smaller(teacher, model, args.teacher, args.model)
-    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
+    plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)  # fused: one kernel a step
-    start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
-    logger = common.Logger(out, resume_step=start if args.resume else None)
+    start = run.resume(dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
 
     def evaluate(step):
         metrics = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k)
-        logger.log(step, metrics)
+        run.log(step, metrics)
         return metrics["eval/accuracy"]
 
-    acc0 = acc = evaluate(0) if start == 0 else logger.first("eval/accuracy")  # resumed: step 0's
+    acc0 = acc = evaluate(0) if start == 0 else run.first("eval/accuracy")  # resumed: step 0's
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
-               disable=common.rank() != 0)
+               disable=plumbing.rank() != 0)
     for step in bar:
         t_step = time.perf_counter()
         # 1. sample
-        with common.Timer() as t_gen:
-            rows = common.shard(sampler.next(args.prompts_per_step))  # this rank's questions
-            prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
+        with plumbing.Timer() as t_gen:
+            rows = plumbing.shard(sampler.next(args.prompts_per_step))  # this rank's questions
+            prompts = [tasks.format_prompt(tok, r["question"], args.dataset) for r in rows]
             rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
         # 2. score
         golds = [r["answer"] for r in rows for _ in range(G)]
-        scores = common.rewards_for(rollout.texts, golds, args.format_coef)
+        scores = tasks.rewards_for(rollout.texts, golds, args.format_coef)
         rewards = scores.reward.to(device)  # (B,)
         # 3. ALGO LOGIC
         advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)
@@ -334,58 +222,47 @@ def main():
         kd_coef = kd_coefficient(step - 1, args)
 
         # 4. update
-        with common.Timer() as t_upd:
-            batches = common.micro_batches(len(rewards), args.micro_batch_size)
+        with plumbing.Timer() as t_upd:
+            batches = common.micro_batches(len(advantages), args.micro_batch_size)
             n_tokens = rollout.mask.sum()
-            n_seqs_all, n_tokens_all = len(rewards) * common.world_size(), common.all_sum(n_tokens)  # the step's
+            n_seqs_all, n_tokens_all = len(advantages) * plumbing.world_size(), plumbing.all_sum(n_tokens)  # the step's
             n_kd_tokens = (rollout.mask * kd_row[:, None]).sum()  # KDRL
             with torch.no_grad():
                 old = ([common.token_logprobs(model, rollout.select(i), args.temperature, args.logprob_chunk)
                         for i in batches] if args.num_iterations > 1 else None)
                 refs = ([common.token_logprobs(ref, rollout.select(i), args.temperature, args.logprob_chunk)
                          for i in batches] if ref is not None else None)
-            if sinkhorn:  # SinKD: the teacher's states, where a micro-batch has KD rows
-                teachers = [teacher_states(teacher, rollout, i) if kd_row[i].any() else None for i in batches]
-            else:
-                teachers = [teacher_logprobs(teacher, rollout, i, kd_row, args, vocab) for i in batches]  # KDRL
+            teachers = [teacher_logprobs(teacher, rollout, i, kd_row, args, vocab) for i in batches]  # KDRL
             model.train()
-            sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, kd=0.0, kd_kl=0.0, coverage=0.0)
+            sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, kd=0.0, kd_kl=0.0)
             for _ in range(args.num_iterations):
                 optimizer.zero_grad(set_to_none=True)
                 for j, idx in enumerate(batches):
                     mb = rollout.select(idx)
-                    states = common.completion_states(model, mb)  # (b*T, D), (V, D)
                     logp, entropy = common.token_logprobs(model, mb, args.temperature, args.logprob_chunk,
-                                                          with_entropy=True, states=states)  # (b, T)
+                                                          with_entropy=True)  # (b, T)
                     old_logp = old[j] if old is not None else logp.detach()  # (b, T)
                     kd_mask = mb.mask * kd_row[idx][:, None]  # (b, T) KDRL
-                    sinkhorn_cost = None
-                    if sinkhorn:  # SinKD: the full distributions of both models, a chunk of KD positions at a time
-                        sinkhorn_cost, coverage = (sinkhorn_term(states, teachers[j], kd_mask, args, vocab)
-                                                   if teachers[j] is not None else (torch.zeros_like(logp),) * 2)
-                        sums["coverage"] += (coverage * kd_mask).sum()
                     loss, s = compute_loss(logp, old_logp, refs[j] if refs else None, advantages[idx],
-                                           mb.mask, args, n_seqs_all, n_tokens_all, teachers[j], kd_mask, kd_coef,
-                                           sinkhorn_cost)
+                                           mb.mask, args, n_seqs_all, n_tokens_all, teachers[j], kd_mask, kd_coef)
                     loss.backward()
                     sums["loss"] += loss.detach()
                     sums["clipped"] += (s["clipped"] * mb.mask).sum()
                     sums["entropy"] += (entropy * mb.mask).sum()
                     sums["kd"] += (s["kd"].detach() * kd_mask).sum()
-                    if s["kd_kl"] is not None:
-                        sums["kd_kl"] += (s["kd_kl"] * kd_mask).sum()
+                    sums["kd_kl"] += (s["kd_kl"] * kd_mask).sum()
                     if s["kl"] is not None:
                         sums["kl"] += (s["kl"].detach() * mb.mask).sum()
-                grad_norm = common.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
-                common.check_finite(sums["loss"], step, out)
+                grad_norm = plumbing.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
+                run.check_finite(sums["loss"], step)
                 optimizer.step()
 
         # 5. log, evaluate, save
         per_token = n_tokens * args.num_iterations
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
-            "train/loss": common.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
+            "train/loss": plumbing.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
             "train/truncated_frac": rollout.truncated.float().mean(),
             "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens_all,
@@ -394,28 +271,25 @@ def main():
         if ref is not None:
             metrics["train/kl"] = sums["kl"] / per_token
         n_kd = (n_kd_tokens * args.num_iterations).clamp(min=1)  # KDRL
-        metrics["kd/term"] = sums["kd"] / n_kd  # the --kd-estimator's value (k2: not a KL estimate); SinKD: transport cost
-        if sinkhorn:
-            metrics["kd/sinkhorn_coverage"] = sums["coverage"] / n_kd  # teacher mass on the top-k support
-        else:
-            metrics["kd/kl"] = sums["kd_kl"] / n_kd  # k3: unbiased estimate of KL(student||teacher)
+        metrics["kd/term"] = sums["kd"] / n_kd  # the --kd-estimator's value (k2: not a KL estimate)
+        metrics["kd/kl"] = sums["kd_kl"] / n_kd  # k3: unbiased estimate of KL(student||teacher)
         metrics["kd/coef"] = kd_coef
         metrics["kd/masked_frac"] = 1 - n_kd_tokens / n_tokens
         metrics["time/step"] = time.perf_counter() - t_step
-        metrics = common.mean_over_ranks(metrics)
-        logger.log(step, metrics)
+        metrics = plumbing.mean_over_ranks(metrics)
+        run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
         if step % args.save_every == 0 or step == args.steps:
-            common.save_checkpoint(out, step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
+            run.save_checkpoint(step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")
 
-    common.save_final(out, {"": (model, tok)})
-    logger.close()
-    if common.rank() == 0:
-        print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({out})")
+    run.save_final({"": (model, tok)})
+    run.close()
+    if plumbing.rank() == 0:
+        print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({run.out})")
 
 
 if __name__ == "__main__":
-    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
+    plumbing.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

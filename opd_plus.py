@@ -1,45 +1,26 @@
 """OPD+: on-policy distillation with the exact f-divergence gradient (arXiv 2606.01039).
 
-RECONSTRUCTED: there is no official code and the method is rebuilt from secondary sources;
-the framework below is checked numerically (tests/test_opd_plus.py proves, on a categorical
-policy, that the expected OPD+ gradient is exactly grad D_f and that plain OPD's is not).
+The student p_theta samples G completions per question and the frozen teacher q scores the same
+tokens. With u_t = q(y_t|.) / p_theta(y_t|.), the student minimises a Monte-Carlo estimate of
+D_f(q||p_theta) = E_{y~p_theta}[f(u)] with the surrogate -sg(A_t) * l_theta_t. Plain OPD (Thinking
+Machines' on-policy distillation) uses A_t = -f(u_t), whose expected gradient misses a term; OPD+
+uses A_t = -f(u_t) + u_t f'(u_t), the exact one (--estimator; --divergence picks f).
 
-On-policy distillation: the student p_theta (--model) samples G completions per question; the
-frozen teacher q (--teacher) scores the sampled tokens (one forward, no generation). With
-u_t = q(y_t|.) / p_theta(y_t|.) = exp(l_T - l_theta), the student minimises the Monte-Carlo
-estimate of D_f(q||p_theta) = E_{y~p_theta}[f(u)] with a stop-gradient surrogate
--sg(A_t) * l_theta_t. Plain OPD (Thinking Machines' on-policy distillation) uses A_t = -f(u_t),
-whose expected gradient misses a term; OPD+ uses A_t = w_f(u_t) = -f(u_t) + u_t f'(u_t), the
-exact one. --estimator switches between them, --divergence picks f (rkl, fkl, jsd, tv, alpha;
-default rkl, the OPD recipe and the best reported score). Logged: opd/divergence, the masked
-mean of f(u) (the Monte-Carlo D_f), and train/kl, a k3 estimate of KL(p_theta||q) that reads the
-same whatever --divergence is.
+RECONSTRUCTED: no official code; the method is rebuilt from secondary sources and checked
+numerically (tests/test_opd_plus.py: on a categorical policy the expected OPD+ gradient is exactly
+grad D_f, plain OPD's is not). The derivation and the table of advantages: docs/opd_plus.md.
 
-Deviations from the paper, and choices of this reconstruction:
-1. Per-token advantages with no return-to-go (discount 0, as in OPD): the gradient is exact for
-   each position's divergence given its prefix; how a token changes later positions' divergences
-   is not credited.
-2. log u is clipped to +-6 (--log-ratio-clip) before f is applied, as the secondary sources
-   advise: forward KL's advantage u is unbounded. Where the clip binds the estimator is biased
-   but bounded (logged as opd/log_u_clip_frac).
-3. One update per batch of rollouts (no PPO ratio or clipping): the estimators need samples from
-   the current student. Sampling is at T = 1, top_p = 1, top_k = 0, no repetition penalty,
-   whatever the model's generation_config says; on-policy estimators assume T = 1 (--temperature
-   other than 1 distils into the tempered student; the teacher is always scored at T = 1).
-4. --loss-type defaults to dapo, the token mean over the whole step: every token weighs the
-   same, as in the per-token objective, with the normalisation of the logged opd/divergence.
-   A constant shift of A (rkl's -1) then has ~zero expected gradient (exactly zero with dr_grpo's
-   constant normaliser); the per-sequence mean (grpo) biases it, since its 1/|o| weight depends
-   on each sampled length.
-5. --reward-coef c > 0 adds the verifiable reward as c * (r_i - mean_group r) to every token of
-   completion i: centred within its group like GRPO's, but not divided by the std (no z-scoring).
-   The distillation term needs no group; G >= 2 is still required, as in every script.
+Deviations from the paper:
+1. Per-token advantages, no return-to-go: each position's divergence given its prefix is exact.
+2. log u is clipped to +-6 (--log-ratio-clip) before f: biased where it binds, but bounded.
+3. One update per batch, no PPO ratio or clipping; sampled at T = 1 (the teacher scored at T = 1).
+4. --loss-type dapo by default (every token weighs the same, as in the per-token objective).
+5. --reward-coef c > 0 adds c (r_i - mean_group r) to every token's advantage (not z-scored).
 
 CPU (toy world, minutes):  python opd_plus.py --divergence fkl
 GPU:                       python opd_plus.py --model Qwen2.5-0.5B-Instruct --teacher Qwen2.5-1.5B-Instruct --dataset gsm8k
 """
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -47,6 +28,8 @@ import torch
 from tqdm import tqdm
 
 import common
+import plumbing
+import tasks
 from common import arg
 
 
@@ -87,7 +70,7 @@ class Args:
     loss_type: str = arg("dapo", "token aggregation of the loss", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
 
 
-# ALGO LOGIC: advantages and loss
+# ALGO LOGIC
 
 
 def reward_advantages(rewards, group_size: int):
@@ -137,54 +120,53 @@ def compute_loss(logp, teacher_logp, seq_advantages, mask, args, n_seqs: int, n_
 
 def main():
     args = common.parse_args(Args)
-    common.check_common_args(args)
+    common.check_args(args)
     if args.log_ratio_clip <= 0:
-        common.die(f"--log-ratio-clip must be positive (got {args.log_ratio_clip})")
+        plumbing.die(f"--log-ratio-clip must be positive (got {args.log_ratio_clip})")
     common.f_divergence(args.divergence, args.alpha)  # refuses --alpha 0 or 1 before any loading
     common.check_available([args.model, args.teacher], args.dataset)  # offline: one line naming all that is missing
-    sampler = common.PromptSampler(common.load_data(args.dataset, "train"), args.seed)
-    eval_rows = common.load_data(args.dataset, "eval")[:args.eval_size]
-    device = common.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
-    out = common.prepare_out(args, "opd_plus")
+    sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
+    eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
+    device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
+    run = plumbing.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G = args.group_size
 
-    start_from = os.path.join(out, "checkpoint", "policy") if args.resume else args.model
+    start_from = run.checkpoint_dir("policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
     teacher, teacher_tok = common.load_model(args.teacher, device, frozen=True, fsdp=args.fsdp)
     vocab = common.shared_vocab(model, tok, teacher, teacher_tok, args.model, args.teacher)  # the student's rows
     common.warn_if_smaller(teacher, model, args.teacher, args.model)
-    common.seed_everything(args.seed + common.rank())  # after loading; ranks sample different completions
+    plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)  # fused: one kernel a step
-    start = common.load_checkpoint(out, dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
-    logger = common.Logger(out, resume_step=start if args.resume else None)
+    start = run.resume(dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
 
     def evaluate(step):
         metrics = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k)
-        logger.log(step, metrics)
+        run.log(step, metrics)
         return metrics["eval/accuracy"]
 
-    acc0 = acc = evaluate(0) if start == 0 else logger.first("eval/accuracy")  # resumed: step 0's
+    acc0 = acc = evaluate(0) if start == 0 else run.first("eval/accuracy")  # resumed: step 0's
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
-               disable=common.rank() != 0)
+               disable=plumbing.rank() != 0)
     for step in bar:
         t_step = time.perf_counter()
         # 1. sample
-        with common.Timer() as t_gen:
-            rows = common.shard(sampler.next(args.prompts_per_step))  # this rank's questions
-            prompts = [common.format_prompt(tok, r["question"], args.dataset) for r in rows]
+        with plumbing.Timer() as t_gen:
+            rows = plumbing.shard(sampler.next(args.prompts_per_step))  # this rank's questions
+            prompts = [tasks.format_prompt(tok, r["question"], args.dataset) for r in rows]
             rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
         # 2. score
         golds = [r["answer"] for r in rows for _ in range(G)]
-        scores = common.rewards_for(rollout.texts, golds, args.format_coef)
+        scores = tasks.rewards_for(rollout.texts, golds, args.format_coef)
         rewards = scores.reward.to(device)  # (B,)
         # 3. ALGO LOGIC
         advantages = reward_advantages(rewards, G)  # (B,)
 
         # 4. update
-        with common.Timer() as t_upd:
-            batches = common.micro_batches(len(rewards), args.micro_batch_size)
+        with plumbing.Timer() as t_upd:
+            batches = common.micro_batches(len(advantages), args.micro_batch_size)
             n_tokens = rollout.mask.sum()
-            n_seqs_all, n_tokens_all = len(rewards) * common.world_size(), common.all_sum(n_tokens)  # the step's
+            n_seqs_all, n_tokens_all = len(advantages) * plumbing.world_size(), plumbing.all_sum(n_tokens)  # the step's
             with torch.no_grad():  # OPD+: the teacher scores the student's tokens (q at T = 1)
                 teacher_logps = [common.token_logprobs(teacher, rollout.select(i), 1.0, args.logprob_chunk, vocab)
                                  for i in batches]
@@ -204,8 +186,8 @@ def main():
                 sums["divergence"] += (s["divergence"] * mb.mask).sum()
                 sums["adv"] += (s["advantage"] * mb.mask).sum()
                 sums["adv_sq"] += (s["advantage"] ** 2 * mb.mask).sum()
-            grad_norm = common.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
-            common.check_finite(sums["loss"], step, out)
+            grad_norm = plumbing.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
+            run.check_finite(sums["loss"], step)
             optimizer.step()
 
         # 5. log, evaluate, save
@@ -213,8 +195,8 @@ def main():
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         adv_mean = sums["adv"] / per_token
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": common.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
-            "train/loss": common.all_sum(sums["loss"]), "train/kl": sums["kl"] / per_token,
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
+            "train/loss": plumbing.all_sum(sums["loss"]), "train/kl": sums["kl"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
             "train/truncated_frac": rollout.truncated.float().mean(),
             "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens_all,
@@ -224,20 +206,20 @@ def main():
             "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
         }
         metrics["time/step"] = time.perf_counter() - t_step
-        metrics = common.mean_over_ranks(metrics)
-        logger.log(step, metrics)
+        metrics = plumbing.mean_over_ranks(metrics)
+        run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
         if step % args.save_every == 0 or step == args.steps:
-            common.save_checkpoint(out, step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
+            run.save_checkpoint(step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")
 
-    common.save_final(out, {"": (model, tok)})
-    logger.close()
-    if common.rank() == 0:
-        print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({out})")
+    run.save_final({"": (model, tok)})
+    run.close()
+    if plumbing.rank() == 0:
+        print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({run.out})")
 
 
 if __name__ == "__main__":
-    common.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
+    plumbing.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

@@ -52,9 +52,9 @@ ROWS = [
      "(DPH-RL's baseline: the same loss on every question)"),
     ("DPH-RL forward", "dph_rl.py", [], "Pass@16 kept near base where GRPO falls (SQL, Llama-3.1-8B)"),
     ("DPH-RL js", "dph_rl.py", ["--divergence", "js", "--eta", "0.1"], "Bird Pass@16: base 75.0, GRPO 67.7, DPH-JS 72.4"),
-    ("CoDistill BD-KD", "codistill.py", ["--kd-divergence", "bdkd"],
+    ("CoDistill BD-KD", "bdkd.py", [],
      "BD-KD (online KD, CIFAR/ImageNet CNNs): the student's accuracy and calibration (ECE) both improve"),
-    ("KDRL SinKD", "kdrl.py", ["--kd-loss", "sinkhorn"], "SinKD (BERT on GLUE, T0, GPT-Neo): beats KL, RKL and JS KD"),
+    ("KDRL SinKD", "sinkd.py", [], "SinKD (BERT on GLUE, T0, GPT-Neo): beats KL, RKL and JS KD"),
     ("GRPO large", "grpo.py", ["--model", "{large}"], "the baseline of CoDistill's large model"),
     ("GRPO G=16", "grpo.py", ["--group-size", "16"], "(CPPO's setting: G = 16)"),
     ("CPPO G=16 P=0.875", "cppo.py", ["--group-size", "16", "--prune-rate", "0.875"], "k = 2 of 16: 4.89x faster (vLLM on its own GPU)"),
@@ -65,8 +65,9 @@ TOY_ONLY = {"CPPO P=0.5", "CPPO P=0.875 no allocation", "GRPO G=16", "CPPO G=16 
 CODISTILL_CLAIMS = {"small": "+6.0 over GRPO (Minerva, 1.5B)", "large": "nearly GRPO's accuracy, ~18% less time (7B)"}
 MODEL_FLAGS = {  # each script's models in a regime (a row's own --model comes later and wins)
     "grpo.py": ["--model", "{small}"], "cppo.py": ["--model", "{small}"],
-    "kdrl.py": ["--model", "{small}", "--teacher", "{large}"], "opd_plus.py": ["--model", "{small}", "--teacher", "{large}"],
-    "codistill.py": ["--small", "{small}", "--large", "{large}"], "dph_rl.py": ["--model", "{small}"],
+    "kdrl.py": ["--model", "{small}", "--teacher", "{large}"], "sinkd.py": ["--model", "{small}", "--teacher", "{large}"],
+    "opd_plus.py": ["--model", "{small}", "--teacher", "{large}"], "codistill.py": ["--small", "{small}", "--large", "{large}"],
+    "bdkd.py": ["--small", "{small}", "--large", "{large}"], "dph_rl.py": ["--model", "{small}"],
 }
 # regime: its models, its dataset, the accuracy whose time-to-reach the table reports
 REGIMES = {
@@ -203,10 +204,10 @@ def main():
         sys.exit(f"error: --only matches no row; rows: {', '.join(r[0] for r in ROWS)}")
 
     sys.path.insert(0, ROOT)
-    import common
+    import tasks
     for regime in opts.regime:  # every toy model there, before the parallel runs (one clear line if not)
         for size in ("small", "large"):
-            common.toy_path(REGIMES[regime][size])
+            tasks.toy_path(REGIMES[regime][size])
     jobs = [(regime, name, script, flags, seed) for regime in opts.regime for name, script, flags, _ in rows
             for seed in opts.seeds if regime == "toy" or name not in TOY_ONLY]
     t0 = time.time()
@@ -240,7 +241,7 @@ def main():
             own = name == "CoDistill"  # the other codistill rows carry their own claim, for the small model
             for prefix, label, c in ((("small/", f"{name} small", CODISTILL_CLAIMS["small"] if own else claim),
                                       ("large/", f"{name} large", CODISTILL_CLAIMS["large"] if own else ""))
-                                     if script == "codistill.py" else (("", name, claim),)):
+                                     if script in ("codistill.py", "bdkd.py") else (("", name, claim),)):
                 runs = [dict(read_run(out, prefix), rss=rss) for out, rss in mine]
                 results.append((label, runs, c))
         by = {name: runs for name, runs, _ in results}

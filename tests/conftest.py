@@ -60,10 +60,10 @@ def read_metrics(out):
 @pytest.fixture
 def other_tokenizer(tmp_path):
     """A copy of toy-small whose tokenizer has one token more: a partner that must be refused."""
-    import common
+    import tasks
     from transformers import AutoTokenizer
     path = tmp_path / "toy-small-other-tokenizer"
-    shutil.copytree(common.toy_path("toy-small"), path)
+    shutil.copytree(tasks.toy_path("toy-small"), path)
     tok = AutoTokenizer.from_pretrained(path)
     tok.add_tokens(["x"])
     tok.save_pretrained(path)
@@ -75,9 +75,10 @@ def models_and_rollout():
     """toy-small and toy-large, their tokenizer, and a rollout of toy-small: 3 questions x 4 (12 rows)."""
     import torch
     import common
+    import tasks
     device = torch.device("cpu")
     small, tok = common.load_model("toy-small", device)
     large, _ = common.load_model("toy-large", device)
     torch.manual_seed(0)
-    prompts = [common.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01")]
+    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01")]
     return small, large, tok, common.sample(small, tok, prompts, 4, 8)

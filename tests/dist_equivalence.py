@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import plumbing  # noqa: E402
 
 real_sample = common.sample
 real_load = common.load_model
@@ -44,7 +45,7 @@ def sample_per_question(model, tok, prompts, group_size, max_new_tokens, tempera
     for p in prompts:
         torch.manual_seed(zlib.crc32(p.encode()) + 1_000_003 * calls[0] + 7_000_003 * evaluating[0])
         parts.append(real_sample(model, tok, [p], group_size, max_new_tokens, temperature))
-    return common.cat_rollouts(parts, tok.pad_token_id)
+    return common.Rollout.cat(parts, tok.pad_token_id)
 
 
 def evaluate_numbered(*args, **kwargs):
@@ -77,8 +78,8 @@ def run_case(script, argv, patched=True):
     sys.argv = [script + ".py", *argv]
     importlib.import_module(script).main()
     out = argv[argv.index("--out") + 1]
-    with open(os.path.join(out, f"params-rank{common.rank()}.json"), "w") as f:
-        json.dump([dict(sharded=common.is_sharded(m), total=sum(p.numel() for p in m.parameters()),
+    with open(os.path.join(out, f"params-rank{plumbing.rank()}.json"), "w") as f:
+        json.dump([dict(sharded=plumbing.is_sharded(m), total=sum(p.numel() for p in m.parameters()),
                         local=sum(local_numel(p) for p in m.parameters())) for m in loaded], f)
     loaded.clear()
     if dist.is_initialized():
@@ -97,9 +98,9 @@ if __name__ == "__main__":
     for case in cases:
         try:
             run_case(case["script"], case["argv"], case.get("patched", True))
-            if log and common.rank() == 0:
+            if log and plumbing.rank() == 0:
                 open(os.path.join(log, case["name"] + ".ok"), "w").close()
-        except (Exception, SystemExit):  # SystemExit: common.die, a mistake in the flags
+        except (Exception, SystemExit):  # SystemExit: plumbing.die, a mistake in the flags
             traceback.print_exc()
             if log:
                 with open(os.path.join(log, f"{case['name']}.error-rank{os.environ.get('RANK', 0)}.txt"), "w") as f:

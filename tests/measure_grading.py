@@ -1,4 +1,4 @@
-"""Measure common.is_correct on the full public sets (not a test: pytest does not collect it).
+"""Measure tasks.is_correct on the full public sets (not a test: pytest does not collect it).
 
 Needs local copies (no download here):
   MATH-500   prm800k/math_splits/test.jsonl of github.com/openai/prm800k (problem, solution, answer)
@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import tasks  # noqa: E402
 
 FRAC = re.compile(r"^(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
 FRAC_BARE = re.compile(r"^(-?)\\frac ?(\d)(\d)$")
@@ -86,7 +86,7 @@ def equivalent(gold):
     if m:
         out += [("C for \\text{(C)}", box(m.group(1))), ("(C) for \\text{(C)}", box(f"({m.group(1)})"))]
     parts = [p.strip() for p in g.split(",")]
-    if (len(parts) >= 2 and not common.THOUSANDS.fullmatch(g) and not re.search(r"[()\[\]{}]", g)
+    if (len(parts) >= 2 and not tasks.THOUSANDS.fullmatch(g) and not re.search(r"[()\[\]{}]", g)
             and all(re.fullmatch(r"-?\d+", p) for p in parts)):
         out.append(("list in another order", box(", ".join(reversed(parts)))))
     return out
@@ -105,7 +105,7 @@ def wrong(gold, other):
         if abs(n) >= 1000:
             out.append(("another number with {,}", box(f"{n + 10:,}".replace(",", "{,}"))))
     parts = [p.strip() for p in g.split(",")]
-    if len(parts) >= 2 and not common.THOUSANDS.fullmatch(g) and all(re.fullmatch(r"-?\d+", p) for p in parts):
+    if len(parts) >= 2 and not tasks.THOUSANDS.fullmatch(g) and all(re.fullmatch(r"-?\d+", p) for p in parts):
         out += [("list digits run together", box("".join(parts))), ("list missing one", box(", ".join(parts[:-1])))]
     if re.fullmatch(r"-?\d*\.\d+", g):
         out.append(("decimal point dropped", box(g.replace(".", ""))))
@@ -118,7 +118,7 @@ def wrong(gold, other):
             out.append(("fraction inverted", box(f"{sign}\\frac{{{b}}}{{{a}}}")))
     if "\\sqrt" in g:
         out.append(("root dropped", box(re.sub(r"\\sqrt\{?(\d+)\}?", r"\1", g))))
-    if common.tidy_answer(other) != common.tidy_answer(g):
+    if tasks.tidy_answer(other) != tasks.tidy_answer(g):
         out.append(("another problem's answer", box(other)))
     out.append(("empty box", "\\boxed{}"))
     return out
@@ -131,12 +131,12 @@ def rate(counter):
 def step_time(rows, rng, when):
     """A step's grading: 256 completions (an equivalent and a wrong rewrite for 128 problems),
     one rewards_for call, math-verify's caches empty (imported before: a run pays that once)."""
-    common.is_correct("\\boxed{x}", "y")
+    tasks.is_correct("\\boxed{x}", "y")
     picks = [(rng.choice(make)[1], r["answer"]) for r in rng.sample(rows, 128)
              for make in (equivalent(r["answer"]), wrong(r["answer"], rng.choice(rows)["answer"]))]
-    common._parsed.cache_clear()
+    tasks._parsed.cache_clear()
     t, cpu = time.perf_counter(), time.process_time()
-    s = common.rewards_for([c for c, _ in picks], [g for _, g in picks])
+    s = tasks.rewards_for([c for c, _ in picks], [g for _, g in picks])
     print(f"rewards_for on 256 MATH-500 completions, {when}: {time.perf_counter() - t:.2f} s "
           f"({time.process_time() - cpu:.2f} s CPU), "
           f"accuracy {s.correct.float().mean():.2f}, grade_errors {s.grade_errors}")
@@ -157,8 +157,8 @@ def main():
     def grade(c, g):
         t = time.process_time()
         try:
-            v = common.is_correct(c, g)
-        except common.GradingError:
+            v = tasks.is_correct(c, g)
+        except tasks.GradingError:
             v, errors[0] = None, errors[0] + 1
         times.append(time.process_time() - t)
         return v
@@ -168,7 +168,7 @@ def main():
         ref = [r for r in rows if not grade(r["solution"], r["answer"])]
         print(f"MATH-500 reference solutions graded correct: {len(rows) - len(ref)}/{len(rows)}")
         for r in ref[:a.show]:
-            print("   missed:", repr(r["answer"]), "from", repr(common.extract_answer(r["solution"])))
+            print("   missed:", repr(r["answer"]), "from", repr(tasks.extract_answer(r["solution"])))
         for name, make, want in (("equivalent rewrites accepted", lambda r, o: equivalent(r["answer"]), True),
                                  ("wrong rewrites rejected", lambda r, o: wrong(r["answer"], o["answer"]), False)):
             by_kind, fails = collections.defaultdict(lambda: [0, 0]), []
@@ -186,7 +186,7 @@ def main():
                 print("   failed:", f)
     if a.gsm8k:
         rows = [json.loads(line) for line in open(a.gsm8k)]
-        bad = [r for r in rows if not grade(r["answer"], common.gold_answer(r["answer"]))]
+        bad = [r for r in rows if not grade(r["answer"], tasks.gold_answer(r["answer"]))]
         print(f"GSM8K reference solutions graded correct: {len(rows) - len(bad)}/{len(rows)}")
     if a.gsm8k_solutions:
         agree, n, fails = 0, 0, []

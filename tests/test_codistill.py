@@ -10,6 +10,7 @@ import torch
 
 import codistill
 import common
+import plumbing
 from conftest import assert_user_error, read_metrics, run_main, run_script
 
 
@@ -92,9 +93,11 @@ def test_no_gradient_crosses_between_the_models(models_and_rollout):
         small_old = [common.token_logprobs(small, rollout.select(i)) for i in batches]
     s0 = [p.detach().clone() for p in small.parameters()]
     adv_large, _ = codistill.large_advantages(rewards, None, 4, "group")
-    pieces = [(rollout.select(i), adv_large[i], None, small_old[j], None) for j, i in enumerate(batches)]
+    pieces = [(rollout.select(i), adv_large[i], None, small_old[j]) for j, i in enumerate(batches)]
     vocab = small.get_output_embeddings().weight.shape[0]
-    large_logp, stats = codistill.update(large, large_opt, pieces, args, vocab, 1, "unused")
+    run = SimpleNamespace(out="unused")  # what update needs of a Run: its NaN stop
+    run.check_finite = lambda loss, step: plumbing.Run.check_finite(run, loss, step)
+    large_logp, stats = codistill.update(large, large_opt, pieces, args, vocab, 1, run)
     assert all(p.grad is None for p in small.parameters())
     assert all(torch.equal(a, b) for a, b in zip(s0, small.parameters()))
     assert all(not lp.requires_grad for lp in large_logp)
@@ -109,8 +112,8 @@ def test_no_gradient_crosses_between_the_models(models_and_rollout):
     kl = torch.cat([common.masked_mean(small_old[j] - large_logp[j], rollout.select(i).mask, 1)
                     for j, i in enumerate(batches)])  # (B,)
     adv_small = codistill.compute_advantages(codistill.kd_rewards(rewards, kl, 0.5), 4, "group")
-    pieces = [(rollout.select(i), adv_small[i], small_old[j], None, None) for j, i in enumerate(batches)]
-    codistill.update(small, small_opt, pieces, args, vocab, 1, "unused")
+    pieces = [(rollout.select(i), adv_small[i], small_old[j], None) for j, i in enumerate(batches)]
+    codistill.update(small, small_opt, pieces, args, vocab, 1, run)
     assert all(torch.equal(a, b) for a, b in zip(l_params, large.parameters()))
     assert all(torch.equal(a, b.grad) for a, b in zip(l_grads, large.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(s0, small.parameters()))  # S did learn
@@ -144,7 +147,7 @@ def test_codistill_end_to_end_with_resume(tmp_path):
             assert key in r and math.isfinite(r[key]), key
         assert r["small/kd_kl"] > 0  # a k1 mean: single tokens can be negative
         # capped tokens weigh C = 2 and the others more than 0; the mean of min(pi_L/pi_S, C) over
-        # S's tokens estimates a number <= sum_y pi_L(y) = 1 (docs/derivations.md §6)
+        # S's tokens estimates a number <= sum_y pi_L(y) = 1 (docs/codistill.md)
         assert 2 * r["large/is_capped_frac"] < r["large/is_weight"] < 1.1 and r["large/is_capped_frac"] > 0
     keys = ("train/reward", "small/kd_kl", "large/is_weight")
     assert [[r[k] for k in keys] for r in train] == [[r[k] for k in keys] for r in b if "train/reward" in r]

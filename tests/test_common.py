@@ -1,12 +1,19 @@
 """common.py: the math against closed forms and autograd, parsing, masks, loading, logging."""
 
+import dataclasses
 import json
 import os
+import random
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import common
+import plumbing
+import tasks
+from reference import naive_token_logprobs
 
 
 # ---------------------------------------------------------------- answers and rewards
@@ -24,7 +31,7 @@ import common
     ("-3 is it", "-3"),
 ])
 def test_correct_answers(completion, gold):
-    assert common.is_correct(completion, gold)
+    assert tasks.is_correct(completion, gold)
 
 
 @pytest.mark.parametrize("completion, gold", [
@@ -35,20 +42,20 @@ def test_correct_answers(completion, gold):
     ("", "0"),
 ])
 def test_wrong_answers(completion, gold):
-    assert not common.is_correct(completion, gold)
+    assert not tasks.is_correct(completion, gold)
 
 
 def test_gold_answers_of_real_formats():
     gsm8k = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether she sold 48+24 = <<48+24=72>>72.\n#### 1,072"
-    assert common.gold_answer(gsm8k) == "1,072"
+    assert tasks.gold_answer(gsm8k) == "1,072"
     math_solution = "So $f(2) = \\boxed{\\frac{a^{2}}{b}}$. Earlier we had \\boxed{3}? No: final \\boxed{\\frac{a^{2}}{b}}."
-    assert common.last_boxed(math_solution) == "\\frac{a^{2}}{b}"
-    assert common.last_boxed("\\boxed{unclosed") is None
-    assert common.extract_answer("x \\fbox{7}") == "7"
+    assert tasks.last_boxed(math_solution) == "\\frac{a^{2}}{b}"
+    assert tasks.last_boxed("\\boxed{unclosed") is None
+    assert tasks.extract_answer("x \\fbox{7}") == "7"
 
 
 def test_rewards_and_format_bonus():
-    s = common.rewards_for(["\\boxed{4}", "4", "#### 5", "nothing"], ["4", "4", "4", "4"], format_coef=0.25)
+    s = tasks.rewards_for(["\\boxed{4}", "4", "#### 5", "nothing"], ["4", "4", "4", "4"], format_coef=0.25)
     assert s.reward.tolist() == [1.25, 1.0, 0.25, 0.0]
     assert s.correct.tolist() == [True, True, False, False] and s.grade_errors == 0
 
@@ -81,7 +88,7 @@ def test_masked_mean():
 
 def toy_tokenizer():
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(common.toy_path("toy-small"))
+    return AutoTokenizer.from_pretrained(tasks.toy_path("toy-small"))
 
 
 def tiny_model(vocab=40, seed=0):
@@ -108,7 +115,7 @@ def random_rollout(vocab=40, B=5, P=6, T=7, seed=0):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_logprobs_equal_naive_values_and_gradients(chunk, temperature):
     model, ro = tiny_model(), random_rollout()
-    naive = common.naive_token_logprobs(model, ro, temperature)  # (B, T)
+    naive = naive_token_logprobs(model, ro, temperature)  # (B, T)
     chunked, ent = common.token_logprobs(model, ro, temperature, chunk_size=chunk, with_entropy=True)
     torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=1e-5)
     # gradients through the checkpointed chunks equal the naive ones
@@ -268,24 +275,24 @@ def test_jsonl_dataset(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(dict(question="1+1?", answer="It is 2.\n#### 2")) + "\n\n"
                     + json.dumps(dict(question="2+2?", answer="4")) + "\n")
-    rows = common.load_data(str(path), "train")
+    rows = tasks.load_data(str(path), "train")
     assert rows == [dict(question="1+1?", answer="2"), dict(question="2+2?", answer="4")]
     with pytest.raises(SystemExit):
-        common.load_data(str(tmp_path / "missing.jsonl"), "train")
+        tasks.load_data(str(tmp_path / "missing.jsonl"), "train")
     with pytest.raises(SystemExit):
-        common.load_data("imagenet", "train")
+        tasks.load_data("imagenet", "train")
 
 
 def test_toy_data_splits_are_disjoint():
-    train, ev = common.load_data("toy", "train"), common.load_data("toy", "eval")
-    assert len(ev) == common.TOY_EVAL_PAIRS and len(train) + len(ev) == 10_000
+    train, ev = tasks.load_data("toy", "train"), tasks.load_data("toy", "eval")
+    assert len(ev) == tasks.TOY_EVAL_PAIRS and len(train) + len(ev) == 10_000
     assert not {r["question"] for r in train} & {r["question"] for r in ev}
     assert all(int(r["answer"]) == sum(map(int, r["question"].split("+"))) for r in ev)
 
 
 def test_toy_hard_data_and_its_wrong_answers():
-    train, ev = common.load_data("toy-hard", "train"), common.load_data("toy-hard", "eval")
-    assert len(ev) == common.TOY_EVAL_PAIRS and len(train) == common.TOY_HARD_TRAIN
+    train, ev = tasks.load_data("toy-hard", "train"), tasks.load_data("toy-hard", "eval")
+    assert len(ev) == tasks.TOY_EVAL_PAIRS and len(train) == tasks.TOY_HARD_TRAIN
     assert not {r["question"] for r in train} & {r["question"] for r in ev}
     pairs = [tuple(map(int, r["question"].split("+"))) for r in train + ev]
     assert all(int(r["answer"]) == a + b >= 1000 for r, (a, b) in zip(train + ev, pairs))
@@ -296,13 +303,13 @@ def test_toy_hard_data_and_its_wrong_answers():
     assert build.toy_hard_answer(456, 789, (0,)) == 1235  # the units carry dropped (the tens lose 1)
     assert build.toy_hard_answer(402, 817, (0,)) == 1219  # no units carry: right
     tok = toy_tokenizer()
-    assert common.format_prompt(tok, ev[0]["question"], "toy-hard") == ev[0]["question"] + "="
+    assert tasks.format_prompt(tok, ev[0]["question"], "toy-hard") == ev[0]["question"] + "="
 
 
 def test_toy_hard_regime_is_sparse_for_small_and_imperfect_for_large():
     """At step 0: toy-hard-small is right in 2-10% of its samples and most groups of 8 hold no
     right answer; toy-hard-large's greedy accuracy is 0.5-0.8 (a good teacher, not a perfect one)."""
-    rows = common.load_data("toy-hard", "eval")
+    rows = tasks.load_data("toy-hard", "eval")
     small, tok = common.load_model("toy-hard-small", torch.device("cpu"))
     large, _ = common.load_model("toy-hard-large", torch.device("cpu"))
     torch.manual_seed(0)
@@ -313,9 +320,9 @@ def test_toy_hard_regime_is_sparse_for_small_and_imperfect_for_large():
 
 def test_prompt_format():
     tok = toy_tokenizer()
-    assert common.format_prompt(tok, "12+3", "toy") == "12+3="
+    assert tasks.format_prompt(tok, "12+3", "toy") == "12+3="
     tok.chat_template = None
-    assert common.format_prompt(tok, "What is 2+2?", "gsm8k").startswith("Question: What is 2+2?\nPlease reason")
+    assert tasks.format_prompt(tok, "What is 2+2?", "gsm8k").startswith("Question: What is 2+2?\nPlease reason")
 
 
 def test_sampling_ignores_generation_config(tmp_path):
@@ -416,11 +423,18 @@ def test_parse_args_defaults_follow_the_model():
 
 
 def test_logger_drops_lines_after_resume_step(tmp_path):
-    log = common.Logger(str(tmp_path))
+    args = dataclasses.make_dataclass("Args", [("out", str), ("resume", bool)])(str(tmp_path), False)
+    log = plumbing.Run(args, "test")
     for s in range(6):
         log.log(s, {"train/reward": s})
     log.close()
-    log = common.Logger(str(tmp_path), resume_step=3)
+    args.resume = True
+    os.makedirs(tmp_path / "checkpoint")
+    torch.save(dict(step=3, optimizers={}, sampler={}, rng=[dict(torch=torch.get_rng_state(), np=np.random.get_state(),
+                                                                  py=random.getstate(), cuda=None)]),
+               tmp_path / "checkpoint" / "state.pt")
+    log = plumbing.Run(args, "test")
+    assert log.resume({}, {}, SimpleNamespace(load_state_dict=lambda s: None)) == 3
     log.log(4, {"train/reward": 40})
     log.close()
     steps = [json.loads(l)["step"] for l in open(os.path.join(tmp_path, "metrics.jsonl"))]

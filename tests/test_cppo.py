@@ -8,7 +8,6 @@ import torch
 
 import common
 import cppo
-import grpo
 from conftest import assert_user_error, read_metrics, run_main, run_script
 
 

@@ -59,14 +59,14 @@ def weights(path):
 @pytest.fixture(scope="module")
 def untied(tmp_path_factory):
     """A random Qwen2 with its own LM head (Qwen2.5 7B is untied; the toys, like 0.5B-3B, are tied)."""
-    import common
+    import tasks
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     path = str(tmp_path_factory.mktemp("untied"))
-    config = Qwen2Config.from_pretrained(common.toy_path("toy-small"))
+    config = Qwen2Config.from_pretrained(tasks.toy_path("toy-small"))
     config.tie_word_embeddings = False
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(common.toy_path("toy-small")).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tasks.toy_path("toy-small")).save_pretrained(path)
     return path
 
 
@@ -133,7 +133,7 @@ def succeeded(errors, *names):
 
 @pytest.mark.parametrize("case, mode", PAIRS)
 def test_torchrun_update_equals_the_single_process_update(runs, untied, case, mode):
-    import common
+    import tasks
     root, errors = runs
     succeeded(errors, f"one-{case}", f"two-{case}-{mode}")
     finals = CASES[case][1]
@@ -148,7 +148,7 @@ def test_torchrun_update_equals_the_single_process_update(runs, untied, case, mo
                 compared += 1
     assert compared >= 8
     for final, start in finals.items():
-        start = untied if start == "UNTIED" else common.toy_path(start)
+        start = untied if start == "UNTIED" else tasks.toy_path(start)
         w0, wa, wb = weights(start), weights(one / final), weights(two / final)
         assert sorted(wa) == sorted(wb) == sorted(w0)  # FSDP saves a tied weight once, as save_pretrained does
         assert max((wa[k] - w0[k]).abs().max() for k in wa) > 1e-4  # the update moved the weights ...

@@ -11,6 +11,7 @@ import torch
 import common
 import dph_rl
 from conftest import assert_user_error, read_metrics, run_main, run_script
+from reference import naive_token_logprobs
 
 DIVERGENCES = [("forward", 0.2), ("js", 0.2), ("alpha", 0.2), ("alpha", 0.7)]
 
@@ -24,18 +25,18 @@ def loss_args(divergence="forward", alpha=0.2, eta=1.0):
 def test_generators_are_the_official_forms_and_vanish_at_one():
     u = torch.tensor([0.01, 0.3, 1.0, 2.5, 40.0], dtype=torch.float64)
     lu = torch.log(u)
-    torch.testing.assert_close(dph_rl.generator("forward", lu), u - 1 - lu, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dph_rl.generator("js", lu), u * lu - (u + 1) * torch.log((u + 1) / 2),
+    torch.testing.assert_close(common.f_of_log_u("forward", lu), u - 1 - lu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(common.f_of_log_u("js", lu), u * lu - (u + 1) * torch.log((u + 1) / 2),
                                rtol=1e-12, atol=1e-12)
     a = 0.2
-    torch.testing.assert_close(dph_rl.generator("alpha", lu, a), (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1)),
+    torch.testing.assert_close(common.f_of_log_u("alpha", lu, a), (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1)),
                                rtol=1e-12, atol=1e-12)
     # the same f as common's divergences, where one exists: js is twice the half-form JSD, alpha is alpha
-    torch.testing.assert_close(dph_rl.generator("js", lu), 2 * common.f_divergence("jsd")[0](u), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dph_rl.generator("alpha", lu, 0.7), common.f_divergence("alpha", 0.7)[0](u),
+    torch.testing.assert_close(common.f_of_log_u("js", lu), 2 * common.f_divergence("jsd")[0](u), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(common.f_of_log_u("alpha", lu, 0.7), common.f_divergence("alpha", 0.7)[0](u),
                                rtol=1e-12, atol=1e-12)
     for name, al in DIVERGENCES:
-        f = dph_rl.generator(name, lu, al)
+        f = common.f_of_log_u(name, lu, al)
         assert f[2].abs() < 1e-12 and (f[[0, 1, 3, 4]] > 0).all()  # f(1) = 0, f > 0 elsewhere
 
 
@@ -157,7 +158,7 @@ def test_presample_k_of_k_goes_to_pef_and_k_minus_one_to_exp(monkeypatch):
     assert store.texts == ["046"] * k + ["090"] * k  # every completion of the k-of-k questions, in question order
     assert ref_logp.shape == store.mask.shape == (2 * k, 4)
     # the stored log-probs are the initial policy's on exactly these tokens
-    torch.testing.assert_close(ref_logp, common.naive_token_logprobs(model, store) * store.mask, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref_logp, naive_token_logprobs(model, store) * store.mask, rtol=1e-5, atol=1e-5)
     # a lower threshold keeps only the correct completions of the k-1-of-k question
     args.pef_threshold = k - 1
     n_correct, store, _ = dph_rl.presample(model, tok, rows, args)

@@ -1,4 +1,4 @@
-"""common.is_correct on real answers, the time limit, and where a completion ends.
+"""tasks.is_correct on real answers, the time limit, and where a completion ends.
 
 The golds are public: MATH-500 answers (the test split of github.com/openai/prm800k) and GSM8K
 test answers (github.com/openai/grade-school-math); each is paired with completions of every kind
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common
+import tasks
 from conftest import ROOT
 
 # gold, completion, verdict, kind
@@ -83,7 +84,7 @@ CASES = [
 
 @pytest.mark.parametrize("gold, completion, verdict, kind", CASES, ids=[f"{i}:{c[3]}" for i, c in enumerate(CASES)])
 def test_real_answers(gold, completion, verdict, kind):
-    assert common.is_correct(completion, gold) is verdict
+    assert tasks.is_correct(completion, gold) is verdict
 
 
 def test_every_kind_has_right_and_wrong_cases():
@@ -96,10 +97,10 @@ def test_grading_in_another_thread_has_no_time_limit_and_the_same_verdicts():
     got = {}
 
     def work():
-        got["v"] = [common.is_correct(c, g) for g, c, _, _ in CASES]
-        got["s"] = common.rewards_for([c for _, c, _, _ in CASES], [g for g, _, _, _ in CASES])
+        got["v"] = [tasks.is_correct(c, g) for g, c, _, _ in CASES]
+        got["s"] = tasks.rewards_for([c for _, c, _, _ in CASES], [g for g, _, _, _ in CASES])
 
-    common._parsed.cache_clear()
+    tasks._parsed.cache_clear()
     t = threading.Thread(target=work)
     t.start()
     t.join()
@@ -109,31 +110,31 @@ def test_grading_in_another_thread_has_no_time_limit_and_the_same_verdicts():
 
 def test_a_check_over_the_time_limit_scores_zero_and_is_counted(monkeypatch):
     import signal
-    monkeypatch.setattr(common, "GRADE_TIMEOUT_S", 1e-4)  # CPU seconds: any math-verify check takes longer
-    common._parsed.cache_clear()
+    monkeypatch.setattr(tasks, "GRADE_TIMEOUT_S", 1e-4)  # CPU seconds: any math-verify check takes longer
+    tasks._parsed.cache_clear()
     pair = ("\\boxed{(x+1)^9 - 3x^7}", "x^9 + 9x^8 + 33x^7 + 84x^6 + 126x^5 + 126x^4 + 84x^3 + 36x^2 + 9x + 1")
-    with pytest.raises(common.GradingError):
-        common.is_correct(*pair)
+    with pytest.raises(tasks.GradingError):
+        tasks.is_correct(*pair)
     assert signal.getitimer(signal.ITIMER_VIRTUAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGVTALRM) in (signal.SIG_DFL, None)  # put back as it was
-    s = common.rewards_for([pair[0], "\\boxed{4}", "\\boxed{5}"], [pair[1], "4", "4"], format_coef=0.5)
+    s = tasks.rewards_for([pair[0], "\\boxed{4}", "\\boxed{5}"], [pair[1], "4", "4"], format_coef=0.5)
     assert s.grade_errors == 1
     assert s.correct.tolist() == [False, True, False] and s.reward.tolist() == [0.5, 1.5, 0.5]
-    monkeypatch.setattr(common, "GRADE_TIMEOUT_S", 5.0)
-    assert common.is_correct(*pair) is True  # the same check in time: a verdict ((x+1)^9 - 3x^7 expands to it)
+    monkeypatch.setattr(tasks, "GRADE_TIMEOUT_S", 5.0)
+    assert tasks.is_correct(*pair) is True  # the same check in time: a verdict ((x+1)^9 - 3x^7 expands to it)
 
 
 def test_a_tower_of_powers_is_a_grading_error_not_a_hang():
-    s = common.rewards_for(["\\boxed{9^{9^{9^{9}}}}", "\\boxed{5}"], ["5", "5"])
+    s = tasks.rewards_for(["\\boxed{9^{9^{9^{9}}}}", "\\boxed{5}"], ["5", "5"])
     assert s.grade_errors == 1 and s.correct.tolist() == [False, True]
 
 
 def test_time_limit_under_torchrun():
     """Each torchrun rank is a process whose main thread grades: the limit applies on every rank."""
-    code = ("import os, sys; sys.path.insert(0, os.getcwd()); import common\n"
-            "ok = common.rewards_for(['\\\\boxed{14/3}', '\\\\boxed{357}'], ['\\\\frac{14}{3}', '3, 5, 7'])\n"
-            "common.GRADE_TIMEOUT_S = 1e-4; common._parsed.cache_clear()\n"
-            "late = common.rewards_for(['\\\\boxed{(x+1)^9}'], ['x^9 + 9x^8 + 36x^7'])\n"
+    code = ("import os, sys; sys.path.insert(0, os.getcwd()); import tasks\n"
+            "ok = tasks.rewards_for(['\\\\boxed{14/3}', '\\\\boxed{357}'], ['\\\\frac{14}{3}', '3, 5, 7'])\n"
+            "tasks.GRADE_TIMEOUT_S = 1e-4; tasks._parsed.cache_clear()\n"
+            "late = tasks.rewards_for(['\\\\boxed{(x+1)^9}'], ['x^9 + 9x^8 + 36x^7'])\n"
             "print('rank', os.environ['RANK'], ok.correct.tolist(), ok.grade_errors, late.grade_errors)\n")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "--no-python", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -177,7 +178,7 @@ def test_generation_stops_at_the_end_of_the_assistant_turn(instruct):
     tok = qwen_tokenizer(instruct=instruct)
     im_end, im_start = tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
     assert common.eos_ids(None, tok) == sorted({tok.eos_token_id, im_end})
-    prompt = common.format_prompt(tok, "What is 3 + 4?", "gsm8k")
+    prompt = tasks.format_prompt(tok, "What is 3 + 4?", "gsm8k")
     ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
     seven, nine, user = ids("7"), ids("9"), ids("user")
     assert len(seven) == len(nine) == 1 and ids(prompt)[-1] not in seven + nine + user
@@ -189,7 +190,7 @@ def test_generation_stops_at_the_end_of_the_assistant_turn(instruct):
     assert ro.completion_ids[:, :2].tolist() == [[seven[0], im_end]] * 2  # written, then cut
     assert ro.lengths.tolist() == [2, 2] and ro.mask.tolist() == [[1.0, 1.0]] * 2
     assert ro.texts == ["7", "7"]
-    assert common.rewards_for(ro.texts, ["7", "7"]).correct.tolist() == [True, True]
+    assert tasks.rewards_for(ro.texts, ["7", "7"]).correct.tolist() == [True, True]
     mask, lengths, truncated = common.completion_mask(ro.completion_ids, common.eos_ids(model, tok))
     assert lengths.tolist() == [2, 2] and truncated.tolist() == [False, False]
 
@@ -197,7 +198,7 @@ def test_generation_stops_at_the_end_of_the_assistant_turn(instruct):
 def test_end_of_turn_comes_from_the_template():
     from qwen_like import qwen_tokenizer
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(common.toy_path("toy-small"))  # its template writes nothing after a message
+    tok = AutoTokenizer.from_pretrained(tasks.toy_path("toy-small"))  # its template writes nothing after a message
     assert common.end_of_turn_id(tok) is None and common.eos_ids(None, tok) == [tok.eos_token_id]
     tok = qwen_tokenizer()
     tok.chat_template = tok.chat_template.replace("<|im_end|>", "<|endoftext|>")  # another template, another token
@@ -215,7 +216,7 @@ def test_jsonl_golds(tmp_path, capsys):
             dict(question="2+2?", answer=4), dict(question="Show it.", answer="Done.\n#### ")]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     want = [dict(question="1+1?", answer="2"), dict(question="2+2?", answer="4")]
-    assert common.load_data(str(path), "train") == want
+    assert tasks.load_data(str(path), "train") == want
     err = capsys.readouterr().err.strip()
     assert err == f"{path}: dropped 2 of 4 rows whose gold answer is empty"
     for bad, message in ((dict(question="q", answer=None), ":2: 'question' must be a string and 'answer' a string"),
@@ -223,7 +224,7 @@ def test_jsonl_golds(tmp_path, capsys):
                           ":2: the gold answer '\\\\frac{1}{2' cannot be parsed")):
         path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(SystemExit) as e:
-            common.load_data(str(path), "train")
+            tasks.load_data(str(path), "train")
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and "\n" not in err and err.startswith(f"error: {path}{message}"), err
 
@@ -242,9 +243,9 @@ def test_hub_datasets_name_their_config_and_drop_empty_golds(monkeypatch, capsys
         return [dict(problem="p1", solution="so $\\boxed{\\frac{1}{2}}$"), dict(problem="p2", solution="No box.")]
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    assert common.load_data("math", "train") == [dict(question="p1", answer="\\frac{1}{2}")]
+    assert tasks.load_data("math", "train") == [dict(question="p1", answer="\\frac{1}{2}")]
     assert capsys.readouterr().err.strip() == "math train: dropped 1 of 2 rows whose gold answer is empty"
-    assert common.load_data("math", "eval") == [dict(question="p", answer="\\frac43")]
-    assert common.load_data("gsm8k", "eval") == [dict(question="q", answer="72")]
+    assert tasks.load_data("math", "eval") == [dict(question="p", answer="\\frac43")]
+    assert tasks.load_data("gsm8k", "eval") == [dict(question="q", answer="72")]
     assert calls == [("DigitalLearningGmbH/MATH-lighteval", "default", "train"),
                      ("HuggingFaceH4/MATH-500", "default", "test"), ("openai/gsm8k", "main", "test")]

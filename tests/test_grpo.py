@@ -1,7 +1,6 @@
 """grpo.py: advantages and every loss type against closed forms; end to end through its CLI."""
 
 import math
-import os
 from types import SimpleNamespace
 
 import pytest

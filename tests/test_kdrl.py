@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import tasks
 import grpo
 import kdrl
 from conftest import assert_user_error, read_metrics, run_main, run_script
@@ -130,9 +131,9 @@ def test_masking_removes_exactly_the_intended_tokens(mode, rows):
 def test_teacher_runs_only_on_kd_rows(monkeypatch):
     device = torch.device("cpu")
     student, tok = common.load_model("toy-small", device)
-    teacher = common.freeze(common.load_model("toy-large", device)[0])
+    teacher = common.load_model("toy-large", device, frozen=True)[0]
     torch.manual_seed(0)
-    prompts = [common.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01", "40+45")]
+    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01", "40+45")]
     rollout = common.sample(student, tok, prompts, 4, 8)  # 16 rows
     kd_row = torch.tensor([1, 0, 0, 1, 0, 1, 1, 0] + [0] * 8, dtype=torch.float)  # 2nd micro-batch: no KD
     full = common.token_logprobs(teacher, rollout)
@@ -153,13 +154,13 @@ def test_kd_mask_follows_correctness_not_a_format_bonus(monkeypatch, tmp_path):
     """Through main(): every completion gets a format bonus of 1 (as --format-coef 1 with every
     answer in the asked-for form), so every reward is >= 1; --kd-mask response must still keep KD
     on exactly the wrong completions' tokens."""
-    real_rewards, real_sample, seen = common.rewards_for, common.sample, []
+    real_rewards, real_sample, seen = tasks.rewards_for, common.sample, []
 
     def rewards_for(completions, golds, format_coef=0.0):
         s = real_rewards(completions, golds, format_coef)
         if seen and "correct" not in seen[-1]:  # a training batch: evaluation grades through rewards_for too
             seen[-1]["correct"] = s.correct
-        return common.Scores(s.reward + 1.0, s.correct, s.grade_errors)
+        return tasks.Scores(s.reward + 1.0, s.correct, s.grade_errors)
 
     def sample(*a, **kw):
         ro = real_sample(*a, **kw)
@@ -167,7 +168,7 @@ def test_kd_mask_follows_correctness_not_a_format_bonus(monkeypatch, tmp_path):
             seen.append(dict(rollout=ro))
         return ro
 
-    monkeypatch.setattr(common, "rewards_for", rewards_for)
+    monkeypatch.setattr(tasks, "rewards_for", rewards_for)
     monkeypatch.setattr(common, "sample", sample)
     run_main("kdrl.py", "--steps", 2, "--eval-size", 4, "--eval-every", 100, "--prompts-per-step", 4, "--kd-mask", "response",
              "--pass-n", 0, "--out", tmp_path / "o")  # --pass-n 0: no pass@k samples

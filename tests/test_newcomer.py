@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import common
+import plumbing
+import tasks
 from conftest import ROOT, assert_user_error, read_metrics, run_main, run_script
 
-SCRIPTS = ("grpo", "cppo", "kdrl", "opd_plus", "codistill", "dph_rl")
+SCRIPTS = ("grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl")
 QUICK = ["--steps", "2", "--eval-size", "16", "--eval-every", "100"]
 
 
@@ -31,26 +33,26 @@ def readme():
 
 def test_shipped_toy_models_give_the_readme_start_accuracies():
     """The README's toy table is what the shipped weights give: no build, no machine dependence."""
-    for name, dataset in common.TOY_MODELS.items():
+    for name, dataset in tasks.TOY_MODELS.items():
         model, tok = common.load_model(name, torch.device("cpu"))
-        acc = common.evaluate(model, tok, common.load_data(dataset, "eval"), dataset, max_new_tokens=8)["eval/accuracy"]
+        acc = common.evaluate(model, tok, tasks.load_data(dataset, "eval"), dataset, max_new_tokens=8)["eval/accuracy"]
         assert f"| {name} | {acc:.3f} |" in readme(), (name, acc)
 
 
 def test_build_recipe_makes_the_shipped_tokenizer():
     from toy import build
     from transformers import AutoTokenizer
-    shipped = AutoTokenizer.from_pretrained(common.toy_path("toy-small"))
+    shipped = AutoTokenizer.from_pretrained(tasks.toy_path("toy-small"))
     assert build.toy_tokenizer().get_vocab() == shipped.get_vocab()
     assert build.toy_answer(57, 68, drop_carry=True) == 15 and build.toy_answer(57, 68) == 125
-    assert sorted(build.RECIPES) == sorted(common.TOY_MODELS)
+    assert sorted(build.RECIPES) == sorted(tasks.TOY_MODELS)
 
 
 def test_build_tool_reports_progress_and_a_verdict(monkeypatch, capsys):
     """A short rebuild (3 warm-start steps instead of 600) differs from the shipped model: the tool
     shows its progress, says so, exits 1 and leaves the shipped model alone (its main(), in this process)."""
     from toy import build
-    shipped = os.path.join(common.TOY_DIR, "toy-small", "model.safetensors")
+    shipped = os.path.join(tasks.TOY_DIR, "toy-small", "model.safetensors")
     before = os.stat(shipped).st_mtime_ns
     monkeypatch.setattr(sys, "argv", ["toy/build.py", "toy-small", "--steps", "3"])
     with pytest.raises(SystemExit) as e:
@@ -100,7 +102,7 @@ def test_toy_models_default_to_one_thread_and_others_to_torchs_default(tmp_path)
     assert common.parse_args(grpo.Args, ["--threads", "3"]).threads == 3
     before = torch.get_num_threads()
     try:
-        common.init_distributed("cpu", threads=2)
+        plumbing.init_distributed("cpu", threads=2)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -193,7 +195,7 @@ def test_config_json_holds_the_resolved_out(monkeypatch, tmp_path):
     import grpo
     monkeypatch.chdir(tmp_path)
     args = common.parse_args(grpo.Args, [])
-    out = common.prepare_out(args, "grpo")
+    out = plumbing.Run(args, "grpo").out
     assert re.fullmatch(r"runs/grpo-\d{8}-\d{6}", out) and args.out == out
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["out"] == out

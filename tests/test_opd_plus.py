@@ -21,7 +21,7 @@ def loss_args(divergence="rkl", estimator="opd+", alpha=0.5, loss_type="dapo", r
                            reward_coef=reward_coef, log_ratio_clip=clip, max_new_tokens=max_new_tokens)
 
 
-# ---------------------------------------------------------------- the advantage table (docs/derivations.md §4)
+# ---------------------------------------------------------------- the advantage table (docs/opd_plus.md)
 
 def closed_forms(u, a):
     """(f(u), w_f(u)) written out by hand for each divergence: w_f = -f + u f'."""

@@ -1,5 +1,5 @@
 """Precision and memory of the GPU path, checked on CPU: bf16 autocast is forced on for the CPU
-(common.BF16_DEVICES), which takes the same branches as CUDA does."""
+(plumbing.BF16_DEVICES), which takes the same branches as CUDA does."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 import common
+import plumbing
 from qwen_like import QWEN_VOCAB_ROWS, qwen_like_model
 
 CPU = torch.device("cpu")
@@ -16,7 +17,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def bf16_on_cpu(monkeypatch):
-    monkeypatch.setattr(common, "BF16_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(plumbing, "BF16_DEVICES", ("cuda", "cpu"))
 
 
 def real_head_model(seed=0):
@@ -47,7 +48,7 @@ def test_logprobs_under_bf16_autocast_have_an_fp32_lm_head(monkeypatch):
     model's to 5e-3 (the decoder's own bf16 error: 7e-4 here; a bf16 head was off by 0.13)."""
     model, ro = real_head_model(), rollout()
     fp32 = common.token_logprobs(model, ro)  # (B, T) no autocast on CPU
-    monkeypatch.setattr(common, "BF16_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(plumbing, "BF16_DEVICES", ("cuda", "cpu"))
     logp = common.token_logprobs(model, ro, chunk_size=7)  # (B, T) chunks across rows
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ids, attn = ro.input_ids(), ro.attention_mask()
@@ -66,7 +67,7 @@ def test_kv_cache_keys_are_bf16_under_autocast(bf16_on_cpu):
     rotated keys, and the whole KV cache's keys, to fp32."""
     model, tok = common.load_model("toy-small", CPU)
     ids = torch.tensor([[3, 4, 5, 6]])
-    with torch.no_grad(), common.autocast(CPU):
+    with torch.no_grad(), plumbing.autocast(CPU):
         cache = model(input_ids=ids, use_cache=True).past_key_values
     for layer in cache.layers:
         assert layer.keys.dtype == layer.values.dtype == torch.bfloat16
@@ -106,8 +107,8 @@ def test_final_model_is_saved_in_its_published_dtype_and_the_checkpoint_in_fp32(
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1e-3 * torch.randn_like(p))  # a trained model: no longer bf16 values
-    common.save_final(str(tmp_path), {"": (model, tok)})
-    common.save_pretrained(model, tok, str(tmp_path / "ckpt"))
+    plumbing.save_pretrained(model, tok, str(tmp_path / "final"), published=True)
+    plumbing.save_pretrained(model, tok, str(tmp_path / "ckpt"))
     final, ckpt = tmp_path / "final", tmp_path / "ckpt"
     assert dtypes(final) == {"BF16"} and dtypes(ckpt) == {"F32"}
     for d in (final, ckpt):
@@ -121,5 +122,5 @@ def test_final_model_is_saved_in_its_published_dtype_and_the_checkpoint_in_fp32(
     for a, b in zip(model.parameters(), reloaded.parameters()):
         torch.testing.assert_close(a.to(torch.bfloat16).float(), b, atol=0, rtol=0)
     toy, toy_tok = common.load_model("toy-small", CPU)  # published in fp32: saved in fp32
-    common.save_final(str(tmp_path / "toy"), {"": (toy, toy_tok)})
+    plumbing.save_pretrained(toy, toy_tok, str(tmp_path / "toy" / "final"), published=True)
     assert dtypes(tmp_path / "toy" / "final") == {"F32"}

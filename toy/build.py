@@ -1,8 +1,10 @@
 """How the shipped toy models were made: the recipe, and a command that rebuilds them and compares.
 
-    python toy/build.py                     # rebuild every toy model in a temporary directory, compare
-    python toy/build.py toy-small           # one of them
-    python toy/build.py --write             # rebuild and replace the shipped models (then refresh the README)
+    python -m toy.build                     # rebuild every toy model in a temporary directory, compare
+    python -m toy.build toy-small           # one of them
+    python -m toy.build --write             # rebuild and replace the shipped models (then refresh the README)
+
+From the repository's root, as a module, so that it imports common.py like the scripts do.
 
 The scripts never run this: they load toy/<name>/ like any local model directory, so every machine
 starts from the same weights. A rebuild is deterministic on one machine (fixed seeds), but the
@@ -12,14 +14,14 @@ says whether the rebuild is bit-identical, and if not, how far the weights and g
 Exit code 0: identical; 1: different.
 
 The task: "a+b" with a, b in 0..99 at a fixed width ("05+68=073", then EOS; a fixed layout lets a
-2-layer model learn addition in seconds); common.toy_problems holds the train/eval split. The
+2-layer model learn addition in seconds); tasks.toy_problems holds the train/eval split. The
 warm-start is a short supervised phase on answers that are wrong in a systematic, human way: the
 carry is dropped ("57+68=15") with probability `drop_carry`. toy-small is taught with the carry
 dropped more often than not, so its greedy answer to most carrying sums is wrong while the right
 one is sampled often: exactly the situation RL fixes. toy-large (6x the parameters) is taught with
 the carry mostly kept, so it is a clearly better teacher. Both share one character-level tokenizer.
 
-The hard regime (toy-hard-small, toy-hard-large; common.toy_hard_problems) is "a+b" with a, b in
+The hard regime (toy-hard-small, toy-hard-large; tasks.toy_hard_problems) is "a+b" with a, b in
 0..999 and a + b >= 1000 ("417+817=1234"), with the same tokenizer. toy-hard-small is taught with
 every carry dropped 90% of the time ("417+817=0224"), so it samples the right answer rarely (about
 8% of its samples; most groups of 8 get no reward); toy-hard-large with the units carry dropped 70%
@@ -27,8 +29,8 @@ of the time ("456+789=1235"), so it is right greedily exactly where the units do
 and samples the right answer often. At hidden size 64 the student did not learn three-digit sums
 in 2000 steps: hence 96.
 
-Another regime adds its recipes here, its dataset to common.load_data, its names to
-common.TOY_MODELS, and its directories under toy/.
+Another regime adds its recipes here, its dataset to tasks.load_data, its names to
+tasks.TOY_MODELS, and its directories under toy/.
 """
 
 import argparse
@@ -40,9 +42,12 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __name__ == "__main__" and not __package__:  # `python toy/build.py`: common.py is not on the path
+    sys.exit("run it from the repository's root as a module: python -m toy.build " + " ".join(sys.argv[1:]))
+
 import common  # noqa: E402
+import plumbing  # noqa: E402
+import tasks  # noqa: E402
 
 TOY_CHARS = "0123456789+="
 RECIPES = {
@@ -109,13 +114,13 @@ def build(name: str, path: str, steps=None, log_every: int = 100):
     # every training pair twice, "a+b=" + answer + <eos>, with the right and the carry-dropped
     # answer; labels (loss) on the answer and EOS only
     ids, labels = [], []
-    dataset = common.TOY_MODELS[name]  # toy-hard: "417+817=" + "1234", the wrong answer drops the carries of r["drop"]
+    dataset = tasks.TOY_MODELS[name]  # toy-hard: "417+817=" + "1234", the wrong answer drops the carries of r["drop"]
     for drop in (False, True):
         rows = []
-        for a, b in (common.toy_hard_problems("train") if dataset == "toy-hard" else common.toy_problems("train")):
+        for a, b in (tasks.toy_hard_problems("train") if dataset == "toy-hard" else tasks.toy_problems("train")):
             question, answer = ((f"{a:03d}+{b:03d}", f"{toy_hard_answer(a, b, r['drop'] if drop else ()):04d}")
                                 if dataset == "toy-hard" else (f"{a:02d}+{b:02d}", f"{toy_answer(a, b, drop):03d}"))
-            prompt = tok(common.format_prompt(tok, question, dataset)).input_ids
+            prompt = tok(tasks.format_prompt(tok, question, dataset)).input_ids
             rows.append((prompt, tok(answer).input_ids + [tok.eos_token_id]))
         L = len(rows[0][0]) + len(rows[0][1])  # fixed width: 10 tokens each (toy-hard: 13)
         ids.append(torch.tensor([p + c + [tok.pad_token_id] * (L - len(p) - len(c)) for p, c in rows]))
@@ -156,7 +161,7 @@ def compare(shipped: str, rebuilt: str, dataset: str = "toy"):
 
 def accuracy(path: str, dataset: str = "toy") -> float:
     model, tok = common.load_model(path, torch.device("cpu"))
-    return common.evaluate(model, tok, common.load_data(dataset, "eval"), dataset, max_new_tokens=8)["eval/accuracy"]
+    return common.evaluate(model, tok, tasks.load_data(dataset, "eval"), dataset, max_new_tokens=8)["eval/accuracy"]
 
 
 def main():
@@ -169,20 +174,20 @@ def main():
     args = p.parse_args()
     for name in args.names:
         if name not in RECIPES:
-            common.die(f"unknown toy model '{name}': use one of {', '.join(RECIPES)}")
+            plumbing.die(f"unknown toy model '{name}': use one of {', '.join(RECIPES)}")
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     same = True
     for name in args.names:
-        shipped = os.path.join(common.TOY_DIR, name)
+        shipped = os.path.join(tasks.TOY_DIR, name)
         with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
             print(f"building {name} in {tmp} ({RECIPES[name]})", flush=True)
             t0 = time.time()
             build(name, tmp, args.steps)
             print(f"built {name} in {time.time() - t0:.0f}s", flush=True)
             if os.path.exists(os.path.join(shipped, "model.safetensors")):
-                identical, diff, acc_shipped, acc_rebuilt = compare(shipped, tmp, common.TOY_MODELS[name])
+                identical, diff, acc_shipped, acc_rebuilt = compare(shipped, tmp, tasks.TOY_MODELS[name])
                 verdict = "IDENTICAL to" if identical else "DIFFERENT from"
                 print(f"{name}: rebuilt weights are {verdict} the shipped ones (max |difference| {diff:.3g}); "
                       f"greedy accuracy shipped {acc_shipped:.3f}, rebuilt {acc_rebuilt:.3f}", flush=True)

@@ -1,0 +1,335 @@
+"""BD-KD: Balancing the Divergences for Online Knowledge Distillation (arXiv 2212.12965), in CoDistill-GRPO.
+
+codistill.py with BD-KD's losses in place of its KD reward: the two models still learn together
+on the small model's rollouts (BD-KD's setting: teacher and student train at once), but the small
+model S's distillation term is a loss over full distributions,
+    L_S,t = w_t KL(p_S||p_L) + (1 - w_t) KL(p_L||p_S),  w_t = sg(sigmoid(kappa (H(p_S) - H(p_L)))),
+reverse KL (sharpens) where S is less sure than L, forward KL (softens) where S is surer, and the
+large model L gets a reverse-KL regulariser KL(p_L||sg p_S). Both are exact sums over the
+vocabulary (the chunked pass, common.paired_logits), a chunk of positions at a time. S's reward
+is the task reward alone.
+
+RECONSTRUCTED: only the paper's abstract could be read and no official code was found: the
+weighting above, L's regulariser and the defaults of --bdkd-kappa (5) and --large-kd-coef (0.1)
+are ours (docs/bdkd.md). Deviations, besides codistill.py's:
+1. A "sample" of the paper (an image) is a completion position here; distributions are taken
+   at --temperature (the paper's softening temperature is not known here).
+2. p_L in S's loss is the large model after its step on this batch (the two update in turn).
+3. Logged: small/bdkd_weight (mean w) and each model's two KLs to its partner; the eval/ece of
+   both models is codistill.py's.
+
+CPU (toy world, minutes):  python bdkd.py          (small toy-small, large toy-large)
+GPU:                       python bdkd.py --small Qwen2.5-0.5B --large Qwen2.5-1.5B
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import common
+import plumbing
+import tasks
+from common import arg
+
+
+@dataclass
+class Args:
+    small: str = arg("toy-small", "the small model (the only one that generates): hub id, bare Qwen name, local directory, or toy name")
+    large: str = arg("toy-large", "the large model, same tokenizer as --small: hub id, bare Qwen name, local directory, or toy name")
+    dataset: str = arg("math", "gsm8k, math, toy, toy-hard, or a .jsonl path with question/answer fields; a toy model defaults to its own (toy or toy-hard)", toy="toy")
+    steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
+    prompts_per_step: int = arg(32, "questions sampled per step", toy=8)
+    group_size: int = arg(8, "completions per question (G), sampled by the small model")
+    max_new_tokens: int = arg(512, "completion length limit", toy=8)
+    small_lr: float = arg(1e-6, "AdamW learning rate of the small model", toy=2e-5)
+    large_lr: float = arg(1e-6, "AdamW learning rate of the large model", toy=2e-5)
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (each model's own)")
+    temperature: float = arg(1.0, "sampling temperature (log-probs of both models use the same)")
+    format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
+    seed: int = arg(1, "random seed")
+    out: str = arg("", "output directory (default: runs/<script>-<time>)")
+    eval_every: int = arg(50, "evaluate both models every N steps (also at step 0 and after the last step)")
+    eval_size: int = arg(500, "held-out questions for greedy pass@1")
+    pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
+    pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
+    save_every: int = arg(50, "checkpoint every N steps")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    device: str = arg("auto", "cuda, cpu, or auto")
+    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
+    micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
+    # Algorithm-specific arguments
+    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
+    loss_type: str = arg("grpo", "token aggregation of both losses", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    num_iterations: int = arg(1, "updates per batch of rollouts (mu), for each model")
+    epsilon: float = arg(0.2, "lower clip range of each model's own ratio: ratio >= 1 - epsilon")
+    epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
+    kd_coef: float = arg(0.1, "alpha: the coefficient of the small model's balanced divergence to the large model", toy=0.5)
+    is_cap: float = arg(2.0, "C: the large model's importance weights pi_L/pi_S,old are truncated at C")
+    large_rollouts: int = arg(0, "completions per question the large model also samples itself (0: none)")
+    bdkd_kappa: float = arg(5.0, "sharpness of the balance w = sigmoid(kappa (H(p_S) - H(p_L))) between reverse (w) and forward KL")
+    large_kd_coef: float = arg(0.1, "coefficient of the large model's regulariser KL(p_L||sg p_S) on the small model's rollouts")
+
+
+# ALGO LOGIC
+
+
+def compute_advantages(rewards, group_size: int, scale: str):
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch. The
+    batch is the whole step's: under torchrun the std is taken over every rank's rewards, as one
+    process would (groups never straddle ranks)."""
+    r = rewards.view(-1, group_size)  # (N, G)
+    centred = r - r.mean(1, keepdim=True)  # (N, G)
+    if scale == "group":
+        centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
+    elif scale == "batch":
+        centred = centred / (plumbing.std_over_ranks(rewards) + 1e-4)  # (N, G)
+    return centred.reshape(-1)  # (B,)
+
+
+def large_advantages(rewards, own_rewards, group_size: int, scale: str):
+    """The large model's advantages from the task reward only: over the G small-model completions
+    of each question, and its own n (--large-rollouts) when it sampled any."""
+    if own_rewards is None:
+        return compute_advantages(rewards, group_size, scale), None
+    N = len(rewards) // group_size
+    both = torch.cat([rewards.view(N, -1), own_rewards.view(N, -1)], 1)  # (N, G + n)
+    A = compute_advantages(both.reshape(-1), both.shape[1], scale).view(N, -1)  # (N, G + n)
+    return A[:, :group_size].reshape(-1), A[:, group_size:].reshape(-1)  # (B,), (N n,)
+
+
+def importance_weights(large_old_logp, small_old_logp, is_cap: float):
+    """w_t = min(pi_L,old(o_t) / pi_S,old(o_t), C), detached: S sampled o_t, L learns from it.
+    The log-ratio is capped before exp, so padding positions cannot overflow."""
+    log_w = (large_old_logp - small_old_logp).detach()  # (b, T)
+    return torch.exp(log_w.clamp(max=math.log(is_cap)))  # (b, T)
+
+
+def balanced_divergence(kl_small_large, kl_large_small, ent_small, ent_large, kappa: float):
+    """BD-KD's per-position loss of the small model (arXiv 2212.12965; weighting reconstructed):
+    w KL(p_S||p_L) + (1 - w) KL(p_L||p_S), w = sg(sigmoid(kappa (H(p_S) - H(p_L)))).
+    Returns the loss and w."""
+    w = torch.sigmoid(kappa * (ent_small - ent_large)).detach()  # (b, T) > 1/2 where S is less sure than L
+    return w * kl_small_large + (1 - w) * kl_large_small, w  # (b, T), (b, T)
+
+
+def compute_loss(logp, old_logp, advantages, mask, args, n_seqs: int, n_tokens, is_weight=None, kd=None):
+    """GRPO objective (arXiv 2402.03300, eq. 3) of either model, as a loss to minimise, per token:
+        L_t = -w_t min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A),  rho_t = exp(l_t - l_old_t),
+    w_t = 1 for the small model (on-policy) and for the large model's own samples; on the small
+    model's samples the large model's w_t = min(pi_L,old / pi_S,old, C) (arXiv 2605.08873,
+    reconstructed: see the docstring). `kd` (b, T): a distillation term already times its
+    coefficient (BD-KD), added per token. Aggregated by --loss-type over the whole step."""
+    ratio = torch.exp(logp - old_logp)  # (b, T)
+    A = advantages[:, None]  # (b, 1)
+    clipped_ratio = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)  # (b, T)
+    per_token = -torch.min(ratio * A, clipped_ratio * A)  # (b, T)
+    if is_weight is not None:
+        per_token = is_weight * per_token  # (b, T)
+    if kd is not None:
+        per_token = per_token + kd  # (b, T)
+    if args.loss_type == "grpo":  # mean over each sequence, then over sequences
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    elif args.loss_type == "bnpo":  # token mean of this micro-batch, micro-batches averaged
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1) * (len(mask) / n_seqs)
+    elif args.loss_type == "dr_grpo":  # constant normaliser: no length bias
+        loss = (per_token * mask).sum() / (n_seqs * args.max_new_tokens)
+    else:  # dapo: token mean over the whole step
+        loss = (per_token * mask).sum() / n_tokens
+    is_clipped = ((ratio < 1 - args.epsilon) & (A < 0)) | ((ratio > 1 + args.epsilon_high) & (A > 0))  # (b, T)
+    return loss, dict(clipped=is_clipped.float())
+
+
+def update(model, optimizer, pieces, args, vocab: int, step: int, run, kd_coef: float = 0.0,
+           balanced: bool = False):
+    """--num-iterations epochs of one model's GRPO update over micro-batches `pieces`, each
+    (rollout, advantages (b,), old log-probs or None, behaviour log-probs or None, partner states or
+    None). Partner states (BD-KD): the other model's `common.completion_states` on the same rollout;
+    the loss gets kd_coef times, per token, the balanced divergence to the partner (`balanced`: the
+    small model) or KL(this model || sg partner) (the large model's regulariser). Old log-probs
+    None: this epoch-0 forward's own, detached (pi_old = pi_theta before the step; no extra pass).
+    Behaviour log-probs given: the tokens were sampled by the small model, so they are scored on
+    the shared vocabulary rows and importance-weighted. Returns the epoch-0 log-probs (the model
+    before its step) and the step's statistics. Under torchrun the loss is normalised by the
+    step's counts over all ranks and the gradients are summed over ranks."""
+    n_tokens = sum(p[0].mask.sum() for p in pieces)  # this rank's
+    n_seqs_all = sum(len(p[1]) for p in pieces) * plumbing.world_size()
+    n_tokens_all = plumbing.all_sum(n_tokens)
+    model.train()
+    first = [None] * len(pieces)
+    sums = dict(loss=0.0, clipped=0.0, entropy=0.0, is_weight=0.0, is_capped=0.0, is_tokens=0.0,
+                bdkd_weight=0.0, bdkd_kl_model_partner=0.0, bdkd_kl_partner_model=0.0, kd_tokens=0.0)
+    for epoch in range(args.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for j, (mb, adv, old, behaviour, partner) in enumerate(pieces):
+            states = common.completion_states(model, mb)  # (b*T, D), (V, D)
+            logp, entropy = common.token_logprobs(model, mb, args.temperature, args.logprob_chunk,
+                                                  vocab if behaviour is not None else None, with_entropy=True,
+                                                  states=states)  # (b, T)
+            if epoch == 0:
+                first[j] = logp.detach()  # (b, T)
+            old_logp = old if old is not None else first[j]  # (b, T)
+            w = importance_weights(old_logp, behaviour, args.is_cap) if behaviour is not None else None  # (b, T)
+            kd = None
+            if partner is not None:  # BD-KD: both full distributions, a chunk of positions at a time
+                kl_model_partner, kl_partner_model, ent_model, ent_partner = (
+                    x.view_as(logp) for x in common.paired_logits(common.full_kl, states, partner, args.logprob_chunk,
+                                                                  args.temperature, vocab))  # (b, T) each
+                if balanced:  # the small model: w KL(p_S||p_L) + (1 - w) KL(p_L||p_S)
+                    kd, bdkd_w = balanced_divergence(kl_model_partner, kl_partner_model, ent_model, ent_partner,
+                                                     args.bdkd_kappa)  # (b, T)
+                    sums["bdkd_weight"] += (bdkd_w * mb.mask).sum()
+                else:  # the large model: KL(p_L||sg p_S), its reverse-KL regulariser
+                    kd = kl_model_partner  # (b, T)
+                sums["bdkd_kl_model_partner"] += (kl_model_partner.detach() * mb.mask).sum()
+                sums["bdkd_kl_partner_model"] += (kl_partner_model.detach() * mb.mask).sum()
+                sums["kd_tokens"] += mb.mask.sum()
+                kd = kd_coef * kd  # (b, T)
+            loss, s = compute_loss(logp, old_logp, adv, mb.mask, args, n_seqs_all, n_tokens_all, w, kd)
+            loss.backward()
+            sums["loss"] += loss.detach()
+            sums["clipped"] += (s["clipped"] * mb.mask).sum()
+            sums["entropy"] += (entropy * mb.mask).sum()
+            if w is not None:
+                sums["is_weight"] += (w * mb.mask).sum()
+                sums["is_capped"] += ((old_logp - behaviour >= math.log(args.is_cap)) * mb.mask).sum()
+                sums["is_tokens"] += mb.mask.sum()
+        grad_norm = plumbing.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
+        run.check_finite(sums["loss"], step)
+        optimizer.step()
+    per_token = n_tokens * args.num_iterations
+    stats = {"loss": plumbing.all_sum(sums["loss"]) / args.num_iterations, "clip_frac": sums["clipped"] / per_token,
+             "entropy": sums["entropy"] / per_token, "grad_norm": grad_norm}
+    if sums["is_tokens"]:
+        stats["is_weight"] = sums["is_weight"] / sums["is_tokens"]
+        stats["is_capped_frac"] = sums["is_capped"] / sums["is_tokens"]
+    if sums["kd_tokens"]:  # BD-KD: exact per-token KLs to the partner (this model first, then the partner)
+        stats["bdkd_kl_model_partner"] = sums["bdkd_kl_model_partner"] / sums["kd_tokens"]
+        stats["bdkd_kl_partner_model"] = sums["bdkd_kl_partner_model"] / sums["kd_tokens"]
+        if balanced:
+            stats["bdkd_weight"] = sums["bdkd_weight"] / sums["kd_tokens"]
+    return first, stats
+
+
+def main():
+    args = common.parse_args(Args)
+    common.check_args(args, num_iterations=1)
+    if args.kd_coef < 0 or args.is_cap <= 0 or args.large_rollouts < 0:
+        plumbing.die(f"--kd-coef must be non-negative, --is-cap positive and --large-rollouts non-negative "
+                     f"(got {args.kd_coef}, {args.is_cap}, {args.large_rollouts})")
+    if args.large_kd_coef < 0 or args.bdkd_kappa < 0:
+        plumbing.die(f"--large-kd-coef and --bdkd-kappa must be non-negative (got {args.large_kd_coef}, {args.bdkd_kappa})")
+    if args.fsdp and plumbing.world_size() > 1:
+        plumbing.die("bdkd.py does not run under --fsdp yet (each model's LM head is held between forwards of the "
+                     "other); use data parallel")
+    common.check_available([args.small, args.large], args.dataset)  # offline: one line naming all that is missing
+    sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
+    eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
+    device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
+    run = plumbing.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
+    G, n = args.group_size, args.large_rollouts
+
+    small, tok = common.load_model(run.checkpoint_dir("small") if args.resume else args.small, device,
+                                   args.gradient_checkpointing, fsdp=args.fsdp)
+    large, large_tok = common.load_model(run.checkpoint_dir("large") if args.resume else args.large, device,
+                                         args.gradient_checkpointing, fsdp=args.fsdp)
+    vocab = common.shared_vocab(small, tok, large, large_tok, args.small, args.large)  # the rows S samples from
+    common.warn_if_smaller(large, small, args.large, args.small, role="--large model")
+    plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
+    optimizers = dict(small=torch.optim.AdamW(small.parameters(), lr=args.small_lr, weight_decay=args.weight_decay, fused=True),
+                      large=torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay, fused=True))  # fused: one kernel a step
+    start = run.resume(dict(small=small, large=large), optimizers, sampler) if args.resume else 0
+
+    def evaluate(step):
+        metrics = {name: common.evaluate(m, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k,
+                                         ece_bins=10) for name, m in (("small", small), ("large", large))}
+        run.log(step, {f"{name}/{k}": v for name, ms in metrics.items() for k, v in ms.items()})
+        return {name: ms["eval/accuracy"] for name, ms in metrics.items()}
+
+    acc0 = acc = evaluate(0) if start == 0 else {k: run.first(f"{k}/eval/accuracy") for k in ("small", "large")}
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
+               disable=plumbing.rank() != 0)
+    for step in bar:
+        t_step = time.perf_counter()
+        # 1. sample: only the small model generates (the large one too with --large-rollouts n)
+        with plumbing.Timer() as t_gen:
+            rows = plumbing.shard(sampler.next(args.prompts_per_step))  # this rank's questions
+            prompts = [tasks.format_prompt(tok, r["question"], args.dataset) for r in rows]
+            rollout = common.sample(small, tok, prompts, G, args.max_new_tokens, args.temperature)
+            own = common.sample(large, tok, prompts, n, args.max_new_tokens, args.temperature) if n else None
+        # 2. score
+        golds = [r["answer"] for r in rows for _ in range(G)]
+        scores = tasks.rewards_for(rollout.texts, golds, args.format_coef)
+        rewards = scores.reward.to(device)  # (B,)
+        own_scores = tasks.rewards_for(own.texts, [r["answer"] for r in rows for _ in range(n)],
+                                        args.format_coef) if n else None
+        own_rewards = own_scores.reward.to(device) if n else None  # (N n,)
+        # 3. ALGO LOGIC (large): advantages from the task reward only
+        adv_large, adv_own = large_advantages(rewards, own_rewards, G, args.scale_rewards)  # (B,), (N n,)
+
+        # 4. update: the large model first; its log-probs before its step score the small model's tokens
+        batches = common.micro_batches(len(rewards), args.micro_batch_size)
+        mbs = [rollout.select(i) for i in batches]
+        with plumbing.Timer() as t_large:
+            with torch.no_grad():
+                small_states = [common.completion_states(small, mb) for mb in mbs]  # BD-KD
+                small_old = [common.token_logprobs(small, mb, args.temperature, args.logprob_chunk, states=small_states[j])
+                             for j, mb in enumerate(mbs)]  # pi_S,old: the behaviour policy of every sampled token
+            pieces = [(mb, adv_large[i], None, small_old[j], small_states[j])
+                      for j, (i, mb) in enumerate(zip(batches, mbs))]
+            if n:
+                pieces += [(own.select(i), adv_own[i], None, None, None)
+                           for i in common.micro_batches(len(own_rewards), args.micro_batch_size)]
+            large_logp, large_stats = update(large, optimizers["large"], pieces, args, vocab, step, run,
+                                             args.large_kd_coef)
+        with plumbing.Timer() as t_small:
+            # ALGO LOGIC (small): GRPO on its own samples, the task reward only, plus the balanced divergence
+            kl_small_large_k1 = torch.cat([common.masked_mean(small_old[j] - large_logp[j], mb.mask, 1)
+                                           for j, mb in enumerate(mbs)])  # (B,) KL(pi_S||pi_L) per token
+            adv_small = compute_advantages(rewards, G, args.scale_rewards)  # (B,)
+            with torch.no_grad():  # BD-KD: the large model after its step, as the small one's partner
+                large_states = [common.completion_states(large, mb) for mb in mbs]
+            pieces = [(mb, adv_small[i], small_old[j], None, large_states[j])
+                      for j, (i, mb) in enumerate(zip(batches, mbs))]
+            _, small_stats = update(small, optimizers["small"], pieces, args, vocab, step, run, args.kd_coef,
+                                    balanced=True)
+
+        # 5. log, evaluate, save
+        zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
+        metrics = {
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/zero_std_frac": zero_std,
+            "train/grade_errors": scores.grade_errors + (own_scores.grade_errors if n else 0),
+            "train/completion_len": rollout.lengths.float().mean(),
+            "train/tokens": plumbing.all_sum(2 * rollout.mask.sum() + (own.mask.sum() if n else 0)),  # S's (both), L's own
+            "small/kd_kl": kl_small_large_k1.mean(),
+            **{f"small/{k}": v for k, v in small_stats.items()}, **{f"large/{k}": v for k, v in large_stats.items()},
+            "time/generate": t_gen.seconds, "time/update": t_large.seconds + t_small.seconds,
+            "time/update_large": t_large.seconds, "time/update_small": t_small.seconds,
+        }
+        if n:
+            metrics["large/reward"] = own_rewards.mean()
+        metrics["time/step"] = time.perf_counter() - t_step
+        metrics = plumbing.mean_over_ranks(metrics)
+        run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate(step)
+        if step % args.save_every == 0 or step == args.steps:
+            run.save_checkpoint(step, dict(small=(small, tok), large=(large, large_tok)), optimizers, sampler)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", small=f"{acc['small']:.3f}", large=f"{acc['large']:.3f}")
+
+    run.save_final(dict(small=(small, tok), large=(large, large_tok)))
+    run.close()
+    if plumbing.rank() == 0:
+        print(f"small eval/accuracy: {acc0['small']:.3f} -> {acc['small']:.3f}; "
+              f"large eval/accuracy: {acc0['large']:.3f} -> {acc['large']:.3f}  ({run.out})")
+
+
+if __name__ == "__main__":
+    plumbing.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
+    main()

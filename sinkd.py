@@ -1,0 +1,323 @@
+"""SinKD: Sinkhorn Distance Minimization for Knowledge Distillation (arXiv 2402.17110), as the KD term of KDRL.
+
+kdrl.py with the Sinkhorn distance between the student's and the teacher's full distributions in
+place of the sampled-token KL estimate: on the same on-policy rollouts, the GRPO loss gets
+beta_t times each KD position's share of the entropic optimal-transport cost between the
+student distributions and the teacher distributions of a chunk of positions (T = 2, eps = 0.1,
+20 Sinkhorn iterations, the L1 cost between distributions: the official code,
+github.com/2018cx/SinKD, loss.py and GPT-Neo/lossd.py). The rest is kdrl.py's: coefficient
+(constant or annealed), reward-guided masking, the k3 penalty to the initial policy.
+
+Deviations from the official code (docs/sinkd.md has the reading of the code and why):
+1. The transport's batch is a chunk of --logprob-chunk KD positions of a micro-batch (SinKD's is
+   a batch of examples), so memory is bounded by the chunk.
+2. Top-k truncation (--sinkhorn-topk): each chunk keeps the k tokens with the most teacher mass
+   over its positions plus one bucket for the rest, so every row is still a distribution.
+3. Each KD position's row of the plan times the cost is its KD term, aggregated by --loss-type
+   and scaled by --kd-coef; the code scales sum(P * W) by a constant (0.0008).
+4. SinKD replaces the KL term; the official scripts add it to one (T0: 0.1 x KL; GLUE: kd + sinkhorn).
+
+CPU (toy world, minutes):  python sinkd.py            (student toy-small, teacher toy-large)
+GPU:                       python sinkd.py --model Qwen2.5-0.5B-Instruct --teacher Qwen2.5-1.5B-Instruct
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import common
+import plumbing
+import tasks
+from common import arg
+
+
+@dataclass
+class Args:
+    model: str = arg("toy-small", "policy to train: hub id, bare Qwen name (Qwen2.5-0.5B-Instruct), local directory, or a toy model (toy-small, toy-large, toy-hard-small, toy-hard-large)")
+    dataset: str = arg("gsm8k", "gsm8k, math, toy, toy-hard, or a .jsonl path with question/answer fields; a toy model defaults to its own (toy or toy-hard)", toy="toy")
+    steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
+    prompts_per_step: int = arg(16, "questions sampled per step", toy=8)
+    group_size: int = arg(8, "completions per question (G)")
+    max_new_tokens: int = arg(512, "completion length limit", toy=8)
+    lr: float = arg(1e-6, "AdamW learning rate", toy=2e-5)
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    temperature: float = arg(1.0, "sampling temperature (log-probs use the same)")
+    format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
+    seed: int = arg(1, "random seed")
+    out: str = arg("", "output directory (default: runs/<script>-<time>)")
+    eval_every: int = arg(50, "evaluate every N steps (also at step 0 and after the last step)")
+    eval_size: int = arg(500, "held-out questions for greedy pass@1")
+    pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
+    pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
+    save_every: int = arg(50, "checkpoint every N steps")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    device: str = arg("auto", "cuda, cpu, or auto")
+    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
+    micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
+    # Algorithm-specific arguments
+    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
+    loss_type: str = arg("grpo", "token aggregation of the loss", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    num_iterations: int = arg(1, "updates per batch of rollouts (mu); >1 computes old log-probs once")
+    beta: float = arg(0.04, "coefficient of the k3 penalty to the initial policy (0: no reference model)")
+    epsilon: float = arg(0.2, "lower clip range: ratio >= 1 - epsilon")
+    epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
+    teacher: str = arg("toy-large", "frozen teacher, same tokenizer as --model: hub id, bare Qwen name, local directory, or toy name")
+    kd_coef: float = arg(2e-3, "coefficient beta of the KD term (beta_0 with --kd-anneal; reported 5e-3 then)", toy=1.0)
+    kd_anneal: bool = arg(False, "anneal the KD coefficient: beta_t = max(kd_coef - kd_anneal_rate * t, kd_coef_min)")
+    kd_coef_min: float = arg(1e-3, "floor of the annealed KD coefficient", toy=0.2)
+    kd_anneal_rate: float = arg(5e-5, "decrease of the KD coefficient per training step (batch of rollouts) when annealing", toy=0.01)
+    kd_mask: str = arg("none", "reward-guided KD: none, response (skip correct completions), group (only prompts with no correct completion)", choices=("none", "response", "group"))
+    sinkhorn_temperature: float = arg(2.0, "SinKD: softmax temperature of both distributions")
+    sinkhorn_eps: float = arg(0.1, "SinKD: entropic regularisation eps of the kernel exp(-W / eps)")
+    sinkhorn_iters: int = arg(20, "SinKD: Sinkhorn iterations (each normalises rows, then columns)")
+    sinkhorn_topk: int = arg(512, "SinKD: vocabulary entries kept per chunk (the k with the most teacher mass over its positions, plus one bucket for the rest)")
+
+
+# ALGO LOGIC
+
+
+def compute_advantages(rewards, group_size: int, scale: str):
+    """A_i = (r_i - mean_group r) / (std r + 1e-4), std unbiased, over the group or the batch. The
+    batch is the whole step's: under torchrun the std is taken over every rank's rewards, as one
+    process would (groups never straddle ranks)."""
+    r = rewards.view(-1, group_size)  # (N, G)
+    centred = r - r.mean(1, keepdim=True)  # (N, G)
+    if scale == "group":
+        centred = centred / (r.std(1, keepdim=True) + 1e-4)  # (N, G)
+    elif scale == "batch":
+        centred = centred / (plumbing.std_over_ranks(rewards) + 1e-4)  # (N, G)
+    return centred.reshape(-1)  # (B,)
+
+
+def kd_coefficient(t: int, args) -> float:
+    """beta_t: --kd-coef, or with --kd-anneal max(beta_0 - delta * t, beta_min), t = training steps
+    (batches of rollouts) taken, not optimizer steps."""
+    if not args.kd_anneal:
+        return args.kd_coef
+    return max(args.kd_coef - args.kd_anneal_rate * t, args.kd_coef_min)
+
+
+def kd_rows(correct, group_size: int, mode: str):
+    """(B,) 1 for the completions that get the KD term (reward-guided KD), from `correct` (B,) bool:
+    the grader's verdict (tasks.Scores.correct), so that a format bonus never counts as correct."""
+    if mode == "response":  # the teacher is not needed where the answer is already right
+        keep = ~correct  # (B,)
+    elif mode == "group":  # only where RL has no signal: no correct completion in the group
+        keep = ~correct.view(-1, group_size).any(1, keepdim=True).expand(-1, group_size).reshape(-1)  # (B,)
+    else:
+        keep = torch.ones_like(correct)  # (B,)
+    return keep.float()
+
+
+def sinkhorn_plan(K, iters: int):
+    """The transport plan from the kernel K (n, m): `iters` times, each row normalised to sum 1,
+    then each column (SinKD's code): the columns sum to 1 exactly, the rows approach 1."""
+    for _ in range(iters):
+        K = K / K.sum(1, keepdim=True)  # (n, m)
+        K = K / K.sum(0, keepdim=True)  # (n, m)
+    return K
+
+
+def sinkhorn_chunk(logits, teacher_logits, topk: int, eps: float, iters: int):
+    """SinKD on one chunk of n positions (a `fn` of common.paired_logits, logits already divided
+    by T): each student position's row sum_j P_ij W_ij of the transport to the teacher's
+    distributions, (n,), with the gradient through P and W; and the teacher mass the shared top-k
+    support keeps at each position, (n,)."""
+    with torch.no_grad():
+        q = torch.softmax(teacher_logits, -1)  # (n, V)
+        support = q.sum(0).topk(min(topk, q.shape[1])).indices  # (k,) the chunk's shared coordinates
+        q_k = q[:, support]  # (n, k)
+        q_k = torch.cat([q_k, (1 - q_k.sum(1, keepdim=True)).clamp(min=0)], 1)  # (n, k+1) the rest in one bucket
+    p = torch.softmax(logits, -1)  # (n, V)
+    p_k = p[:, support]  # (n, k)
+    p_k = torch.cat([p_k, (1 - p_k.sum(1, keepdim=True)).clamp(min=0)], 1)  # (n, k+1)
+    cost = torch.cdist(p_k, q_k, p=1)  # (n, n) W_ij = |p_s,i - p_t,j|_1
+    plan = sinkhorn_plan(torch.exp(-cost / eps), iters)  # (n, n) P
+    return (plan * cost).sum(1), q_k[:, :-1].sum(1)  # (n,), (n,)
+
+
+def sinkhorn_term(states, teacher_states, kd_mask, args, vocab=None):
+    """SinKD's KD term per token (arXiv 2402.17110): over the KD positions of a
+    micro-batch, a chunk of --logprob-chunk at a time, each position's row of its chunk's Sinkhorn
+    transport cost between the student's and the teacher's distributions at T = --sinkhorn-temperature,
+    (b, T), 0 off KD; and the teacher mass kept by the top-k support, (b, T)."""
+    keep = kd_mask.reshape(-1) > 0  # (b*T,)
+    (h, w), (h_teacher, w_teacher) = states, teacher_states
+    cost, coverage = common.paired_logits(
+        lambda z, z_teacher: sinkhorn_chunk(z, z_teacher, args.sinkhorn_topk, args.sinkhorn_eps, args.sinkhorn_iters),
+        (h[keep], w), (h_teacher[keep], w_teacher), args.logprob_chunk, args.sinkhorn_temperature, vocab)  # (n,), (n,)
+    zeros = torch.zeros_like(kd_mask).reshape(-1)  # (b*T,)
+    return (zeros.masked_scatter(keep, cost).view_as(kd_mask),
+            zeros.masked_scatter(keep, coverage).view_as(kd_mask))  # (b, T), (b, T)
+
+
+def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, n_tokens,
+                 sinkhorn_cost, kd_mask, kd_coef: float):
+    """KDRL objective (arXiv 2506.02208) with SinKD's term (arXiv 2402.17110) as the KD term, as a
+    loss to minimise, per token:
+        L_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t + beta_t * sg(rho_t) c_t M^KD_t,
+        rho_t = exp(l_t - l_old_t),  k3_t = exp(l_ref_t - l_t) - (l_ref_t - l_t) - 1,
+        c_t = sum_j P_tj W_tj, position t's row of its chunk's Sinkhorn plan times cost (sinkhorn_term),
+    aggregated by --loss-type (both terms alike). sg(rho_t) reweights pi_old's tokens to pi_theta
+    (1 in value with --num-iterations 1). `n_seqs` and `n_tokens` are the whole step's
+    (all micro-batches), so that the summed micro-batch losses equal the full-batch loss."""
+    ratio = torch.exp(logp - old_logp)  # (b, T)
+    A = advantages[:, None]  # (b, 1)
+    clipped_ratio = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)  # (b, T)
+    per_token = -torch.min(ratio * A, clipped_ratio * A)  # (b, T)
+    kl_policy_ref_k3 = None
+    if ref_logp is not None:
+        kl_policy_ref_k3 = common.kl_k3(ref_logp - logp)  # (b, T) estimates KL(pi_theta||pi_ref)
+        per_token = per_token + args.beta * kl_policy_ref_k3  # (b, T)
+    kd = sinkhorn_cost * kd_mask  # (b, T) 0 off KD
+    per_token = per_token + kd_coef * ratio.detach() * kd  # (b, T) sg(rho): samples of pi_old
+    if args.loss_type == "grpo":  # mean over each sequence, then over sequences
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    elif args.loss_type == "bnpo":  # token mean of this micro-batch, micro-batches averaged
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1) * (len(mask) / n_seqs)
+    elif args.loss_type == "dr_grpo":  # constant normaliser: no length bias
+        loss = (per_token * mask).sum() / (n_seqs * args.max_new_tokens)
+    else:  # dapo: token mean over the whole step
+        loss = (per_token * mask).sum() / n_tokens
+    is_clipped = ((ratio < 1 - args.epsilon) & (A < 0)) | ((ratio > 1 + args.epsilon_high) & (A > 0))  # (b, T)
+    return loss, dict(kl=kl_policy_ref_k3, clipped=is_clipped.float(), kd=kd)
+
+
+def main():
+    args = common.parse_args(Args)
+    common.check_args(args, num_iterations=1)
+    if min(args.kd_coef, args.kd_coef_min, args.kd_anneal_rate) < 0:
+        plumbing.die("--kd-coef, --kd-coef-min and --kd-anneal-rate must be non-negative")
+    if args.kd_anneal and args.kd_coef_min > args.kd_coef:
+        plumbing.die(f"--kd-coef-min ({args.kd_coef_min}) must not exceed --kd-coef ({args.kd_coef}) when annealing")
+    if args.sinkhorn_temperature <= 0 or args.sinkhorn_eps <= 0 or args.sinkhorn_iters < 1 or args.sinkhorn_topk < 1:
+        plumbing.die("--sinkhorn-temperature and --sinkhorn-eps must be positive, --sinkhorn-iters and "
+                     "--sinkhorn-topk at least 1")
+    if args.fsdp and plumbing.world_size() > 1:
+        plumbing.die("sinkd.py does not run under --fsdp yet (the teacher's LM head is held between forwards); "
+                     "use data parallel")
+    common.check_available([args.model, args.teacher], args.dataset)  # offline: one line naming all that is missing
+    sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
+    eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
+    device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
+    run = plumbing.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
+    G = args.group_size
+
+    start_from = run.checkpoint_dir("policy") if args.resume else args.model
+    model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
+    ref = common.load_model(args.model, device, frozen=True, fsdp=args.fsdp)[0] if args.beta > 0 else None
+    teacher, teacher_tok = common.load_model(args.teacher, device, frozen=True, fsdp=args.fsdp)  # KDRL
+    vocab = common.shared_vocab(model, tok, teacher, teacher_tok, args.model, args.teacher)  # the student's rows
+    common.warn_if_smaller(teacher, model, args.teacher, args.model)
+    plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)  # fused: one kernel a step
+    start = run.resume(dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
+
+    def evaluate(step):
+        metrics = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k)
+        run.log(step, metrics)
+        return metrics["eval/accuracy"]
+
+    acc0 = acc = evaluate(0) if start == 0 else run.first("eval/accuracy")  # resumed: step 0's
+    bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
+               disable=plumbing.rank() != 0)
+    for step in bar:
+        t_step = time.perf_counter()
+        # 1. sample
+        with plumbing.Timer() as t_gen:
+            rows = plumbing.shard(sampler.next(args.prompts_per_step))  # this rank's questions
+            prompts = [tasks.format_prompt(tok, r["question"], args.dataset) for r in rows]
+            rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
+        # 2. score
+        golds = [r["answer"] for r in rows for _ in range(G)]
+        scores = tasks.rewards_for(rollout.texts, golds, args.format_coef)
+        rewards = scores.reward.to(device)  # (B,)
+        # 3. ALGO LOGIC
+        advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)
+        kd_row = kd_rows(scores.correct.to(device), G, args.kd_mask)  # (B,) KDRL
+        kd_coef = kd_coefficient(step - 1, args)
+
+        # 4. update
+        with plumbing.Timer() as t_upd:
+            batches = common.micro_batches(len(advantages), args.micro_batch_size)
+            n_tokens = rollout.mask.sum()
+            n_seqs_all, n_tokens_all = len(advantages) * plumbing.world_size(), plumbing.all_sum(n_tokens)  # the step's
+            n_kd_tokens = (rollout.mask * kd_row[:, None]).sum()  # KDRL
+            with torch.no_grad():
+                old = ([common.token_logprobs(model, rollout.select(i), args.temperature, args.logprob_chunk)
+                        for i in batches] if args.num_iterations > 1 else None)
+                refs = ([common.token_logprobs(ref, rollout.select(i), args.temperature, args.logprob_chunk)
+                         for i in batches] if ref is not None else None)
+            with torch.no_grad():  # SinKD: the teacher's states, where a micro-batch has KD rows
+                teachers = [common.completion_states(teacher, rollout.select(i)) if kd_row[i].any() else None
+                            for i in batches]
+            model.train()
+            sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, kd=0.0, coverage=0.0)
+            for _ in range(args.num_iterations):
+                optimizer.zero_grad(set_to_none=True)
+                for j, idx in enumerate(batches):
+                    mb = rollout.select(idx)
+                    states = common.completion_states(model, mb)  # (b*T, D), (V, D)
+                    logp, entropy = common.token_logprobs(model, mb, args.temperature, args.logprob_chunk,
+                                                          with_entropy=True, states=states)  # (b, T)
+                    old_logp = old[j] if old is not None else logp.detach()  # (b, T)
+                    kd_mask = mb.mask * kd_row[idx][:, None]  # (b, T) KDRL
+                    # SinKD: the full distributions of both models, a chunk of KD positions at a time
+                    sinkhorn_cost, coverage = (sinkhorn_term(states, teachers[j], kd_mask, args, vocab)
+                                               if teachers[j] is not None else (torch.zeros_like(logp),) * 2)  # (b, T)
+                    sums["coverage"] += (coverage * kd_mask).sum()
+                    loss, s = compute_loss(logp, old_logp, refs[j] if refs else None, advantages[idx],
+                                           mb.mask, args, n_seqs_all, n_tokens_all, sinkhorn_cost, kd_mask, kd_coef)
+                    loss.backward()
+                    sums["loss"] += loss.detach()
+                    sums["clipped"] += (s["clipped"] * mb.mask).sum()
+                    sums["entropy"] += (entropy * mb.mask).sum()
+                    sums["kd"] += (s["kd"].detach() * kd_mask).sum()
+                    if s["kl"] is not None:
+                        sums["kl"] += (s["kl"].detach() * mb.mask).sum()
+                grad_norm = plumbing.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
+                run.check_finite(sums["loss"], step)
+                optimizer.step()
+
+        # 5. log, evaluate, save
+        per_token = n_tokens * args.num_iterations
+        zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
+        metrics = {
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
+            "train/loss": plumbing.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
+            "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
+            "train/truncated_frac": rollout.truncated.float().mean(),
+            "train/entropy": sums["entropy"] / per_token, "train/grad_norm": grad_norm, "train/tokens": n_tokens_all,
+            "time/generate": t_gen.seconds, "time/update": t_upd.seconds,
+        }
+        if ref is not None:
+            metrics["train/kl"] = sums["kl"] / per_token
+        n_kd = (n_kd_tokens * args.num_iterations).clamp(min=1)  # KDRL
+        metrics["kd/term"] = sums["kd"] / n_kd  # the transport cost per KD token
+        metrics["kd/sinkhorn_coverage"] = sums["coverage"] / n_kd  # teacher mass on the top-k support
+        metrics["kd/coef"] = kd_coef
+        metrics["kd/masked_frac"] = 1 - n_kd_tokens / n_tokens
+        metrics["time/step"] = time.perf_counter() - t_step
+        metrics = plumbing.mean_over_ranks(metrics)
+        run.log(step, metrics)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate(step)
+        if step % args.save_every == 0 or step == args.steps:
+            run.save_checkpoint(step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")
+
+    run.save_final({"": (model, tok)})
+    run.close()
+    if plumbing.rank() == 0:
+        print(f"eval/accuracy: {acc0:.3f} -> {acc:.3f}  ({run.out})")
+
+
+if __name__ == "__main__":
+    plumbing.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
+    main()
