@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import common
 import plumbing
+import rundir
 import tasks
 from common import arg
 
@@ -52,6 +53,8 @@ class Args:
     format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
+    report_to: str = arg("none", "where the metrics also go as they come: none, tensorboard, wandb, or tensorboard,wandb (each needs its package)")
+    wandb_project: str = arg("", "W&B project of --report-to wandb (default: the script's name; the run is named after --out)")
     eval_every: int = arg(50, "evaluate both models every N steps (also at step 0 and after the last step)")
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
     pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
@@ -72,6 +75,7 @@ class Args:
     epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
     kd_coef: float = arg(0.1, "alpha: the coefficient of the small model's balanced divergence to the large model", toy=0.5)
     is_cap: float = arg(2.0, "C: the large model's importance weights pi_L/pi_S,old are truncated at C")
+    allow_smaller_large: bool = arg(False, "train a --large model with fewer parameters than --small (refused without it: the two are likely swapped)")
     large_rollouts: int = arg(0, "completions per question the large model also samples itself (0: none)")
     bdkd_kappa: float = arg(5.0, "sharpness of the balance w = sigmoid(kappa (H(p_S) - H(p_L))) between reverse (w) and forward KL")
     large_kd_coef: float = arg(0.1, "coefficient of the large model's regulariser KL(p_L||sg p_S) on the small model's rollouts")
@@ -232,7 +236,7 @@ def main():
     sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
     eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
     device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
-    run = plumbing.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
+    run = rundir.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G, n = args.group_size, args.large_rollouts
 
     small, tok = common.load_model(run.checkpoint_dir("small") if args.resume else args.small, device,
@@ -240,7 +244,8 @@ def main():
     large, large_tok = common.load_model(run.checkpoint_dir("large") if args.resume else args.large, device,
                                          args.gradient_checkpointing, fsdp=args.fsdp)
     vocab = common.shared_vocab(small, tok, large, large_tok, args.small, args.large)  # the rows S samples from
-    common.warn_if_smaller(large, small, args.large, args.small, role="--large model")
+    common.warn_if_smaller(large, small, args.large, args.small, "--large model",
+                           refuse="" if args.allow_smaller_large else "--allow-smaller-large")
     plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
     optimizers = dict(small=torch.optim.AdamW(small.parameters(), lr=args.small_lr, weight_decay=args.weight_decay, fused=True),
                       large=torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay, fused=True))  # fused: one kernel a step
@@ -252,7 +257,8 @@ def main():
         run.log(step, {f"{name}/{k}": v for name, ms in metrics.items() for k, v in ms.items()})
         return {name: ms["eval/accuracy"] for name, ms in metrics.items()}
 
-    acc0 = acc = evaluate(0) if start == 0 else {k: run.first(f"{k}/eval/accuracy") for k in ("small", "large")}
+    acc0, acc = [evaluate(0)] * 2 if start == 0 else [{k: seen(f"{k}/eval/accuracy") for k in ("small", "large")}
+                                                      for seen in (run.first, run.last)]  # resumed: step 0's, the latest
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=plumbing.rank() != 0)
     for step in bar:
@@ -331,5 +337,5 @@ def main():
 
 
 if __name__ == "__main__":
-    plumbing.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
+    rundir.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

@@ -124,7 +124,9 @@ def check_available(models: list, dataset: str):
     """Before anything is loaded, offline: every model and dataset the run needs must be local or
     cached, or one line names all that is missing (plumbing.check_offline)."""
     hub_models = [resolve_model_name(m) for m in models if not (tasks.is_toy(m) or os.path.isdir(m))]
-    plumbing.check_offline(hub_models, dataset, tasks.HUB_DATASETS.get(dataset, ()))
+    given = any(a == "--dataset" or a.startswith("--dataset=") for a in sys.argv[1:])
+    plumbing.check_offline(hub_models, dataset, tasks.HUB_DATASETS.get(dataset, ()), tasks.TOY_MODELS,
+                           "" if given else f"The default --dataset {dataset}")
 
 
 def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, frozen: bool = False,
@@ -146,11 +148,13 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
         dtype = torch.bfloat16 if frozen and plumbing.uses_bf16(device) else torch.float32
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
-        hub = "" if os.path.isdir(path) else (
-            "; the hub is unreachable from here" if not plumbing.hub_reachable() else "")
-        plumbing.die(f"cannot load model '{name}': not a toy model ({', '.join(tasks.TOY_MODELS)}), a local "
-                     f"directory written by save_pretrained, or a hub id that loads{hub} "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        if os.path.isdir(path):
+            plumbing.die(f"cannot load model '{name}': the directory holds no model that loads ({why})")
+        hub = "not on the hub" if plumbing.hub_reachable() else "the hub is unreachable from here"
+        plumbing.die(f"model '{name}' is not a local directory, not a toy model ({', '.join(tasks.TOY_MODELS)}), not in "
+                     f"the local Hugging Face cache, and {hub} ({why}); a hub id looks like Qwen/Qwen2.5-0.5B-Instruct "
+                     f"(or Qwen2.5-0.5B-Instruct)")
     tok.padding_side = "left"  # batched generation appends after the prompt
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -208,13 +212,17 @@ def shared_vocab(model, tok, other, other_tok, name: str, other_name: str) -> in
     return rows
 
 
-def warn_if_smaller(teacher, student, teacher_name: str, student_name: str, role: str = "teacher"):
+def warn_if_smaller(teacher, student, teacher_name: str, student_name: str, role: str = "teacher", refuse: str = ""):
     """A teacher with fewer parameters than its student runs (a weak teacher is a legitimate
-    experiment), with one warning line, since swapped flags are the likelier cause."""
+    experiment), with one warning line, since swapped flags are the likelier cause. `refuse`: a flag
+    without which such a pair is refused in one line instead (codistill: the small model generates)."""
     n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
     if n_teacher < n_student:
-        print(f"warning: the {role} '{teacher_name}' has fewer parameters than '{student_name}' "
-              f"({n_teacher / 1e6:.2f}M < {n_student / 1e6:.2f}M); were the two swapped?", file=sys.stderr, flush=True)
+        msg = (f"the {role} '{teacher_name}' has fewer parameters than '{student_name}' "
+               f"({n_teacher / 1e6:.2f}M < {n_student / 1e6:.2f}M); were the two swapped?")
+        if refuse:
+            plumbing.die(f"{msg} Pass {refuse} to train them as given")
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------

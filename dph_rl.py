@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import common
 import plumbing
+import rundir
 import tasks
 from common import arg
 
@@ -43,6 +44,8 @@ class Args:
     format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
+    report_to: str = arg("none", "where the metrics also go as they come: none, tensorboard, wandb, or tensorboard,wandb (each needs its package)")
+    wandb_project: str = arg("", "W&B project of --report-to wandb (default: the script's name; the run is named after --out)")
     eval_every: int = arg(50, "evaluate every N steps (also at step 0 and after the last step)")
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
     pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
@@ -164,7 +167,7 @@ def main():
         train_rows = [train_rows[i] for i in sorted(pick.tolist())]
     eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
     device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
-    run = plumbing.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
+    run = rundir.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G = args.group_size
 
     start_from = run.checkpoint_dir("policy") if args.resume else args.model
@@ -195,7 +198,7 @@ def main():
         run.log(step, metrics)
         return metrics["eval/accuracy"]
 
-    acc0 = acc = evaluate(0) if start == 0 else run.first("eval/accuracy")  # resumed: step 0's
+    acc0, acc = [evaluate(0)] * 2 if start == 0 else (run.first("eval/accuracy"), run.last("eval/accuracy"))  # resumed: step 0's, the latest
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=plumbing.rank() != 0)
     for step in bar:
@@ -283,5 +286,5 @@ def main():
 
 
 if __name__ == "__main__":
-    plumbing.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
+    rundir.exit_on_interrupt()  # Ctrl-C: one line with the last checkpoint and how to resume
     main()

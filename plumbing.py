@@ -2,8 +2,8 @@
 
 Nothing here changes what a script computes. It lets the same script run in one CPU process, on
 one GPU and on several under torchrun: the process group and FSDP2, mixed precision, the offline
-check, the run's directory (config.json, metrics.jsonl, checkpoints, the final model), Ctrl-C and
-NaN stops, timing. In one CPU process every distributed helper is a pass-through and autocast off.
+check, timing (the run's directory, checkpoints and Ctrl-C are rundir.py's). In one CPU process
+every distributed helper is a pass-through and autocast is off.
 Under torchrun each rank samples its share of a step, normalises its loss by the step's global
 counts, and the gradients are summed over ranks before clipping: the one-process update of the
 whole batch (README, "Several GPUs"). With --fsdp every forward is a collective.
@@ -11,13 +11,8 @@ whole batch (README, "Several GPUs"). With --fsdp every forward is a collective.
 
 import atexit
 import contextlib
-import dataclasses
-import json
 import os
 import random
-import shlex
-import shutil
-import signal
 import sys
 import time
 
@@ -256,11 +251,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def check_offline(hub_models: list, dataset: str, dataset_repos: tuple):
-    """When the hub cannot be reached: every hub model must be in the local Hugging Face cache and the
-    dataset's hub repos in the datasets cache, or one line names all that is missing and how to get it
-    (the hub client would retry for a minute, then name only the first); HF_HUB_OFFLINE=1 is set for
-    the rest of the run. With the hub reachable, nothing is checked: what is missing downloads."""
+def check_offline(hub_models: list, dataset: str, dataset_repos: tuple, toy_models=(), dataset_said: str = ""):
+    """When the hub cannot be reached, every hub model must be in the local Hugging Face cache and the
+    dataset's repos in the datasets cache, or one line names all that is missing and how to get it (the
+    hub client would retry for a minute, then name the first); HF_HUB_OFFLINE=1 is then set for the run."""
     if (not hub_models and not dataset_repos) or hub_reachable():
         return
     os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub and datasets when they are imported
@@ -269,230 +263,15 @@ def check_offline(hub_models: list, dataset: str, dataset_repos: tuple):
     models = [m for m in hub_models if not isinstance(try_to_load_from_cache(m, "config.json"), str)]
     datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
     data = any(not os.path.isdir(os.path.join(datasets_cache, r.replace("/", "___"))) for r in dataset_repos)
-    if models or data:
-        missing = [f"model '{m}'" for m in models] + ([f"dataset {dataset} ({', '.join(dataset_repos)})"] if data else [])
-        get = [f"`hf download {m}`" for m in models] + (["one run of this command for the dataset"] if data else [])
-        die(f"not in the local cache (the hub is unreachable: HF_HUB_OFFLINE=1 or no network; HF_HOME={constants.HF_HOME}): "
-            f"{', '.join(missing)}. Where the hub is reachable, {'; '.join(get)}; then run here with HF_HUB_OFFLINE=1 "
-            f"and the same HF_HOME. Or pass a local directory written by save_pretrained as the model, a .jsonl "
-            f"file (question/answer) as --dataset, or the toy world (toy-small, toy-large, --dataset toy)")
-
-
-# ----------------------------------------------------------------------------------------------
-# The run's output directory: config.json, metrics.jsonl, checkpoint/, final/; Ctrl-C and NaN stops
-
-
-def exit_on_interrupt():
-    """Ctrl-C (SIGINT) stops the script with one line instead of a traceback (a script's __main__ asks);
-    a Run, once made, takes the signal over to name its checkpoint and the command that resumes it."""
-    signal.signal(signal.SIGINT, _interrupted_before_the_run)
-
-
-def _interrupted_before_the_run(signum, frame):
-    if rank() == 0:
-        print("\ninterrupted before the run started; nothing was written", file=sys.stderr, flush=True)
-    os._exit(130)
-
-
-class Run:
-    """One run's directory, DIR = --out (default runs/<script>-<time>), and what is written there (rank 0
-    writes); a directory that holds another run is refused unless --resume. It knows what the messages
-    of Ctrl-C and of a NaN stop need: the last step logged and the last checkpoint."""
-
-    def __init__(self, args, script: str):
-        name = os.path.basename(script).removesuffix(".py")  # the script's __file__ or name
-        out = args.out or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if dist.is_initialized():
-            box = [out]
-            dist.broadcast_object_list(box, src=0)
-            out = box[0]
-        args.out = self.out = out  # config.json holds the resolved path
-        self.step = self.checkpoint = self.f = None
-        self.saving, self.interrupted, self.resuming, self.firsts = False, False, args.resume, {}
-        if signal.getsignal(signal.SIGINT) is _interrupted_before_the_run:  # the script asked for one line
-            signal.signal(signal.SIGINT, self._on_interrupt)
-        if rank() != 0:
-            return
-        occupied = os.path.exists(os.path.join(out, "metrics.jsonl")) or os.path.exists(os.path.join(out, "checkpoint"))
-        if args.resume and not os.path.exists(os.path.join(out, "checkpoint", "state.pt")):
-            die(f"--resume: no checkpoint in '{out}/checkpoint' to resume from")
-        if occupied and not args.resume:
-            die(f"'{out}' already holds a run: pass --resume to continue it, or choose another --out")
-        try:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=2)
-        except OSError as e:
-            die(f"cannot write the output directory '{out}' ({e.strerror}): choose another --out")
-
-    def checkpoint_dir(self, name: str) -> str:
-        """Where the checkpoint keeps the model `name` (a save_pretrained directory, loadable as a model)."""
-        return os.path.join(self.out, "checkpoint", name)
-
-    # metrics.jsonl
-
-    def log(self, step: int, metrics: dict):
-        """One line of metrics.jsonl, appended and flushed (rank 0)."""
-        self.step = step
-        if rank() != 0:
-            return
-        if self.f is None:
-            self.f = open(os.path.join(self.out, "metrics.jsonl"), "a")
-        row = {"step": step}
-        row.update({k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in metrics.items()})
-        for k, v in row.items():
-            self.firsts.setdefault(k, v)
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
-
-    def first(self, key: str) -> float:
-        """The first value logged under `key` in this run, resumed lines included (nan if none)."""
-        return self.firsts.get(key, float("nan"))
-
-    def close(self):
-        if self.f is not None:
-            self.f.close()
-
-    # checkpoints and the final model
-
-    def save_checkpoint(self, step: int, models: dict, optimizers: dict, sampler):
-        """DIR/checkpoint: each model of `models` (name: (model, tokenizer)), the optimizer states (keyed by
-        parameter name: data-parallel and FSDP runs read each other's), every rank's RNG states, the
-        sampler, the step; written to a temporary directory first, so a kill mid-save keeps the last one.
-        Every rank calls it (FSDP gathers shards)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        rng = dict(torch=torch.get_rng_state(), np=np.random.get_state(), py=random.getstate(),
-                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-        rngs = [rng]
-        if dist.is_initialized():
-            rngs = [None] * world_size() if rank() == 0 else None
-            dist.gather_object(rng, rngs, dst=0)
-        tmp, final = os.path.join(self.out, "checkpoint.tmp"), os.path.join(self.out, "checkpoint")
-        if rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for name, (model, tok) in models.items():
-            save_pretrained(model, tok, os.path.join(tmp, name))  # also reshards: the optimizers' parameters
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optimizer_states = {k: get_optimizer_state_dict(models[k][0], o, options=full) for k, o in optimizers.items()}
-        if rank() != 0:
-            return
-        state = dict(step=step, optimizers=optimizer_states, sampler=sampler.state_dict(), rng=rngs)
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        self.saving = True  # Ctrl-C waits for the swap: there is always one whole checkpoint
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        self.saving, self.checkpoint = False, step
-        if self.interrupted:
-            self._exit_interrupted()
-
-    def resume(self, models: dict, optimizers: dict, sampler) -> int:
-        """Restore optimizer, sampler and RNG states from DIR/checkpoint, drop the metric lines after its
-        step (no step is lost or repeated) and return it; the script loaded the models (name: model)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        state = torch.load(os.path.join(self.out, "checkpoint", "state.pt"), weights_only=False, mmap=True)
-        if len(state["rng"]) != world_size():
-            die(f"the checkpoint in '{self.out}' was written by {len(state['rng'])} processes: resume with as many "
-                f"(now {world_size()})")
-        for k, o in optimizers.items():
-            set_optimizer_state_dict(models[k], o, state["optimizers"][k], options=StateDictOptions(full_state_dict=True))
-        sampler.load_state_dict(state["sampler"])
-        self.checkpoint = step = state["step"]
-        rng = state["rng"][rank()]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["np"])
-        random.setstate(rng["py"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        path = os.path.join(self.out, "metrics.jsonl")
-        if rank() == 0 and os.path.exists(path):
-            with open(path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(path, "w") as f:
-                f.writelines(keep)
-            self.firsts = {k: v for line in reversed(keep) for k, v in json.loads(line).items()}  # the first of each
-        return step
-
-    def once(self, name: str, what: str, settings: dict, make):
-        """make(), computed once per run and kept in DIR/<name>.pt with the `settings` (flag: value) it was
-        made with; --resume reads it back (the checkpoint's models did not make it), with the same settings."""
-        path = os.path.join(self.out, name + ".pt")
-        if self.resuming:
-            if not os.path.exists(path):
-                die(f"--resume: no {what} in '{path}'; the checkpoint's policy is not the one that made it")
-            saved = torch.load(path, weights_only=False)
-            changed = [k for k in settings if saved["settings"].get(k) != settings[k]]
-            if changed:
-                die(f"--resume: '{path}' was made with other {'/'.join(changed)}: resume with the same")
-            return saved["value"]
-        value = make()
-        if rank() == 0:
-            torch.save(dict(settings=settings, value=value), path + ".tmp")
-            os.replace(path + ".tmp", path)
-        return value
-
-    def save_final(self, models: dict):
-        """DIR/final (one model, name "") or DIR/final/<name>, in the dtype each was published in (every rank calls it)."""
-        for name, (model, tok) in models.items():
-            save_pretrained(model, tok, os.path.join(self.out, "final", name) if name else os.path.join(self.out, "final"),
-                            published=True)
-
-    # stops
-
-    def check_finite(self, loss: torch.Tensor, step: int):
-        """Stop every rank on a NaN or inf loss (the step's loss summed over ranks)."""
-        loss = all_sum(loss.detach())
-        if not torch.isfinite(loss):
-            die(f"loss is {loss.item()} at step {step}; stopping. The last checkpoint is in '{self.out}/checkpoint'")
-
-    def _on_interrupt(self, signum, frame):
-        if self.saving:
-            self.interrupted = True
-        else:
-            self._exit_interrupted()
-
-    def _exit_interrupted(self):
-        """One line: where the last checkpoint is and the command that resumes it."""
-        if rank() == 0:
-            at = "" if self.step is None else f" after step {self.step}"
-            if self.checkpoint is None:
-                msg = (f"interrupted{at}, before the first checkpoint (--save-every): nothing to resume; "
-                       f"'{self.out}' holds this run's metrics, so start again with another --out")
-            else:
-                argv = [a for prev, a in zip(sys.argv, sys.argv[1:])  # the same command, then --out DIR --resume
-                        if prev != "--out" and a not in ("--out", "--resume", "--no-resume") and not a.startswith("--out=")]
-                launcher = ["python"] if world_size() == 1 else ["torchrun", f"--nproc_per_node={world_size()}"]
-                cmd = shlex.join(launcher + [sys.argv[0], *argv, "--out", self.out, "--resume"])
-                msg = (f"interrupted{at}; the last checkpoint (step {self.checkpoint}) is in '{self.out}/checkpoint'. "
-                       f"Resume with: {cmd}")
-            print("\n" + msg, file=sys.stderr, flush=True)  # after the progress bar's line
-        os._exit(130)
-
-
-def save_pretrained(model, tok, path: str, published: bool = False):
-    """`save_pretrained` of a model and its tokenizer. `published`: the weights in the dtype the model
-    was published in (bf16 for Qwen2.5), else as they are (a checkpoint's fp32 master weights); the
-    config records the published dtype either way. Every rank calls it: FSDP gathers the shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    reshard(model)  # FSDP: the model holds its shards again (the root stays gathered after a forward)
-    dtype = getattr(model, "published_dtype", None) or next(model.parameters()).dtype
-    cast = published and dtype != next(model.parameters()).dtype
-    state = None
-    if is_sharded(model):
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    elif cast and rank() == 0:
-        state = model.state_dict()
-    if state is not None:
-        first = {}  # the copies of a tied weight are separate tensors: keep its first name only
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if first.setdefault(id(p), name) != name:
-                state.pop(name, None)
-    if rank() == 0:
-        if cast:
-            state = {k: v.to("cpu", dtype) for k, v in state.items()}  # one tensor at a time to the host
-        model.save_pretrained(path, state_dict=state)
-        model.config.dtype = dtype  # save_pretrained wrote the dtype of the weights in memory
-        model.config.save_pretrained(path)
-        tok.save_pretrained(path)
+    if not models and not data:
+        return
+    names, toys, repos = " and ".join(f"'{m}'" for m in models), ", ".join(toy_models), ", ".join(dataset_repos)
+    where = f"the local Hugging Face cache (HF_HOME={constants.HF_HOME}), and the hub is unreachable (HF_HUB_OFFLINE=1 or no network)."
+    said = ([f"model {names} is not a local directory, not a toy model ({toys}) and not in {where}" if len(models) == 1 else
+             f"models {names} are not local directories, not toy models ({toys}) and not in {where}"] if models else
+            [f"--dataset {dataset} ({repos}) is not in {where}"])
+    said += [f"{dataset_said or '--dataset ' + dataset} ({repos}) is not in the datasets cache either."] if models and data else []
+    get = [f"`hf download {m}`" for m in models] + (["run this command once there for the dataset"] if data else [])
+    die(f"{' '.join(said)} To get {'it' if len(get) == 1 else 'them'}: where the hub is reachable, {' and '.join(get)}; then "
+        "run here with HF_HUB_OFFLINE=1 and the same HF_HOME. Or pass a local directory written by save_pretrained as the "
+        "model, a .jsonl file (question/answer) as --dataset, or the toy world (toy-small, toy-large, --dataset toy)")

@@ -44,12 +44,13 @@ def run_main(script, *args) -> str:
 
 def assert_user_error(script, *args, message):
     """The script refuses these arguments with exit code 2 and one line 'error: ...<message>...' on
-    stderr; a traceback would be another exception here (run_main)."""
+    stderr; a traceback would be another exception here (run_main). Returns the line."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
         run_main(script, *args)
     lines = err.getvalue().strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err.getvalue()
+    return lines[0]
 
 
 def read_metrics(out):

@@ -10,7 +10,7 @@ import torch
 
 import codistill
 import common
-import plumbing
+import rundir
 from conftest import assert_user_error, read_metrics, run_main, run_script
 
 
@@ -96,7 +96,7 @@ def test_no_gradient_crosses_between_the_models(models_and_rollout):
     pieces = [(rollout.select(i), adv_large[i], None, small_old[j]) for j, i in enumerate(batches)]
     vocab = small.get_output_embeddings().weight.shape[0]
     run = SimpleNamespace(out="unused")  # what update needs of a Run: its NaN stop
-    run.check_finite = lambda loss, step: plumbing.Run.check_finite(run, loss, step)
+    run.check_finite = lambda loss, step: rundir.Run.check_finite(run, loss, step)
     large_logp, stats = codistill.update(large, large_opt, pieces, args, vocab, 1, run)
     assert all(p.grad is None for p in small.parameters())
     assert all(torch.equal(a, b) for a, b in zip(s0, small.parameters()))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import common
-import plumbing
+import rundir
 import tasks
 from reference import naive_token_logprobs
 
@@ -267,7 +267,7 @@ def test_unknown_model_is_one_clear_line(monkeypatch, capsys):
         common.load_model("no-such-org/no-such-model", torch.device("cpu"))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: cannot load model 'no-such-org/no-such-model'") and "\n" not in err
+    assert err.startswith("error: model 'no-such-org/no-such-model' is not a local directory, not a toy model") and "\n" not in err
     assert "unreachable" in err
 
 
@@ -423,8 +423,9 @@ def test_parse_args_defaults_follow_the_model():
 
 
 def test_logger_drops_lines_after_resume_step(tmp_path):
-    args = dataclasses.make_dataclass("Args", [("out", str), ("resume", bool)])(str(tmp_path), False)
-    log = plumbing.Run(args, "test")
+    args = dataclasses.make_dataclass("Args", [("out", str), ("resume", bool), ("report_to", str), ("wandb_project", str)])(
+        str(tmp_path), False, "none", "")
+    log = rundir.Run(args, "test")
     for s in range(6):
         log.log(s, {"train/reward": s})
     log.close()
@@ -433,7 +434,7 @@ def test_logger_drops_lines_after_resume_step(tmp_path):
     torch.save(dict(step=3, optimizers={}, sampler={}, rng=[dict(torch=torch.get_rng_state(), np=np.random.get_state(),
                                                                   py=random.getstate(), cuda=None)]),
                tmp_path / "checkpoint" / "state.pt")
-    log = plumbing.Run(args, "test")
+    log = rundir.Run(args, "test")
     assert log.resume({}, {}, SimpleNamespace(load_state_dict=lambda s: None)) == 3
     log.log(4, {"train/reward": 40})
     log.close()

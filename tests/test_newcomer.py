@@ -17,6 +17,7 @@ import torch
 
 import common
 import plumbing
+import rundir
 import tasks
 from conftest import ROOT, assert_user_error, read_metrics, run_main, run_script
 
@@ -124,9 +125,11 @@ def test_offline_headline_command_names_everything_missing_in_one_line_fast(tmp_
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: not in the local cache (the hub is unreachable"), p.stderr
-    for what in ("model 'Qwen/Qwen2.5-0.5B'", "model 'Qwen/Qwen2.5-1.5B'",
-                 "dataset math (DigitalLearningGmbH/MATH-lighteval, HuggingFaceH4/MATH-500)",
+    # first what the names are not, then how to get them; the dataset the user did not name is called the default
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(
+        "error: models 'Qwen/Qwen2.5-0.5B' and 'Qwen/Qwen2.5-1.5B' are not local directories, not toy models"), p.stderr
+    for what in ("not in the local Hugging Face cache", "the hub is unreachable",
+                 "The default --dataset math (DigitalLearningGmbH/MATH-lighteval, HuggingFaceH4/MATH-500)",
                  "`hf download Qwen/Qwen2.5-0.5B`", "`hf download Qwen/Qwen2.5-1.5B`", "HF_HUB_OFFLINE=1", "local directory"):
         assert what in lines[0], what
     assert not os.path.exists(tmp_path / "run")  # checked before anything is written
@@ -151,7 +154,8 @@ def test_offline_cached_model_and_dataset_count_as_available(tmp_path):
     assert ok.returncode == 0 and ok.stdout.strip() == "available", ok.stderr
     bad = subprocess.run([sys.executable, "-c", code.format(["Qwen2.5-0.5B", "Qwen2.5-7B"], "math")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "model 'Qwen/Qwen2.5-7B', dataset math" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "model 'Qwen/Qwen2.5-7B' is not a local directory" in bad.stderr
+    assert "--dataset math (DigitalLearningGmbH/MATH-lighteval, HuggingFaceH4/MATH-500) is not in the datasets cache" in bad.stderr, bad.stderr
     assert "Qwen2.5-0.5B" not in bad.stderr  # the cached one is not named
 
 
@@ -186,6 +190,53 @@ def test_ctrl_c_exits_in_one_line_and_the_printed_command_resumes(tmp_path):
     assert stdout.strip().splitlines()[-1].startswith(f"eval/accuracy: {acc0:.3f} -> ")  # not nan
 
 
+def test_ctrl_c_before_the_first_checkpoint_and_the_three_messages_agree(tmp_path):
+    """Interrupted before any checkpoint: the message says the same command starts again; --resume says
+    there is nothing to resume and to drop it; the same command then runs in the same --out, in place
+    of the interrupted run's metrics."""
+    out = tmp_path / "run"
+    flags = ["--save-every", "100000", "--eval-size", "16", "--eval-every", "100000", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "grpo.py"), "--steps", "100000", *flags],
+                         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(out / "metrics.jsonl") and
+                                          max(r["step"] for r in read_metrics(out)) >= 2):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and not os.path.exists(out / "checkpoint"), err
+    lines = [l for l in re.split(r"[\r\n]", err) if l.strip() and not re.search(r"\d+/\d+ \[", l)]
+    assert len(lines) == 1 and "before the first checkpoint" in lines[0], err
+    assert f"the same command starts the run again in '{out}'" in lines[0]
+    assert_user_error("grpo.py", "--steps", 2, *flags, "--resume",
+                      message="the run stopped before its first one, so run the same command without --resume")
+    run_main("grpo.py", "--steps", 2, *flags)  # the same command, the same --out
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 2]  # this run's lines only: eval 0, steps 1-2, eval 2
+    assert_user_error("grpo.py", "--steps", 2, *flags, message="already holds a run: pass --resume")  # now it has a checkpoint
+
+
+def test_resumed_progress_bar_shows_the_latest_evaluation(tmp_path):
+    out, flags = tmp_path / "run", ["--eval-size", "40", "--eval-every", "2", "--save-every", "2", "--lr", "3e-4"]
+    run_main("grpo.py", "--steps", 2, "--out", out, *flags)
+    evals = [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r]
+    assert len(evals) == 2 and f"{evals[0]:.3f}" != f"{evals[1]:.3f}"  # step 0's and step 2's tell apart
+    p = run_script("grpo.py", "--steps", 4, "--out", out, *flags[:2], "--eval-every", "100", "--save-every", "100", "--resume")
+    bars = re.findall(r"acc=(\d\.\d{3})", p.stderr)  # after step 3 (no evaluation), then after step 4's (the last)
+    assert bars and bars[0] == f"{evals[1]:.3f}", p.stderr  # step 3's bar: the step-2 evaluation, not step 0's
+
+
+def test_a_mistyped_model_says_first_what_it_is_not(tmp_path):
+    line = assert_user_error("grpo.py", "--model", "does-not-exist", "--dataset", "toy", "--out", tmp_path / "o",
+                             message="error: model 'does-not-exist' is not a local directory, not a toy model (toy-small, ")
+    assert "and not in the local Hugging Face cache" in line and "To get it: where the hub is reachable, `hf download" in line
+    assert "gsm8k" not in line  # --dataset toy: no dataset the user did not ask for
+    assert_user_error("grpo.py", "--model", "does-not-exist", "--out", tmp_path / "o",
+                      message="The default --dataset gsm8k (openai/gsm8k) is not in the datasets cache either")
+    (tmp_path / "empty").mkdir()
+    assert_user_error("grpo.py", "--model", tmp_path / "empty", "--dataset", "toy", "--out", tmp_path / "o",
+                      message=f"cannot load model '{tmp_path / 'empty'}': the directory holds no model that loads")
+
+
 def test_unwritable_out_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     assert_user_error("grpo.py", "--out", tmp_path / "file" / "run", message="cannot write the output directory")
@@ -195,7 +246,7 @@ def test_config_json_holds_the_resolved_out(monkeypatch, tmp_path):
     import grpo
     monkeypatch.chdir(tmp_path)
     args = common.parse_args(grpo.Args, [])
-    out = plumbing.Run(args, "grpo").out
+    out = rundir.Run(args, "grpo").out
     assert re.fullmatch(r"runs/grpo-\d{8}-\d{6}", out) and args.out == out
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["out"] == out
@@ -226,6 +277,18 @@ def test_teacher_smaller_than_student_warns_in_one_line(tmp_path, capsys):
     warnings = [l for l in err.splitlines() if l.startswith("warning:")]
     assert warnings == ["warning: the teacher 'toy-small' has fewer parameters than 'toy-large' "
                         "(0.13M < 0.79M); were the two swapped?"], err
+
+
+def test_codistill_refuses_a_smaller_large_model_unless_told(tmp_path):
+    """Swapped --small and --large would train for minutes before anyone read a warning: refused in one
+    line that names the flag to go on; with the flag the pair trains."""
+    for script in ("codistill.py", "bdkd.py"):
+        assert_user_error(script, "--small", "toy-large", "--large", "toy-small", "--out", tmp_path / script,
+                          message="has fewer parameters than 'toy-large' (0.13M < 0.79M); were the two swapped? "
+                                  "Pass --allow-smaller-large to train them as given")
+    run_main("codistill.py", "--small", "toy-large", "--large", "toy-small", "--allow-smaller-large", "--steps", 1,
+             "--eval-size", 4, "--out", tmp_path / "codistill.py")  # the refused run wrote nothing in its way
+    assert [r["step"] for r in read_metrics(tmp_path / "codistill.py") if "train/reward" in r] == [1]
 
 
 def test_teacher_larger_than_student_does_not_warn(capsys):

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 import common
 import plumbing
+import rundir
 from qwen_like import QWEN_VOCAB_ROWS, qwen_like_model
 
 CPU = torch.device("cpu")
@@ -107,8 +108,8 @@ def test_final_model_is_saved_in_its_published_dtype_and_the_checkpoint_in_fp32(
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1e-3 * torch.randn_like(p))  # a trained model: no longer bf16 values
-    plumbing.save_pretrained(model, tok, str(tmp_path / "final"), published=True)
-    plumbing.save_pretrained(model, tok, str(tmp_path / "ckpt"))
+    rundir.save_pretrained(model, tok, str(tmp_path / "final"), published=True)
+    rundir.save_pretrained(model, tok, str(tmp_path / "ckpt"))
     final, ckpt = tmp_path / "final", tmp_path / "ckpt"
     assert dtypes(final) == {"BF16"} and dtypes(ckpt) == {"F32"}
     for d in (final, ckpt):
@@ -122,5 +123,5 @@ def test_final_model_is_saved_in_its_published_dtype_and_the_checkpoint_in_fp32(
     for a, b in zip(model.parameters(), reloaded.parameters()):
         torch.testing.assert_close(a.to(torch.bfloat16).float(), b, atol=0, rtol=0)
     toy, toy_tok = common.load_model("toy-small", CPU)  # published in fp32: saved in fp32
-    plumbing.save_pretrained(toy, toy_tok, str(tmp_path / "toy" / "final"), published=True)
+    rundir.save_pretrained(toy, toy_tok, str(tmp_path / "toy" / "final"), published=True)
     assert dtypes(tmp_path / "toy" / "final") == {"F32"}
