@@ -1,8 +1,9 @@
 """Results: every algorithm on each toy regime with the same budget, three seeds, a table and a figure per regime.
 
-    python results.py                          # the README's tables and figures: both regimes, three seeds
-    python results.py --regime toy-hard --seeds 1 --only GRPO KDRL --out /tmp/r
-    python results.py --seeds 1 --steps 2 --eval-size 20 --out /tmp/smoke   # every row once, in a few minutes
+    python results.py --out results            # the README's tables and figures: both regimes, three seeds
+    python results.py --regime toy-hard --seeds 1 --only grpo kdrl      # into runs/results (the default --out)
+    python results.py --regime toy --seeds 1 --steps 2 --eval-size 20 --only grpo   # a 10-second smoke run
+    python results.py --plot runs/a runs/b --metrics eval/accuracy train/reward   # any runs, one panel a metric
 
 The regimes: toy (toy-small / toy-large on 2-digit sums: the student starts at about 0.3 and every
 method lifts it) and toy-hard (toy-hard-small / toy-hard-large on three-digit sums that reach 1000:
@@ -11,8 +12,9 @@ Each run goes through the script's real command line in a subprocess, one CPU th
 --jobs at a time, with the toy defaults (200 steps, 8 questions x 8 completions, 8 new tokens,
 pass@k from 16 samples) and an evaluation every --eval-every steps for the curves. Writes
 OUT/results.md (a table per regime), OUT/curves-<regime>.png (one panel per family of methods, eval
-accuracy vs step and vs training time; needs matplotlib, optional, used by this script alone) and
-OUT/<regime>/runs/<row>-s<seed>/ (each run's metrics.jsonl). Not a test.
+accuracy vs step and vs training time, one colour and marker per method in every panel; needs
+matplotlib, optional, used by this script alone) and OUT/<regime>/runs/<row>-s<seed>/ (each run's
+metrics.jsonl). --plot draws any runs' metrics with the same code. Not a test.
 
 Columns: final greedy eval accuracy (mean +- std over seeds); final sampled pass@1 and pass@16;
 training time (the sum of the logged step times: generation + update, no evaluation or loading)
@@ -150,8 +152,29 @@ def table(results, target):
     return "\n".join(lines)
 
 
-def plot(results, path, title):
-    """One column per family of methods: eval accuracy vs step (top) and vs training time (bottom)."""
+def labels():
+    """Every label a figure can draw, in the order of ROWS (codistill.py and bdkd.py rows as a small and
+    a large line): the order fixes each one's style."""
+    return [f"{name} {size}" if script in ("codistill.py", "bdkd.py") else name
+            for name, script, _, _ in ROWS for size in (("small", "large") if script in ("codistill.py", "bdkd.py") else ("",))]
+
+
+def style(label, order):
+    """The same colour and marker for a label in every panel of every figure (its place in `order`);
+    dashed for the large model; every other marker hollow, so that lines drawn over each other still show."""
+    import matplotlib.pyplot as plt
+    colours = [plt.cm.tab10(i) for i in range(10)] + [plt.cm.tab20b(i) for i in (0, 4, 8, 12, 16)] + \
+              [plt.cm.Dark2(i) for i in range(8)]  # 23 hues that read apart, the strongest first
+    i = order.index(label) if label in order else len(order)
+    return dict(color=colours[i % len(colours)], marker="osD^vP*Xh<>p"[i % 12], ls="--" if label.endswith(" large") else "-",
+                mfc="none" if i % 2 else None, ms=5, alpha=0.9)
+
+
+def draw(panels, path, title, ncols, order=()):
+    """One figure: `panels` [(title, xlabel, ylabel, [(label, xs, ys)])] in rows of `ncols`, each label drawn
+    alike in every panel (`style`), lines of a panel thinner the later they come (an earlier line shows
+    beneath a later one it coincides with), and one legend below that covers every label. The README's
+    figures and `--plot` both draw through it. False when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -159,49 +182,117 @@ def plot(results, path, title):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
-    by = {name: runs for name, runs, _ in results}
-    families = {f: [n for n in names if n in by] for f, names in FAMILIES.items()}
-    families = {f: names for f, names in families.items() if names}
-    fig, axes = plt.subplots(2, len(families), figsize=(4.5 * len(families), 8), sharey=True, squeeze=False)
-    for col, (family, names) in enumerate(families.items()):
-        a, b = axes[0, col], axes[1, col]
-        for i, name in enumerate(names):
-            runs = by[name]
-            steps = [s for s, _, _ in runs[0]["curve"]]
-            acc = [statistics.mean(r["curve"][j][2] for r in runs) for j in range(len(steps))]
-            secs = [statistics.mean(r["curve"][j][1] for r in runs) for j in range(len(steps))]
-            style = dict(label=name, color=plt.cm.tab10(i), ls="--" if "large" in name else "-", marker=".")
-            a.plot(steps, acc, **style)
-            b.plot(secs, acc, **style)
-        a.set_title(family, fontsize=10)
-        a.set_xlabel("step")
-        b.set_xlabel("training time (s, generation + update)")
-        b.legend(fontsize=8, loc="best")
-        for ax in (a, b):
-            ax.grid(alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel(f"greedy eval accuracy (mean of {len(results[0][1])} seeds)")
+    order = list(order) + sorted({l for *_, lines in panels for l, _, _ in lines} - set(order))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows + 1.2), squeeze=False)
+    handles = {}
+    for ax, (name, xlabel, ylabel, lines) in zip(axes.flat, panels):
+        for j, (label, xs, ys) in enumerate(lines):
+            (handles[label],) = ax.plot(xs, ys, label=label, lw=2.6 - 1.4 * j / max(len(lines) - 1, 1), **style(label, order))
+        ax.set_title(name, fontsize=10)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    shown = [l for l in order if l in handles]
+    fig.legend([handles[l] for l in shown], shown, loc="lower center", ncol=min(len(shown), 6), fontsize=9, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.035 * (-(-len(shown) // 6)) + 0.02, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def plot(results, path, title):
+    """One column per family of methods: mean eval accuracy vs step (top) and vs training time (bottom)."""
+    by = {name: runs for name, runs, _ in results}
+    families = {f: [n for n in names if n in by] for f, names in FAMILIES.items()}
+    families = {f: names for f, names in families.items() if names}
+    n = len(results[0][1])
+    ylabel = f"greedy eval accuracy (mean of {n} seed{'s' if n > 1 else ''})"
+    mean = lambda runs, j, k: statistics.mean(r["curve"][j][k] for r in runs)
+    lines = {name: ([s for s, _, _ in runs[0]["curve"]], [mean(runs, j, 1) for j in range(len(runs[0]["curve"]))],
+                    [mean(runs, j, 2) for j in range(len(runs[0]["curve"]))]) for name, runs in by.items()}
+    panels = [(f, "step", ylabel, [(n, lines[n][0], lines[n][2]) for n in names]) for f, names in families.items()]
+    panels += [(f, "training time (s, generation + update)", ylabel, [(n, lines[n][1], lines[n][2]) for n in names])
+               for f, names in families.items()]
+    return draw(panels, path, title, len(families), labels())
+
+
+def plot_runs(dirs, metrics, x, path):
+    """`--plot`: any runs' metrics.jsonl, one panel per metric, one line per run (a metric a run did not log
+    is left out of its panel), x the step or the training time (the logged time/step summed)."""
+    panels = {m: [] for m in metrics}
+    for d in dirs:
+        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+        elapsed, t = {0: 0.0}, 0.0
+        for r in rows:
+            t += r.get("time/step", 0.0)
+            elapsed[r["step"]] = t
+        for m in metrics:
+            pts = [(r["step"] if x == "step" else elapsed[r["step"]], r[m]) for r in rows if m in r]
+            if pts:
+                panels[m].append((os.path.normpath(d), [p[0] for p in pts], [p[1] for p in pts]))
+            else:
+                print(f"{d}: no {m} logged", file=sys.stderr)
+    xlabel = "step" if x == "step" else "training time (s, generation + update)"
+    return draw([(m, xlabel, m, lines) for m, lines in panels.items()], path, f"{len(dirs)} runs", len(metrics))
+
+
+def slug(name):
+    """A row's name as one word for --only: 'GRPO no KL, DAPO clip' is grpo-no-kl-dapo-clip."""
+    return "-".join("".join(c if c.isalnum() or c in ".+" else " " for c in name.lower()).split())
+
+
+def select_rows(only):
+    """The rows --only names: each value a row's name, its word (`slug`), or words joined by commas."""
+    if only is None:
+        return list(ROWS)
+    known = lambda w: any(w in (r[0], slug(r[0])) for r in ROWS)
+    wanted = {x for w in only for x in ([w] if known(w) else w.split(","))}
+    unknown = sorted(w for w in wanted if not known(w))
+    if unknown:
+        sys.exit(f"error: --only {', '.join(unknown)} matches no row; rows: {', '.join(slug(r[0]) for r in ROWS)} "
+                 "(or their names, quoted)")
+    return [r for r in ROWS if r[0] in wanted or slug(r[0]) in wanted]
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="a 10-second smoke run of one row (the toy regime, one seed, 2 steps):\n"
+               "  python results.py --regime toy --seeds 1 --steps 2 --eval-size 20 --only grpo\n"
+               "every row once, in a few minutes: python results.py --seeds 1 --steps 2 --eval-size 20\n"
+               "plot any runs: python results.py --plot runs/a runs/b --metrics eval/accuracy train/reward\n\n"
+               "rows (--only takes the name or the word):\n" + "\n".join(f"  {slug(r[0]):28} {r[0]}" for r in ROWS))
     p.add_argument("--regime", nargs="+", default=list(REGIMES), choices=list(REGIMES), help="toy regimes (default: all)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--only", nargs="+", default=None, help="row names to run (default: all)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
-    p.add_argument("--eval-every", type=int, default=50, help="evaluation interval of each run (for the curves; each evaluation samples pass@k)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of every row (default: 1 2 3)")
+    p.add_argument("--only", nargs="+", default=None, help="rows to run, by name (quoted) or by word, see below (default: all)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each (default: 2)")
+    p.add_argument("--eval-every", type=int, default=10, help="evaluation interval of each run, for the curves; each "
+                   "evaluation samples pass@k (default: 10)")
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the toy default, 200)")
     p.add_argument("--eval-size", type=int, default=None, help="held-out questions of every evaluation (default: all 500)")
-    p.add_argument("--out", default="results")
-    opts = p.parse_args()
-    rows = [r for r in ROWS if opts.only is None or r[0] in opts.only]
-    if not rows:
-        sys.exit(f"error: --only matches no row; rows: {', '.join(r[0] for r in ROWS)}")
+    p.add_argument("--out", default=os.path.join("runs", "results"), help="where the tables, figures and runs go; "
+                   "`--out results` replaces the ones the README shows (default: runs/results)")
+    p.add_argument("--plot", nargs="+", metavar="RUN", help="instead: one figure of these runs' metrics.jsonl")
+    p.add_argument("--metrics", nargs="+", default=["eval/accuracy", "train/reward"], help="--plot: one panel each "
+                   "(default: eval/accuracy train/reward)")
+    p.add_argument("--x", choices=("step", "time"), default="step", help="--plot: by step or by training time (default: step)")
+    p.add_argument("--png", default="plot.png", help="--plot: the figure's file (default: plot.png)")
+    return p
+
+
+def main():
+    opts = parser().parse_args()
+    if opts.plot:
+        missing = [d for d in opts.plot if not os.path.isfile(os.path.join(d, "metrics.jsonl"))]
+        if missing:
+            sys.exit(f"error: no metrics.jsonl in {', '.join(missing)}")
+        if plot_runs(opts.plot, opts.metrics, opts.x, opts.png):
+            print(f"wrote {opts.png}")
+        return
+    rows = select_rows(opts.only)
 
     sys.path.insert(0, ROOT)
     import tasks
