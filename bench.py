@@ -15,6 +15,7 @@ still fits a CPU (its completions are random, so every reward is 0; the timings 
     python bench.py --logprob-memory          # chunked vs naive log-probs at Qwen's vocabulary size
     python bench.py --logprob-memory --modes chunked bdkd sinkhorn --chunk 256   # + each full-vocabulary KD term
     python bench.py --gpu-check               # every script on random-weight Qwen2.5-0.5B/1.5B, offline (below)
+    python bench.py --memory-table            # which command fits which GPU, full fine-tuning and LoRA, counted
     torchrun --nproc_per_node 2 bench.py --random-model 1024,12 -- --dataset toy --fsdp ...   # per-rank peak
 
 --gpu-check needs no network: it builds random-weight Qwen2.5-0.5B and -1.5B (the real configs,
@@ -220,14 +221,91 @@ def logprob_memory(opts):
     return rows
 
 
-CHECK_RUNS = {  # script: its models (Qwen2.5 sizes); everything else at the script's GPU defaults
+CHECK_RUNS = {  # script[+variant]: its models (Qwen2.5 sizes); everything else at the script's GPU defaults
     "grpo": dict(model="0.5B"),
     "cppo": dict(model="0.5B"),
     "kdrl": dict(model="0.5B", teacher="1.5B"),
     "opd_plus": dict(model="0.5B", teacher="1.5B"),
     "codistill": dict(small="0.5B", large="1.5B"),
     "dph_rl": dict(model="0.5B"),
+    "grpo+lora": dict(model="0.5B"),
+    "codistill+lora": dict(small="0.5B", large="1.5B"),
 }
+VARIANTS = {"lora": ["--lora-rank", "16"]}  # a variant's flags, after the script's
+
+
+def model_params(cfg: dict) -> int:
+    """Parameters of a Qwen2 decoder with config fields `cfg`: embeddings (and an untied head), per layer
+    q, k, v (with biases), o, gate, up, down and two norms, the final norm."""
+    D, I, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * D // cfg["num_attention_heads"]
+    layer = 2 * D * D + 2 * D * kv + D + 2 * kv + 3 * D * I + 2 * D
+    return V * D * (1 if cfg["tie_word_embeddings"] else 2) + L * layer + D
+
+
+def lora_params(cfg: dict, rank: int) -> int:
+    """Parameters of rank-`rank` adapters on every linear layer of the decoder blocks (all-linear: q, k, v,
+    o, gate, up, down; not the LM head): rank (in + out) each."""
+    D, I, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * D // cfg["num_attention_heads"]
+    return L * rank * (2 * (D + D) + 2 * (D + kv) + 3 * (D + I))
+
+
+def trained_bytes(cfg: dict, lora_rank: int = 0) -> int:
+    """What a trained model holds, as the memory table counts it: 16 bytes a trained parameter (fp32
+    weight, gradient, two AdamW moments); with LoRA the model frozen in bf16 (2 bytes a parameter) and
+    16 bytes an adapter parameter."""
+    if not lora_rank:
+        return 16 * model_params(cfg)
+    return 2 * model_params(cfg) + 16 * lora_params(cfg, lora_rank)
+
+
+def activation_bytes(cfg: dict, checkpointing: bool) -> float:
+    """Bytes autograd keeps per token of a micro-batch for the trained model's backward: a Qwen2 layer under
+    autocast keeps about 32 D + 8 I (bf16 matmul inputs and outputs, fp32 residual and norms), times the
+    layers, plus a third for what the count misses; with gradient checkpointing each layer's fp32 input
+    and one layer recomputed at a time. Under LoRA the same tensors are kept: each linear's input, for its
+    adapter's gradient, as for the weight's in full fine-tuning."""
+    D, I, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    layer = (32 * D + 8 * I) * 4 / 3
+    return 4 * D * L + layer if checkpointing else L * layer
+
+
+TABLE = [  # the README's commands: (command, trained sizes, frozen bf16 sizes (a reference, a teacher))
+    ("grpo.py --model Qwen2.5-0.5B-Instruct", ["0.5B"], ["0.5B"]),
+    ("grpo.py --model Qwen2.5-1.5B-Instruct --beta 0", ["1.5B"], []),
+    ("cppo.py --model Qwen2.5-1.5B-Instruct", ["1.5B"], ["1.5B"]),
+    ("kdrl.py --model Qwen2.5-0.5B-Instruct --teacher Qwen2.5-1.5B-Instruct", ["0.5B"], ["0.5B", "1.5B"]),
+    ("opd_plus.py --model Qwen2.5-0.5B-Instruct --teacher Qwen2.5-1.5B-Instruct", ["0.5B"], ["1.5B"]),
+    ("codistill.py --small Qwen2.5-0.5B --large Qwen2.5-1.5B", ["0.5B", "1.5B"], []),
+    ("grpo.py --model Qwen2.5-7B-Instruct --beta 0", ["7B"], []),
+]
+
+
+def memory_table(tokens: int = 8 * 700, head_gib: float = 2.0, lora_rank: int = 16, card_gib: float = 21.0):
+    """The README's memory table, full fine-tuning beside LoRA (rank `lora_rank`), each with and without
+    gradient checkpointing: fixed bytes (trained_bytes, frozen models 2 bytes a parameter; under LoRA the
+    reference is the trained model with its adapters off, no copy), plus the activations of the largest
+    trained model's backward over `tokens` tokens a micro-batch (8 sequences of ~700: a ~190-token prompt,
+    512 new), plus `head_gib` for the LM-head chunks of the log-prob pass, plus, under LoRA, the fp32 copy of
+    that model's bf16 head the pass holds. A command fits a 24 GB card when its peak is under `card_gib`."""
+    sys.path.insert(0, TESTS)
+    from qwen_like import QWEN25_CONFIGS as C
+    gib = lambda b: b / 2**30
+    lines = ["| command (defaults) | fixed | peak | with `--gradient-checkpointing` | LoRA r16: fixed | LoRA peak | "
+             "LoRA, checkpointing | fits 24 GB: full / LoRA |", "|---|---|---|---|---|---|---|---|"]
+    for command, trained, frozen in TABLE:
+        big = max(trained, key=lambda s: activation_bytes(C[s], False))
+        cells, fits = [], []
+        for rank in (0, lora_rank):
+            refs = [s for s in frozen if not (rank and s in trained)]  # LoRA's reference: the adapters off
+            fixed = sum(trained_bytes(C[s], rank) for s in trained) + sum(2 * model_params(C[s]) for s in refs)
+            head = 4 * C[big]["vocab_size"] * C[big]["hidden_size"] if rank else 0
+            peaks = [gib(fixed + head + tokens * activation_bytes(C[big], ckpt)) + head_gib for ckpt in (False, True)]
+            cells += [f"{gib(fixed):.1f} GiB", *(f"~{p:.0f} GiB" for p in peaks)]
+            fits.append("yes" if peaks[0] < card_gib else "checkpointing only" if peaks[1] < card_gib else "no")
+        lines.append(f"| `{command}` | {' | '.join(cells)} | {' / '.join(fits)} |")
+    return "\n".join(lines)
 
 
 def check_inputs(opts, root: str):
@@ -255,7 +333,7 @@ def gpu_check(opts):
     models, data = check_inputs(opts, root)
     shared = ["--dataset", data, "--steps", str(opts.check_steps), "--prompts-per-step", str(opts.check_prompts),
               "--group-size", str(opts.check_group), "--max-new-tokens", str(opts.check_new_tokens)]
-    runs = [(s, CHECK_RUNS[s]) for s in opts.check_scripts.split(",")]
+    runs = [(s, CHECK_RUNS[s]) for s in opts.check_scripts.split(",")]  # a "+variant" adds its VARIANTS flags
     try:
         import trl  # noqa: F401
         names = [s for s, _ in runs]
@@ -263,14 +341,15 @@ def gpu_check(opts):
     except ImportError:
         print("trl is not importable: no TRL row (pip install trl, or its wheel on an offline machine)", file=sys.stderr)
     rows = []
-    for script, sizes in runs:
+    for run, sizes in runs:
+        script, _, variant = run.partition("+")
         which = ["--trl"] if script == "trl" else ["--script", script]
-        flags = [x for k, v in sizes.items() for x in (f"--{k}", models[v])] + shared
+        flags = [x for k, v in sizes.items() for x in (f"--{k}", models[v])] + shared + VARIANTS.get(variant, [])
         print(f"{script} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, os.path.abspath(__file__), *which, "--warmup", str(opts.warmup), "--", *flags],
                            capture_output=True, text=True)
-        row = dict(script="TRL GRPOTrainer" if script == "trl" else f"{script}.py",
+        row = dict(script="TRL GRPOTrainer" if script == "trl" else f"{script}.py" + (f" {' '.join(VARIANTS[variant])}" if variant else ""),
                    models=" + ".join(f"{v}" for v in sizes.values()))
         if p.returncode != 0:  # one failure must not cost the other rows (a GPU lease is short)
             print(f"{script} failed after {time.perf_counter() - t0:.0f} s:\n{p.stderr[-3000:]}", file=sys.stderr, flush=True)
@@ -320,6 +399,7 @@ def main():
     p.add_argument("--hidden", type=int, default=128, help="--logprob-memory: hidden size of the random model")
     p.add_argument("--chunk", type=int, default=1024, help="--logprob-memory: positions per chunk (--logprob-chunk)")
     p.add_argument("--gpu-check", action="store_true", help="every script on random-weight Qwen2.5-0.5B/1.5B, offline")
+    p.add_argument("--memory-table", action="store_true", help="the README's memory table (full fine-tuning and LoRA), counted")
     p.add_argument("--check-scripts", default=",".join(CHECK_RUNS), help="--gpu-check: scripts, comma-separated")
     p.add_argument("--check-steps", type=int, default=2, help="--gpu-check: steps per script (the first --warmup left out)")
     p.add_argument("--check-prompts", type=int, default=8, help="--gpu-check: questions per step")
@@ -340,6 +420,9 @@ def main():
             sys.exit("--gpu-check: a script failed (its error is above)")
         return
     opts.warmup = 2 if opts.warmup is None else opts.warmup
+    if opts.memory_table:
+        print(memory_table())
+        return
     if opts.logprob_memory:
         dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
         for row in logprob_memory(opts):

@@ -65,7 +65,11 @@ class Args:
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    lora_rank: int = arg(0, "LoRA rank of every trained model: adapters on --lora-target learn, the weights stay frozen (0: full fine-tuning)")
+    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank (LoRA Without Regret's 32)")
+    lora_target: str = arg("all-linear", "modules that get LoRA adapters: all-linear (every linear layer of the decoder blocks) or names, comma-separated")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    generation: str = arg("generate", "how completions are sampled: generate (model.generate), static (model.generate on a static KV cache, its decode step compiled on CUDA), fastgen (fastgen.py's loop: a static cache, one step replayed as a CUDA graph); all exact, the same distribution", choices=("generate", "static", "fastgen"))
     fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
     # Algorithm-specific arguments
     scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
@@ -200,15 +204,18 @@ def main():
     G, n = args.group_size, args.large_rollouts
 
     small, tok = common.load_model(run.checkpoint_dir("small") if args.resume else args.small, device,
-                                   args.gradient_checkpointing, fsdp=args.fsdp)
+                                   args.gradient_checkpointing, fsdp=args.fsdp, lora=common.lora_config(args),
+                                   generation=args.generation)
     large, large_tok = common.load_model(run.checkpoint_dir("large") if args.resume else args.large, device,
-                                         args.gradient_checkpointing, fsdp=args.fsdp)
+                                         args.gradient_checkpointing, fsdp=args.fsdp, lora=common.lora_config(args),
+                                         generation=args.generation)
     vocab = common.shared_vocab(small, tok, large, large_tok, args.small, args.large)  # the rows S samples from
     common.warn_if_smaller(large, small, args.large, args.small, "--large model",
                            refuse="" if args.allow_smaller_large else "--allow-smaller-large")
     plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
-    optimizers = dict(small=torch.optim.AdamW(small.parameters(), lr=args.small_lr, weight_decay=args.weight_decay, fused=True),
-                      large=torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay, fused=True))  # fused: one kernel a step
+    trained = {name: [p for p in m.parameters() if p.requires_grad] for name, m in (("small", small), ("large", large))}  # LoRA: the adapters
+    optimizers = dict(small=torch.optim.AdamW(trained["small"], lr=args.small_lr, weight_decay=args.weight_decay, fused=True),
+                      large=torch.optim.AdamW(trained["large"], lr=args.large_lr, weight_decay=args.weight_decay, fused=True))  # fused: one kernel a step
     start = run.resume(dict(small=small, large=large), optimizers, sampler) if args.resume else 0
 
     def evaluate(step):

@@ -1,25 +1,24 @@
 """What a reader of grpo.py needs besides grpo.py: no algorithm logic lives here.
 
-Arguments (one @dataclass per script); model loading; batched sampling into a `Rollout`; the
-chunked log-prob pass over the sampled tokens (and two models' full distributions at the same
-positions); KL estimators and divergences; evaluation (greedy accuracy, pass@k, ECE). The
-training loop, the advantages, the loss and what is logged stay in each script, so that a diff
-between two scripts shows the algorithm and nothing else. Questions, prompts and rewards are in
-tasks.py; torchrun, FSDP, precision, checkpoints and the output directory in plumbing.py, which a
-reader may skip.
+Arguments (one @dataclass per script); model loading (LoRA too); batched sampling into a `Rollout`;
+the chunked log-prob pass (and two models' full distributions at the same positions); KL estimators
+and divergences; evaluation (greedy accuracy, pass@k, ECE). The loop, the advantages, the loss and
+what is logged stay in each script. Questions, prompts and rewards are in tasks.py; what a reader
+may skip in plumbing.py (torchrun, FSDP, precision) and rundir.py (outputs, checkpoints).
 
-Conventions. A rollout holds B = prompts x G rows, group g being rows g*G .. g*G+G-1. Every
-per-token tensor is (B, T) over the T completion positions; `mask` is 1 up to and including
-the first EOS and 0 after, built from lengths (never from `ids == pad_id`). Helpers never
-change their inputs in place.
+Conventions. A rollout holds B = prompts x G rows, group g being rows g*G .. g*G+G-1. Every per-token
+tensor is (B, T) over the T completion positions; `mask` is 1 up to and including the first EOS and 0
+after, built from lengths (never from `ids == pad_id`). Helpers never change their inputs in place.
 """
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import fastgen
 import plumbing
 import tasks
 
@@ -40,18 +40,22 @@ def arg(default, help: str, toy=None, choices=None):
 
 
 MODEL_FIELDS = ("model", "teacher", "small", "large")
+LR_FIELDS = ("lr", "small_lr", "large_lr")
+LORA_LR_SCALE = 10  # LoRA's best lr is about 10x full fine-tuning's ("LoRA Without Regret", Schulman et al. 2025)
 
 
 def parse_args(cls, argv=None):
     """Build argparse from the dataclass. Defaults follow the model: when every model named is a
-    toy model, fields with a `toy` default take it, unless the flag was given."""
+    toy model, fields with a `toy` default take it, unless the flag was given; with --lora-rank the
+    learning rates not given are LORA_LR_SCALE times their full fine-tuning defaults."""
     title = " ".join((sys.modules["__main__"].__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
     p = argparse.ArgumentParser(description=title,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-        toy = "" if meta.get("toy") is None else f"; toy models: {meta['toy']}"
+        toy = ("" if meta.get("toy") is None else f"; toy models: {meta['toy']}") + (
+            f"; x{LORA_LR_SCALE} with --lora-rank" if f.name in LR_FIELDS else "")
         help = meta.get("help", "")
         if "(default:" not in help:  # a field may say its default in words
             help += f" (default: {f.default}{toy})"
@@ -72,6 +76,9 @@ def parse_args(cls, argv=None):
                 setattr(args, f.name, f.metadata["toy"])
         if "dataset" not in given and hasattr(args, "dataset"):  # the first model's own: toy or toy-hard
             args.dataset = tasks.TOY_MODELS[names[0]]
+    for name in LR_FIELDS if getattr(args, "lora_rank", 0) > 0 else ():
+        if hasattr(args, name) and name not in given:
+            setattr(args, name, float(f"{getattr(args, name) * LORA_LR_SCALE:.6g}"))
     return args
 
 
@@ -92,6 +99,11 @@ def check_args(args, **least):
                      "sampled per question")
     if args.temperature <= 0:
         plumbing.die(f"--temperature must be positive for on-policy sampling (got {args.temperature})")
+    if args.lora_rank < 0 or (args.lora_rank and args.lora_alpha <= 0):
+        plumbing.die(f"--lora-rank must be non-negative and --lora-alpha positive (got {args.lora_rank}, {args.lora_alpha})")
+    if args.lora_rank and args.fsdp and plumbing.world_size() > 1:
+        plumbing.die("--lora-rank with --fsdp is not supported: LoRA keeps a model on one GPU, so run data parallel "
+                     "(torchrun without --fsdp)")
     if args.prompts_per_step % plumbing.world_size():  # torchrun: every rank takes whole questions
         plumbing.die(f"--prompts-per-step ({args.prompts_per_step}) must be a multiple of the number of processes "
                      f"({plumbing.world_size()})")
@@ -99,10 +111,8 @@ def check_args(args, **least):
 
 def parse_pass_k(spec) -> list:
     """The k of --pass-k ("1,4,16") as ints; a list of ints as it is."""
-    if not isinstance(spec, str):
-        return [int(k) for k in spec]
     try:
-        return [int(k) for k in spec.split(",") if k.strip()]
+        return [int(k) for k in (spec.split(",") if isinstance(spec, str) else spec) if str(k).strip()]
     except ValueError:
         plumbing.die(f"--pass-k must be comma-separated integers like 1,4,16 (got '{spec}')")
 
@@ -130,23 +140,25 @@ def check_available(models: list, dataset: str):
 
 
 def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, frozen: bool = False,
-               fsdp: bool = False):
-    """(model, tokenizer) from a toy name, a local `save_pretrained` directory or a hub id.
-    Trained models keep fp32 master weights; `frozen` ones (teacher, reference) are in eval mode with
-    no grads and, on CUDA, read in bf16 (never a full fp32 copy); compute runs under autocast.
-    `fsdp`: sharded over the ranks before the whole model reaches the device; build the optimizer
-    after this, on the sharded parameters. `model.published_dtype` is the dtype of the weights as
-    published (the config's), which the final model is saved in."""
+               fsdp: bool = False, lora=None, generation: str = "generate"):
+    """(model, tokenizer) from a toy name, a local `save_pretrained` directory or a hub id. Trained models
+    keep fp32 master weights; `frozen` ones are in eval mode with no grads and, on CUDA, read in bf16.
+    `lora` (`lora_config`): frozen so too, and trained through fp32 adapters (peft); a checkpoint's
+    adapter directory loads onto the base it names. `fsdp`: sharded before the whole model reaches the
+    device (build the optimizer after). `generation`: how `sample` generates with it (--generation).
+    `model.published_dtype`: the dtype the final model is saved in."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per run: ours
     path = tasks.toy_path(name) if tasks.is_toy(name) else resolve_model_name(name)
+    adapter = os.path.join(path, "adapter_config.json")  # a LoRA run's checkpoint: its adapters, on its base
+    base = json.load(open(adapter))["base_model_name_or_path"] if lora and os.path.isfile(adapter) else path
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        published = AutoConfig.from_pretrained(path).dtype or torch.float32  # from_pretrained overwrites it
-        dtype = torch.bfloat16 if frozen and plumbing.uses_bf16(device) else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        published = AutoConfig.from_pretrained(base).dtype or torch.float32  # from_pretrained overwrites it
+        dtype = torch.bfloat16 if (frozen or lora) and plumbing.uses_bf16(device) else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     except (OSError, ValueError) as e:
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         if os.path.isdir(path):
@@ -164,43 +176,57 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
     if frozen:
         model.eval()
+    if frozen or lora:
         model.requires_grad_(False)
+    if lora:
+        import peft
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # A's init: --seed's, not the loader's draws
+            warnings.simplefilter("ignore", FutureWarning)  # peft's own use of a deprecated transformers name
+            torch.manual_seed(lora.init_seed)
+            model = (peft.PeftModel.from_pretrained(model, path, is_trainable=True) if base != path
+                     else peft.get_peft_model(model, lora))  # fp32 adapters (peft's autocast_adapter_dtype)
+        model.published_dtype = model.get_base_model().published_dtype
+    model.generation = generation
     return (plumbing.apply_fsdp(model, device) if fsdp else model.to(device)), tok
 
 
-def end_of_turn_id(tok) -> Optional[int]:
-    """The token the chat template writes right after an assistant message, when it is an added
-    token (Qwen: <|im_end|>, Llama 3: <|eot_id|>); None without a template or such a token."""
-    if not getattr(tok, "chat_template", None):
+def lora_config(args):
+    """The adapters of --lora-rank, --lora-alpha, --lora-target (a peft.LoraConfig), or None: full fine-tuning."""
+    if not args.lora_rank:
         return None
-    mark = "ANSWER-END-MARK"
-    try:
-        text = tok.apply_chat_template([dict(role="user", content="Q"), dict(role="assistant", content=mark)],
-                                       tokenize=False)
-    except Exception:  # a template may refuse this conversation: then it names no end of turn
-        return None
-    after = text.split(mark, 1)[1] if isinstance(text, str) and mark in text else ""
-    ids = tok(after, add_special_tokens=False).input_ids if after else []
-    return ids[0] if ids and ids[0] in tok.get_added_vocab().values() else None
+    from peft import LoraConfig
+    target = args.lora_target if args.lora_target == "all-linear" else [t.strip() for t in args.lora_target.split(",")]
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=target, lora_dropout=0.0, bias="none")
+    config.init_seed = args.seed  # the adapters start alike in every run of a command (B = 0, A drawn)
+    return config
 
 
-def eos_ids(model, tok) -> list:
-    """Every id that ends a completion: the tokenizer's EOS, the generation_config's and the chat
-    template's end of turn. Prompts use the chat template, so a base model (whose EOS is
-    <|endoftext|> only) that closes its turn with <|im_end|> must stop there too, not write and
-    answer a question of its own."""
-    ids = {tok.eos_token_id, end_of_turn_id(tok)}
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
-    return sorted(i for i in ids if i is not None)
+class AdaptersOff:
+    """A LoRA model with its adapters off: its base, the initial policy, scored without a second copy."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):  # get_decoder, get_output_embeddings: the model's own
+        return getattr(self.model, name)
+
+
+def reference(model, name: str, device: torch.device, args):
+    """The initial policy, frozen (a KL penalty's reference): under LoRA the model with its adapters off, else
+    a frozen copy of `name` (bf16 on CUDA)."""
+    if args.lora_rank:
+        return AdaptersOff(model)
+    return load_model(name, device, frozen=True, fsdp=args.fsdp)[0]
 
 
 def shared_vocab(model, tok, other, other_tok, name: str, other_name: str) -> int:
-    """The LM-head rows that `model` samples from, once `other` is known to score every one of them:
-    identical tokenizers (distillation compares log-probs of the same token ids), and at least as
-    many rows in `other` (Qwen2.5 7B and up pad to 152,064 rows, 0.5B to 3B to 151,936; `other`'s
-    extra rows are sliced off its logits)."""
+    """The LM-head rows that `model` samples from, once `other` is known to score every one of them: the same
+    tokenizer, and at least as many rows (Qwen2.5 7B and up pad to 152,064 rows, 0.5B-3B to 151,936;
+    `other`'s extra rows are sliced off its logits)."""
     va, vb = tok.get_vocab(), other_tok.get_vocab()
     if any(va[t] != vb[t] for t in set(va) & set(vb)) or (set(va) ^ set(vb)):
         plumbing.die(f"'{name}' and '{other_name}' have different tokenizers ({len(va)} vs {len(vb)} tokens); "
@@ -231,9 +257,8 @@ def warn_if_smaller(teacher, student, teacher_name: str, student_name: str, role
 
 @dataclass
 class Rollout:
-    """B = prompts x G rows. Prompts are left-padded; the completion mask covers each completion
-    up to and including its first EOS. A completion with no EOS was cut by the length limit
-    (truncated); one whose EOS is its max_new_tokens-th token was not."""
+    """B = prompts x G rows. Prompts are left-padded; the completion mask covers each completion up to
+    and including its first EOS; a completion with no EOS was cut by the length limit (truncated)."""
     prompt_ids: torch.Tensor      # (B, P)
     prompt_mask: torch.Tensor     # (B, P)
     completion_ids: torch.Tensor  # (B, T)
@@ -249,9 +274,8 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.mask.long()], 1)  # (B, P+T)
 
     def select(self, idx: torch.Tensor) -> "Rollout":
-        """The rows `idx`, with the padding columns that no kept row uses trimmed: the prompts' common
-        left padding (one long prompt in the step would otherwise widen every micro-batch) and the
-        completions' right padding. Positions come from the attention mask, so log-probs are unchanged."""
+        """The rows `idx`, without the padding columns no kept row uses (one long prompt would otherwise widen
+        every micro-batch); positions come from the attention mask, so log-probs are unchanged."""
         il = idx.tolist()
         pm = self.prompt_mask[idx]  # (b, P)
         used = pm.any(0)  # (P,)
@@ -280,8 +304,7 @@ class Rollout:
 
 
 def completion_mask(completion_ids: torch.Tensor, eos: list):
-    """(B, T) mask and (B,) lengths from the position of the first EOS (included), and (B,) truncated:
-    the rows with no EOS."""
+    """(B, T) mask and (B,) lengths from the first EOS (included), and (B,) truncated: the rows with none."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))  # (B, T)
     T = completion_ids.shape[1]
     first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
@@ -293,29 +316,36 @@ def completion_mask(completion_ids: torch.Tensor, eos: list):
 @torch.no_grad()
 def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temperature: float = 1.0,
            greedy: bool = False) -> Rollout:
-    """Batched generation with the KV cache: each prompt `group_size` times, rows of a group
-    adjacent. Every sampling setting is passed explicitly (T, top_p = 1, top_k = 0, no repetition
-    penalty, ...), so a model's generation_config cannot change the distribution silently: the
-    samples are from softmax(logits / T), as on-policy estimators assume."""
+    """Batched generation with the KV cache: each prompt `group_size` times, rows of a group adjacent. Every
+    sampling setting is passed explicitly (T, top_p = 1, top_k = 0, no repetition penalty, ...), so a model's
+    generation_config cannot change the distribution: the samples are from softmax(logits / T), as on-policy
+    estimators assume. The model's `generation` (load_model) picks model.generate, on a static cache or not,
+    or fastgen.py's loop; under FSDP, model.generate."""
     from transformers import GenerationConfig
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    how = "generate" if plumbing.is_sharded(model) else getattr(model, "generation", "generate")
+    bucket = fastgen.BUCKET if how == "static" and device.type == "cuda" else None  # few shapes to compile
+    enc = tok(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=bucket, add_special_tokens=False).to(device)
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)  # (B, P)
     prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0)  # (B, P)
-    eos = eos_ids(model, tok)
+    eos = tasks.eos_ids(model, tok)
     # greedy ignores the sampling knobs; 50 is the top_k that transformers does not warn about then
     knobs = dict(temperature=1.0 if greedy else temperature, top_p=1.0, top_k=50 if greedy else 0, min_p=None,
                  typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
     gen = GenerationConfig(
         do_sample=not greedy, **knobs, repetition_penalty=1.0, no_repeat_ngram_size=0,
         max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-        num_beams=1, use_cache=True)
+        num_beams=1, use_cache=True, cache_implementation="static" if how == "static" else None)
     with plumbing.generating(model):  # autocast; FSDP: each layer gathered once for the batch, ranks in step
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
-    completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
+        if how == "fastgen":
+            completion_ids = fastgen.generate(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id,
+                                              temperature, greedy, compile=device.type == "cuda")  # (B, T)
+        else:
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+            completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
     mask, lengths, truncated = completion_mask(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
@@ -350,10 +380,9 @@ def _chunk_logprobs(h, y, w, temperature: float, vocab: Optional[int], with_entr
 
 
 def map_chunks(fn, rows: tuple, chunk_size: int, *consts):
-    """fn(*chunk of each tensor in `rows`, *consts) -> tuple of per-row tensors (or None), run on
-    `chunk_size` rows at a time under autocast and concatenated. With grad, each chunk is
-    recomputed in backward (activation checkpointing): only the inputs are kept, never the (n, V)
-    logits a chunk makes. The one chunk loop of the log-prob and full-vocabulary passes."""
+    """fn(*chunk of each tensor in `rows`, *consts) -> tuple of per-row tensors (or None), `chunk_size` rows at
+    a time under autocast, concatenated. With grad each chunk is recomputed in backward: only the inputs are
+    kept, never a chunk's (n, V) logits. The one chunk loop of the log-prob and full-vocabulary passes."""
     n, outs = len(rows[0]), []
     with plumbing.autocast(rows[0].device):
         for s in range(0, max(n, 1), chunk_size):  # no rows: one empty chunk, outputs of length 0
@@ -366,8 +395,8 @@ def map_chunks(fn, rows: tuple, chunk_size: int, *consts):
 
 
 def last_hidden_state(model, ids, attn, pos) -> torch.Tensor:
-    """The decoder's output (B, S, D), taken by a hook during the model's own forward, so that the
-    model's hooks run (FSDP gathers parameters in them), with logits at no position and no KV cache."""
+    """The decoder's output (B, S, D), taken by a hook in the model's own forward (FSDP's hooks gather the
+    parameters there), with logits at no position and no KV cache."""
     out = []
     hook = model.get_decoder().register_forward_hook(lambda module, args, o: out.append(o.last_hidden_state))
     try:
@@ -379,9 +408,8 @@ def last_hidden_state(model, ids, attn, pos) -> torch.Tensor:
 
 
 def completion_states(model, rollout: Rollout):
-    """(h, w): the decoder's state before each completion token, (B*T, D) row-major over (B, T), and
-    the LM head (V, D), read after the forward (FSDP has gathered it). One forward, no logits: what
-    the chunked passes (`token_logprobs`, `paired_logits`) turn into logits a chunk at a time."""
+    """(h, w): the decoder's state before each completion token, (B*T, D) row-major over (B, T), and the LM
+    head (V, D) read after the forward: what the chunked passes turn into logits a chunk at a time."""
     ids, attn = rollout.input_ids(), rollout.attention_mask()  # (B, P+T)
     B, T = rollout.completion_ids.shape
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # (B, P+T) left padding shifts positions
@@ -393,16 +421,12 @@ def completion_states(model, rollout: Rollout):
 
 def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int = 1024,
                    vocab_size: Optional[int] = None, with_entropy: bool = False, states=None):
-    """log pi(o_t | q, o_<t) of each completion token at the sampling temperature, (B, T).
-
-    The full (B, T, V) logits are never held: the LM head runs on `chunk_size` positions at a
-    time and gives z_y - logsumexp(z) (151,936 fp32 logits are 0.6 MB a position). With grad,
-    each chunk is recomputed in backward (activation checkpointing), so training keeps only the
-    hidden states. `vocab_size` slices the logits (a 7B Qwen has 152,064 rows, a 0.5B 151,936).
-    The LM head and log-softmax run in fp32 under autocast too: the head of a bf16 model (frozen,
-    or gathered by FSDP) is copied to fp32 for the call (V x D x 4 bytes: 0.5 GiB for 0.5B).
-    `states`: this model's `completion_states(model, rollout)` when the caller has them already
-    (a full-vocabulary term on the same forward), else the forward runs here."""
+    """log pi(o_t | q, o_<t) of each completion token at the sampling temperature, (B, T). The full (B, T, V)
+    logits are never held: the LM head runs on `chunk_size` positions at a time (151,936 fp32 logits are
+    0.6 MB a position), each chunk recomputed in backward, so training keeps only the hidden states. The
+    head and log-softmax run in fp32 under autocast too (a bf16 head is copied: 0.5 GiB for 0.5B).
+    `vocab_size` slices the logits (7B Qwen: 152,064 rows, 0.5B: 151,936). `states`: the caller's
+    `completion_states` of this model and rollout (a full-vocabulary term on the same forward)."""
     B, T = rollout.completion_ids.shape
     h, w = completion_states(model, rollout) if states is None else states  # (B*T, D), (V, D)
     y = rollout.completion_ids.reshape(B * T)  # (B*T,)
@@ -419,10 +443,8 @@ def _paired_chunk(h, h_other, w, w_other, temperature: float, vocab: Optional[in
 
 def paired_logits(fn, states, other_states, chunk_size: int, temperature: float = 1.0,
                   vocab_size: Optional[int] = None):
-    """fn(logits (n, V), other_logits (n, V)) -> tuple of (n,) tensors, for two models' full
-    distributions at the same positions (`completion_states` of each, rows selected alike), with
-    the memory of the log-prob pass: `chunk_size` positions at a time, the other model under
-    no_grad. Returns fn's outputs concatenated over the N positions, (N,) each."""
+    """fn(logits (n, V), other_logits (n, V)) -> (n,) tensors, for two models' full distributions at the same
+    positions (`completion_states` of each), `chunk_size` at a time, the other under no_grad: (N,) each."""
     (h, w), (h_other, w_other) = states, other_states
     return map_chunks(_paired_chunk, (h, h_other), chunk_size, w, w_other, temperature, vocab_size, fn)
 
@@ -465,9 +487,8 @@ KL_ESTIMATORS = dict(k1=kl_k1, k2=kl_k2, k3=kl_k3)
 
 
 def full_kl(logits, other_logits):
-    """Exact divergences between two full distributions p = softmax(logits) and q =
-    softmax(other_logits), row by row: (KL(p||q), KL(q||p), H(p), H(q)), (n,) each. A `fn` of
-    `paired_logits`: the gradient flows through p only."""
+    """Exact (KL(p||q), KL(q||p), H(p), H(q)) of p = softmax(logits), q = softmax(other_logits), (n,) each: a
+    `fn` of `paired_logits`, the gradient through p only."""
     logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(other_logits, -1).detach()  # (n, V)
     p, q = logp.exp(), logq.exp()  # (n, V)
     ent_p, ent_q = -(p * logp).sum(-1), -(q * logq).sum(-1)  # (n,)
@@ -525,10 +546,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def answers(model, tok, rows: list, dataset: str, n: int, max_new_tokens: int, batch_size: int,
             temperature: float = 1.0, greedy: bool = False):
-    """This rank's share of `rows` (every world_size-th one), each question answered n times, `batch_size`
-    questions a generate call; yields (indices into rows, their Rollout, correct (b, n) bool) per call.
-    Every rank makes as many calls (FSDP: each is collective): a short share is padded with index -1,
-    row 0's question, which the caller does not count."""
+    """This rank's share of `rows` (every world_size-th), each answered n times, `batch_size` questions a call:
+    yields (indices into rows, Rollout, correct (b, n) bool). Every rank makes as many calls (FSDP: they are
+    collective): a short share is padded with index -1 (row 0's question), which the caller does not count."""
     mine = list(range(len(rows)))[plumbing.rank()::plumbing.world_size()]
     mine += [-1] * (-(-len(rows) // plumbing.world_size()) - len(mine))
     for s in range(0, len(mine), batch_size):
@@ -542,15 +562,11 @@ def answers(model, tok, rows: list, dataset: str, n: int, max_new_tokens: int, b
 @torch.no_grad()
 def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: int = 0, pass_k="1,4,16",
              batch_size: int = 64, ece_bins: int = 0) -> dict:
-    """The held-out metrics of `rows`: eval/accuracy (greedy pass@1) and time/eval (seconds).
-    `pass_n` > 0: eval/pass@k for each k of `pass_k`, from `pass_n` answers per question sampled at
-    temperature 1 (pass_n times the greedy generation; time/eval_pass_at_k is its cost).
-    `ece_bins` > 0: eval/ece, the expected calibration error of the greedy answer's confidence over
-    that many equal-width bins, sum_b |sum_{i in b} (c_i - 1[correct_i])| / N, with c_i the
-    probability (T = 1) of the whole greedy completion: on the toy that is the answer's digits and
-    EOS; after a reasoning chain it is not an answer confidence (the chain's probability is tiny
-    whatever the answer). A generate call holds at most `batch_size` answers. Under torchrun each
-    rank answers its share and the counts are summed."""
+    """The held-out metrics of `rows`: eval/accuracy (greedy pass@1) and time/eval (seconds). `pass_n` > 0:
+    eval/pass@k for each k of `pass_k`, from `pass_n` answers a question sampled at T = 1 (time/eval_pass_at_k
+    its cost). `ece_bins` > 0: eval/ece, the expected calibration error of the greedy completion's
+    probability c_i (T = 1) over equal-width bins, sum_b |sum_{i in b} (c_i - 1[correct_i])| / N: on the toy
+    the answer's confidence, after a reasoning chain not one. Under torchrun each rank answers its share."""
     if not rows:
         return {"eval/accuracy": float("nan")}
     ks = parse_pass_k(pass_k) if pass_n > 0 else []

@@ -56,7 +56,11 @@ class Args:
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    lora_rank: int = arg(0, "LoRA rank of every trained model: adapters on --lora-target learn, the weights stay frozen (0: full fine-tuning)")
+    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank (LoRA Without Regret's 32)")
+    lora_target: str = arg("all-linear", "modules that get LoRA adapters: all-linear (every linear layer of the decoder blocks) or names, comma-separated")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
+    generation: str = arg("generate", "how completions are sampled: generate (model.generate), static (model.generate on a static KV cache, its decode step compiled on CUDA), fastgen (fastgen.py's loop: a static cache, one step replayed as a CUDA graph); all exact, the same distribution", choices=("generate", "static", "fastgen"))
     fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
     # Algorithm-specific arguments
     scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
@@ -171,9 +175,11 @@ def main():
     G = args.group_size
 
     start_from = run.checkpoint_dir("policy") if args.resume else args.model
-    model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp)
+    model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp,
+                                   lora=common.lora_config(args), generation=args.generation)  # LoRA: frozen weights, fp32 adapters
     plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)  # fused: one kernel a step
+    trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters alone
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # fused: one kernel a step
     # DPH-RL: the pre-sampling stage, once, by the initial policy; --resume reads it back
     threshold = args.pef_threshold or args.presample_k
     settings = {f"--{k.replace('_', '-')}": getattr(args, k) for k in ("model", "dataset", "presample_k", "temperature",

@@ -65,6 +65,12 @@ class Run:
                                                   "without --resume to start it again"))
         if (checkpoint or finished) and not args.resume:
             plumbing.die(f"'{out}' already holds a run: pass --resume to continue it, or choose another --out")
+        config = os.path.join(out, "config.json")
+        old = json.load(open(config)) if args.resume and os.path.isfile(config) else {}
+        changed = [k for k in ("model", "small", "large", "lora_rank", "lora_target") if k in old and old[k] != getattr(args, k)]
+        if changed:  # the checkpoint's models would not load as these
+            plumbing.die(f"--resume: '{out}' was made with " + ", ".join(f"--{k.replace('_', '-')} {old[k]}" for k in changed)
+                         + ": resume with the same")
         try:  # a run stopped before its first checkpoint left only metrics: it starts again, in their place
             os.makedirs(out, exist_ok=True)
             if os.path.exists(os.path.join(out, "metrics.jsonl")) and not args.resume:
@@ -193,10 +199,14 @@ class Run:
         return value
 
     def save_final(self, models: dict):
-        """DIR/final (one model, name "") or DIR/final/<name>, in the dtype each was published in (every rank calls it)."""
+        """DIR/final (one model, name "") or DIR/final/<name>, in the dtype each was published in (every rank
+        calls it). A LoRA model is saved merged, loadable without peft, with its adapter in final/.../adapter."""
         for name, (model, tok) in models.items():
-            save_pretrained(model, tok, os.path.join(self.out, "final", name) if name else os.path.join(self.out, "final"),
-                            published=True)
+            path = os.path.join(self.out, "final", name) if name else os.path.join(self.out, "final")
+            if hasattr(model, "merge_and_unload"):  # peft
+                save_pretrained(model, tok, os.path.join(path, "adapter"))
+                model = model.merge_and_unload()  # W + (alpha / r) B A, in the base's dtype
+            save_pretrained(model, tok, path, published=True)
 
     # stops
 

@@ -159,6 +159,34 @@ def format_prompt(tok, question: str, dataset: str) -> str:
     return f"Question: {content}\nAnswer:"
 
 
+def end_of_turn_id(tok) -> Optional[int]:
+    """The token the chat template writes right after an assistant message, when it is an added
+    token (Qwen: <|im_end|>, Llama 3: <|eot_id|>); None without a template or such a token."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    mark = "ANSWER-END-MARK"
+    try:
+        text = tok.apply_chat_template([dict(role="user", content="Q"), dict(role="assistant", content=mark)],
+                                       tokenize=False)
+    except Exception:  # a template may refuse this conversation: then it names no end of turn
+        return None
+    after = text.split(mark, 1)[1] if isinstance(text, str) and mark in text else ""
+    ids = tok(after, add_special_tokens=False).input_ids if after else []
+    return ids[0] if ids and ids[0] in tok.get_added_vocab().values() else None
+
+
+def eos_ids(model, tok) -> list:
+    """Every id that ends a completion: the tokenizer's EOS, the generation_config's and the chat
+    template's end of turn. Prompts use the chat template, so a base model (whose EOS is
+    <|endoftext|> only) that closes its turn with <|im_end|> must stop there too, not write and
+    answer a question of its own."""
+    ids = {tok.eos_token_id, end_of_turn_id(tok)}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
 class PromptSampler:
     """Questions without replacement, reshuffled each epoch, from a seeded generator (resumable)."""
 

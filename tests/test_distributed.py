@@ -77,6 +77,8 @@ CASES = {  # script[:variant]: its flags, {final model directory: where it start
     "grpo": (["--loss-type", "dapo", "--beta", "0.04", "--lr", "3e-4"], {"final": "toy-small"}),
     # the std of the whole step's rewards, not of each rank's half
     "grpo:batch-std": (["--scale-rewards", "batch", "--beta", "0", "--lr", "3e-4"], {"final": "toy-small"}),
+    # LoRA: the adapters' gradients summed over ranks, the reference the adapters off; final/ merged
+    "grpo:lora": (["--lora-rank", "4", "--beta", "0.04", "--lr", "3e-3", "--loss-type", "dapo"], {"final": "toy-small"}),
     "cppo": (["--beta", "0.04", "--lr", "3e-4"], {"final": "toy-small"}),
     # one group per micro-batch, KD only on groups with no correct answer: some micro-batches need no teacher pass
     "kdrl": (["--kd-mask", "group", "--micro-batch-size", "8", "--lr", "3e-4"], {"final": "toy-small"}),
@@ -90,7 +92,7 @@ CASES = {  # script[:variant]: its flags, {final model directory: where it start
 }
 
 
-PAIRS = [("grpo", "dp"), ("grpo:batch-std", "dp"), ("codistill", "dp"), ("grpo", "fsdp"), ("cppo", "fsdp"), ("kdrl", "fsdp"),
+PAIRS = [("grpo", "dp"), ("grpo:batch-std", "dp"), ("grpo:lora", "dp"), ("codistill", "dp"), ("grpo", "fsdp"), ("cppo", "fsdp"), ("kdrl", "fsdp"),
          ("opd_plus", "fsdp"), ("codistill", "fsdp"), ("dph_rl", "fsdp")]
 RESUME = ["--prompts-per-step", "4", "--eval-size", "21", "--eval-every", "100", "--save-every", "1", "--loss-type", "dapo",
           "--lr", "3e-4"]

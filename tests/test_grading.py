@@ -177,7 +177,7 @@ def test_generation_stops_at_the_end_of_the_assistant_turn(instruct):
     from qwen_like import qwen_tokenizer
     tok = qwen_tokenizer(instruct=instruct)
     im_end, im_start = tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
-    assert common.eos_ids(None, tok) == sorted({tok.eos_token_id, im_end})
+    assert tasks.eos_ids(None, tok) == sorted({tok.eos_token_id, im_end})
     prompt = tasks.format_prompt(tok, "What is 3 + 4?", "gsm8k")
     ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
     seven, nine, user = ids("7"), ids("9"), ids("user")
@@ -191,7 +191,7 @@ def test_generation_stops_at_the_end_of_the_assistant_turn(instruct):
     assert ro.lengths.tolist() == [2, 2] and ro.mask.tolist() == [[1.0, 1.0]] * 2
     assert ro.texts == ["7", "7"]
     assert tasks.rewards_for(ro.texts, ["7", "7"]).correct.tolist() == [True, True]
-    mask, lengths, truncated = common.completion_mask(ro.completion_ids, common.eos_ids(model, tok))
+    mask, lengths, truncated = common.completion_mask(ro.completion_ids, tasks.eos_ids(model, tok))
     assert lengths.tolist() == [2, 2] and truncated.tolist() == [False, False]
 
 
@@ -199,12 +199,12 @@ def test_end_of_turn_comes_from_the_template():
     from qwen_like import qwen_tokenizer
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tasks.toy_path("toy-small"))  # its template writes nothing after a message
-    assert common.end_of_turn_id(tok) is None and common.eos_ids(None, tok) == [tok.eos_token_id]
+    assert tasks.end_of_turn_id(tok) is None and tasks.eos_ids(None, tok) == [tok.eos_token_id]
     tok = qwen_tokenizer()
     tok.chat_template = tok.chat_template.replace("<|im_end|>", "<|endoftext|>")  # another template, another token
-    assert common.end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tasks.end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|endoftext|>")
     tok.chat_template = None
-    assert common.end_of_turn_id(tok) is None
+    assert tasks.end_of_turn_id(tok) is None
 
 
 # ---------------------------------------------------------------- golds at load
