@@ -55,7 +55,8 @@ def summarize(metrics_path: str, warmup: int) -> dict:
     rows = [json.loads(line) for line in open(metrics_path)]
     train = [r for r in rows if "time/step" in r and r["step"] > warmup]
     mean = lambda k: sum(r[k] for r in train) / len(train)
-    return dict(steps=len(train), step_s=mean("time/step"), generate_s=mean("time/generate"),
+    first = [r["time/step"] for r in rows if "time/step" in r][0]  # the warm-up: compilation and CUDA-graph capture
+    return dict(steps=len(train), step_s=mean("time/step"), first_step_s=first, generate_s=mean("time/generate"),
                 update_s=mean("time/update"), trained_tokens=mean("train/tokens"),
                 update_ms_per_trained_token=1000 * mean("time/update") / mean("train/tokens"),
                 completion_len=mean("train/completion_len"),
@@ -84,7 +85,7 @@ def bench_ours(script: str, flags: list, warmup: int) -> dict:
     module = importlib.import_module(script)
     out = tempfile.mkdtemp(prefix="bench-")
     sys.argv = [f"{script}.py", *flags, "--out", os.path.join(out, "run"), "--eval-every", "1000000", "--eval-size", "0",
-                "--save-every", "1000000"]
+                "--save-every", "0"]  # no checkpoint: gigabytes at Qwen sizes, not what is timed
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     module.main()
@@ -205,6 +206,55 @@ def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int,
                 added_peak_gib=round(added, 2), seconds=round(seconds, 1))
 
 
+def profile_update(model_path: str, batch: int = 64, prompt_tokens: int = 150, new_tokens: int = 512,
+                   micro_batch: int = 8, beta: float = 0.04, chunk: int = 1024, top: int = 15) -> dict:
+    """One update of grpo.py's shape (its reference pass, then forward and backward of the chunked log-probs
+    with entropy and a k3 penalty over micro-batches, the gradient clip, fused AdamW) on `batch` rollouts of
+    random tokens, under torch.profiler after one warm-up update: the top kernels (on a CPU, operators) by
+    their own time, and how busy the device was over the update's wall time. Prints the table; returns the
+    figures."""
+    import common
+    import plumbing
+    from torch.profiler import ProfilerActivity, profile
+
+    device = plumbing.init_distributed("auto")
+    cuda = device.type == "cuda"
+    model, _ = common.load_model(model_path, device)
+    ref = common.load_model(model_path, device, frozen=True)[0] if beta else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    ids = torch.randint(0, model.get_output_embeddings().weight.shape[0], (batch, prompt_tokens + new_tokens), device=device)
+    ones = torch.ones_like(ids)
+    rollout = common.Rollout(ids[:, :prompt_tokens], ones[:, :prompt_tokens], ids[:, prompt_tokens:],
+                             ones[:, prompt_tokens:].float(), torch.full((batch,), new_tokens, device=device), [""] * batch,
+                             torch.ones(batch, dtype=torch.bool, device=device))
+
+    def update():
+        batches = common.micro_batches(batch, micro_batch)
+        with torch.no_grad():
+            refs = [common.token_logprobs(ref, rollout.select(i), 1.0, chunk) for i in batches] if ref else None
+        optimizer.zero_grad(set_to_none=True)
+        for j, i in enumerate(batches):
+            mb = rollout.select(i)
+            logp, _ = common.token_logprobs(model, mb, 1.0, chunk, with_entropy=True)
+            per_token = -logp + (beta * common.kl_k3(refs[j] - logp) if ref else 0)
+            ((per_token * mb.mask).sum() / (batch * new_tokens)).backward()
+        plumbing.reduce_and_clip_grads(model, 1.0)
+        optimizer.step()
+
+    update()  # warm-up: the allocator, cuBLAS's heuristics
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with plumbing.Timer() as t:
+            update()
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=top))
+    busy = sum(getattr(e, key) for e in events if not cuda or e.device_type.name == "CUDA") / 1e6  # seconds
+    res = dict(update_s=round(t.seconds, 3), trained_tok_s=round(batch * new_tokens / t.seconds),
+               device_busy_frac=round(busy / t.seconds, 3) if cuda else None)
+    print(json.dumps(res))
+    return res
+
+
 LOGPROB_MODES = ("naive", "chunked", "bdkd", "sinkhorn")
 
 
@@ -223,6 +273,8 @@ def logprob_memory(opts):
 
 CHECK_RUNS = {  # script[+variant]: its models (Qwen2.5 sizes); everything else at the script's GPU defaults
     "grpo": dict(model="0.5B"),
+    "grpo+static": dict(model="0.5B"),
+    "grpo+fastgen": dict(model="0.5B"),
     "cppo": dict(model="0.5B"),
     "kdrl": dict(model="0.5B", teacher="1.5B"),
     "opd_plus": dict(model="0.5B", teacher="1.5B"),
@@ -231,7 +283,8 @@ CHECK_RUNS = {  # script[+variant]: its models (Qwen2.5 sizes); everything else 
     "grpo+lora": dict(model="0.5B"),
     "codistill+lora": dict(small="0.5B", large="1.5B"),
 }
-VARIANTS = {"lora": ["--lora-rank", "16"]}  # a variant's flags, after the script's
+VARIANTS = {"lora": ["--lora-rank", "16"], "static": ["--generation", "static"], "fastgen": ["--generation", "fastgen"]}
+CHECK_DEFAULT = "grpo,grpo+static,grpo+fastgen,cppo,kdrl,opd_plus,codistill,dph_rl,grpo+lora,codistill+lora"
 
 
 def model_params(cfg: dict) -> int:
@@ -357,12 +410,19 @@ def gpu_check(opts):
             continue
         r = json.loads(p.stdout[p.stdout.rindex("{\n"):])  # the script's own last line comes before
         print(f"{script} done in {time.perf_counter() - t0:.0f} s: {json.dumps(r)}", file=sys.stderr, flush=True)
-        row.update(step_s=r["step_s"], peak_gib=r["peak_mem_gib"])
+        row.update(step_s=r["step_s"], peak_gib=r["peak_mem_gib"], first_step_s=r.get("first_step_s"))
         if script != "trl":
             generated = r["completion_len"] * (r["questions"] or opts.check_prompts) * opts.check_group
             row.update(generate_s=r["generate_s"], update_s=r["update_s"], generated_tok_s=generated / r["generate_s"],
                        trained_tok_s=r["trained_tokens"] / r["update_s"])
         rows.append(row)
+    if opts.check_profile:  # one update of grpo.py's shape under the profiler, in its own process
+        print("profile of one update ...", file=sys.stderr, flush=True)
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--profile-update", models["0.5B"],
+                            *(x for k in ("prompts", "group", "new_tokens", "prompt_tokens")
+                              for x in (f"--check-{k.replace('_', '-')}", str(getattr(opts, f"check_{k}"))))],
+                           capture_output=True, text=True)
+        profile = p.stdout if p.returncode == 0 else f"the profile failed:\n{p.stderr[-3000:]}"
     shutil.rmtree(root, ignore_errors=True)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     cut = "" if not (opts.check_layers or opts.check_hidden) else \
@@ -370,16 +430,19 @@ def gpu_check(opts):
     print(f"{dev}; random-weight Qwen2.5{cut}; {opts.check_prompts} questions x {opts.check_group} completions of "
           f"up to {opts.check_new_tokens} tokens, prompts ~{opts.check_prompt_tokens} tokens; means of steps "
           f"{opts.warmup + 1}-{opts.check_steps}; peak memory: {'max allocated' if torch.cuda.is_available() else 'resident set'}\n")
-    print("| script | models | step (s) | generate (s) | update (s) | generated tok/s | trained tok/s | peak memory (GiB) |")
-    print("|---|---|---|---|---|---|---|---|")
-    fmt = lambda r, k, f: format(r[k], f) if k in r else "-"
+    print("| script | models | step (s) | generate (s) | update (s) | generated tok/s | trained tok/s | peak memory (GiB) | "
+          "first step (s): compile included |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda r, k, f: format(r[k], f) if r.get(k) is not None else "-"
     for r in rows:
         if r.get("failed"):
-            print(f"| {r['script']} | {r['models']} | failed (its error is above) | | | | | |")
+            print(f"| {r['script']} | {r['models']} | failed (its error is above) | | | | | | |")
             continue
         print(f"| {r['script']} | {r['models']} | {r['step_s']:.2f} | {fmt(r, 'generate_s', '.2f')} | "
               f"{fmt(r, 'update_s', '.2f')} | {fmt(r, 'generated_tok_s', ',.0f')} | {fmt(r, 'trained_tok_s', ',.0f')} | "
-              f"{r['peak_gib']:.1f} |")
+              f"{r['peak_gib']:.1f} | {fmt(r, 'first_step_s', '.1f')} |")
+    if opts.check_profile:
+        print(f"\none update of grpo.py's shape (0.5B, {opts.check_prompts * opts.check_group} completions), profiled:\n{profile}")
     return rows
 
 
@@ -400,7 +463,10 @@ def main():
     p.add_argument("--chunk", type=int, default=1024, help="--logprob-memory: positions per chunk (--logprob-chunk)")
     p.add_argument("--gpu-check", action="store_true", help="every script on random-weight Qwen2.5-0.5B/1.5B, offline")
     p.add_argument("--memory-table", action="store_true", help="the README's memory table (full fine-tuning and LoRA), counted")
-    p.add_argument("--check-scripts", default=",".join(CHECK_RUNS), help="--gpu-check: scripts, comma-separated")
+    p.add_argument("--profile-update", metavar="MODEL", help="one grpo.py-shaped update of MODEL (a directory) under torch.profiler")
+    p.add_argument("--check-scripts", default=CHECK_DEFAULT, help=f"--gpu-check: scripts[+variant], comma-separated (default: {CHECK_DEFAULT})")
+    p.add_argument("--check-profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="--gpu-check: also profile one update (bench.py --profile-update) and print its table last")
     p.add_argument("--check-steps", type=int, default=2, help="--gpu-check: steps per script (the first --warmup left out)")
     p.add_argument("--check-prompts", type=int, default=8, help="--gpu-check: questions per step")
     p.add_argument("--check-group", type=int, default=8, help="--gpu-check: completions per question")
@@ -420,6 +486,9 @@ def main():
             sys.exit("--gpu-check: a script failed (its error is above)")
         return
     opts.warmup = 2 if opts.warmup is None else opts.warmup
+    if opts.profile_update:
+        profile_update(opts.profile_update, opts.check_prompts * opts.check_group, opts.check_prompt_tokens, opts.check_new_tokens)
+        return
     if opts.memory_table:
         print(memory_table())
         return

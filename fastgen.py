@@ -6,7 +6,7 @@ loop preallocates the cache (transformers' StaticCache, sized to the prompt plus
 runs the prompt once in eager mode, then repeats one decode step whose shapes never change, so that
 on CUDA it can be compiled with CUDA graphs (torch.compile, mode "reduce-overhead": the whole step
 replays as one graph); it keeps the stop bookkeeping on the GPU and asks the host whether every row
-has stopped only every CHECK_EVERY tokens. On a CPU it runs the same steps eagerly.
+has stopped only every CHECK_EVERY tokens. On a CPU it runs the same steps eagerly and looks every token.
 
 It samples what model.generate samples: the next token is drawn from softmax(logits / T), with the
 logits in fp32, by the Gumbel-max trick (argmax of logits / T + Gumbel noise, which picks token v
@@ -109,11 +109,12 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
     position = positions[:, -1].clone()  # (B,)
     cache_position = torch.tensor([P], device=device)  # (1,)
+    every = CHECK_EVERY if device.type == "cuda" else 1  # a CPU's look costs nothing
     for t in range(max_new_tokens):
         token = torch.where(done, pad_id, pick(logits, temperature, greedy))  # (B,) a stopped row writes pad
         tokens[:, t] = token
         done |= torch.isin(token, eos)
-        if t == max_new_tokens - 1 or (t % CHECK_EVERY == CHECK_EVERY - 1 and bool(done.all())):
+        if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
             break
         attention_mask[:, P + t] = 1  # generate's: every row attends to its new position
         position += 1

@@ -55,7 +55,7 @@ class Args:
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
     pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
     pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
-    save_every: int = arg(50, "checkpoint every N steps")
+    save_every: int = arg(50, "checkpoint every N steps and after the last (0: never, nothing to resume)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
@@ -219,7 +219,7 @@ def main():
         run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
-        if step % args.save_every == 0 or step == args.steps:
+        if args.save_every and (step % args.save_every == 0 or step == args.steps):  # 0: none (a benchmark's)
             run.save_checkpoint(step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")
 

@@ -30,6 +30,9 @@ def test_gpu_check_runs_tiny_on_cpu():
         assert set(rows) == {"grpo.py", "codistill.py"} and "trl is not importable" in p.stderr
     assert rows["codistill.py"][1] == "0.5B + 1.5B"
     for script in ("grpo.py", "codistill.py"):
-        step, gen, upd, gen_tps, train_tps, peak = (float(c.replace(",", "")) for c in rows[script][2:])
+        step, gen, upd, gen_tps, train_tps, peak, first = (float(c.replace(",", "")) for c in rows[script][2:])
         assert 0 < gen < step and 0 < upd < step and gen + upd <= step * 1.01 + 0.01  # the table rounds each to 0.01 s
-        assert gen_tps > 0 and train_tps > 0 and peak > 0
+        assert gen_tps > 0 and train_tps > 0 and peak > 0 and first > 0
+    # the profile of one update comes last: the operators by their own time (kernels on a GPU), and the rates
+    profile = p.stdout.split("profiled:")[1]
+    assert "aten::mm" in profile and "Self CPU" in profile and '"trained_tok_s"' in profile, profile

@@ -14,7 +14,7 @@ import bench
 import common
 import plumbing
 import tasks
-from conftest import ROOT, assert_user_error, read_metrics, run_main, run_script
+from conftest import ROOT, assert_user_error, read_metrics, run_main
 from qwen_like import QWEN25_CONFIGS, qwen_like_model
 
 pytest.importorskip("peft")
@@ -88,8 +88,7 @@ def test_checkpoint_holds_the_adapters_and_resume_is_exact(tmp_path):
 
 def test_final_is_merged_loads_without_peft_and_the_adapter_is_beside_it(tmp_path):
     out = tmp_path / "run"
-    p = run_script("grpo.py", "--steps", 3, "--lora-rank", "4", "--lr", "3e-3", *QUICK, "--out", out)
-    assert "eval/accuracy" in p.stdout
+    assert "eval/accuracy" in run_main("grpo.py", "--steps", 3, "--lora-rank", "4", "--lr", "3e-3", *QUICK, "--out", out)
     code = ("import sys; sys.modules['peft'] = None\n"  # no peft: the import fails
             "import torch; from transformers import AutoModelForCausalLM\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(out / 'final')!r})\n"

@@ -215,14 +215,16 @@ def test_ctrl_c_before_the_first_checkpoint_and_the_three_messages_agree(tmp_pat
     assert_user_error("grpo.py", "--steps", 2, *flags, message="already holds a run: pass --resume")  # now it has a checkpoint
 
 
-def test_resumed_progress_bar_shows_the_latest_evaluation(tmp_path):
+def test_resumed_progress_bar_shows_the_latest_evaluation(tmp_path, capsys):
     out, flags = tmp_path / "run", ["--eval-size", "40", "--eval-every", "2", "--save-every", "2", "--lr", "3e-4"]
     run_main("grpo.py", "--steps", 2, "--out", out, *flags)
     evals = [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r]
     assert len(evals) == 2 and f"{evals[0]:.3f}" != f"{evals[1]:.3f}"  # step 0's and step 2's tell apart
-    p = run_script("grpo.py", "--steps", 4, "--out", out, *flags[:2], "--eval-every", "100", "--save-every", "100", "--resume")
-    bars = re.findall(r"acc=(\d\.\d{3})", p.stderr)  # after step 3 (no evaluation), then after step 4's (the last)
-    assert bars and bars[0] == f"{evals[1]:.3f}", p.stderr  # step 3's bar: the step-2 evaluation, not step 0's
+    capsys.readouterr()
+    run_main("grpo.py", "--steps", 4, "--out", out, *flags[:2], "--eval-every", "100", "--save-every", "100", "--resume")
+    err = capsys.readouterr().err  # the bar
+    bars = re.findall(r"acc=(\d\.\d{3})", err)  # after step 3 (no evaluation), then after step 4's (the last)
+    assert bars and bars[0] == f"{evals[1]:.3f}", err  # step 3's bar: the step-2 evaluation, not step 0's
 
 
 def test_a_mistyped_model_says_first_what_it_is_not(tmp_path):
