@@ -1,0 +1,59 @@
+"""The layout the README's "Files" and "Reading a diff" sections promise: module sizes, the share of
+new lines each algorithm adds to grpo.py, and imports that go one way."""
+
+import ast
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPTS = ["grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl"]
+# Who may import whom among the shared modules (the scripts may import all of them).
+ALLOWED = {
+    "common": {"tasks", "plumbing", "fastgen"},
+    "tasks": {"plumbing"},
+    "rundir": {"plumbing"},
+    "fastgen": set(),
+    "plumbing": set(),
+}
+
+
+def lines(name):
+    return len((ROOT / f"{name}.py").read_text().splitlines())
+
+
+def imported(name):
+    """Every top-level module name `name`.py imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse((ROOT / f"{name}.py").read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_module_sizes():
+    assert lines("common") <= 600
+    for name in ["tasks", "plumbing", "rundir", "fastgen"]:
+        assert lines(name) <= 500, name
+    for name in SCRIPTS:
+        assert lines(name) <= 400, name
+
+
+def test_imports_go_one_way():
+    ours = set(ALLOWED) | set(SCRIPTS)
+    for name, allowed in ALLOWED.items():
+        assert imported(name) & ours <= allowed, name
+    for name in SCRIPTS:
+        assert not imported(name) & set(SCRIPTS), f"{name} imports another script"
+
+
+@pytest.mark.skipif(shutil.which("diff") is None, reason="needs diff(1)")
+@pytest.mark.parametrize("script,share", [("cppo", 0.25), ("kdrl", 0.40), ("opd_plus", 0.40), ("dph_rl", 0.40)])
+def test_diff_against_grpo_is_the_algorithm(script, share):
+    out = subprocess.run(["diff", "grpo.py", f"{script}.py"], cwd=ROOT, capture_output=True, text=True).stdout
+    new = sum(line.startswith(">") for line in out.splitlines())
+    assert new <= share * lines(script), f"{new} new lines of {lines(script)}"
