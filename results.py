@@ -269,8 +269,8 @@ def parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of every row (default: 1 2 3)")
     p.add_argument("--only", nargs="+", default=None, help="rows to run, by name (quoted) or by word, see below (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each (default: 2)")
-    p.add_argument("--eval-every", type=int, default=10, help="evaluation interval of each run, for the curves; each "
-                   "evaluation samples pass@k (default: 10)")
+    p.add_argument("--eval-every", type=int, default=20, help="evaluation interval of each run, for the curves; each "
+                   "evaluation samples pass@k (default: 20)")
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the toy default, 200)")
     p.add_argument("--eval-size", type=int, default=None, help="held-out questions of every evaluation (default: all 500)")
     p.add_argument("--out", default=os.path.join("runs", "results"), help="where the tables, figures and runs go; "

@@ -26,7 +26,7 @@ def test_every_row_is_selectable_by_name_or_word():
 
 def test_a_trial_run_does_not_overwrite_the_shipped_tables():
     opts = results.parser().parse_args([])
-    assert opts.out == os.path.join("runs", "results") and opts.eval_every == 10
+    assert opts.out == os.path.join("runs", "results") and opts.eval_every == 20
     text = " ".join(results.parser().format_help().split())  # the help wraps its lines
     for default in ("(default: 1 2 3)", "(default: 2)", "(default: runs/results)"):
         assert default in text, default
