@@ -327,7 +327,7 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
     model.eval()
     device = next(model.parameters()).device
     how = "generate" if plumbing.is_sharded(model) else getattr(model, "generation", "generate")
-    bucket = fastgen.BUCKET if how == "static" and device.type == "cuda" else None  # few shapes to compile
+    bucket = fastgen.prompt_bucket(how, device)  # static on CUDA: prompts padded so that few shapes compile
     enc = tok(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=bucket, add_special_tokens=False).to(device)
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)  # (B, P)
     prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0)  # (B, P)

@@ -87,3 +87,111 @@ def test_a_run_with_each_generation_trains(generation, tmp_path):
     assert [r["step"] for r in rows if "train/reward" in r] == [1, 2]
     assert all(0 < r["train/completion_len"] <= 8 for r in rows if "train/reward" in r)
     assert rows[-1]["eval/accuracy"] > 0.2  # toy-small's greedy answers through the loop: about its 0.314
+
+
+def test_lora_with_fastgen_is_generates_and_passes_the_cache_by_its_current_name(recwarn):
+    """peft's forward takes **kwargs: the cache goes under the name the wrapped model's forward takes (a deprecated
+    name would warn, and a later transformers could drop it and decode with no cache at all)."""
+    import grpo
+    args = common.parse_args(grpo.Args, ["--lora-rank", "4"])
+    model, tok = common.load_model("toy-small", CPU, lora=common.lora_config(args), generation="fastgen")
+    with torch.no_grad():  # adapters that change the greedy answers, so that they are on the path compared
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    base_name = fastgen._cache_kwarg(model.get_base_model())
+    assert fastgen._cache_kwarg(model) == base_name
+    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1", "57+68", "99+01")]
+    eos = tasks.eos_ids(model, tok)
+    compare_greedy(model, tok, prompts, 8, eos)
+    ro = common.sample(model, tok, prompts, 2, 8, greedy=True)  # through common.sample, as the scripts call it
+    assert ro.completion_ids.shape[0] == 8
+    assert not [w for w in recwarn if "deprecated" in str(w.message)], [str(w.message) for w in recwarn]
+
+
+def test_the_cache_is_made_once_per_batch_size_and_reused(tmp_path):
+    model, tok = common.load_model("toy-small", CPU)
+    eos = tasks.eos_ids(model, tok)
+
+    def run(questions, n=8):
+        enc = tok([tasks.format_prompt(tok, q, "toy") for q in questions], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+        return fastgen.generate(model, enc.input_ids, enc.attention_mask, n, eos, tok.pad_token_id, greedy=True,
+                                batch_bucket=4)
+
+    run(["05+68", "9+1", "57+68"])  # 3 rows, bucketed to 4
+    (length, cache), = model._fastgen_caches.values()
+    keys = cache.layers[0].keys
+    assert list(model._fastgen_caches) == [4] and length % fastgen.CACHE_GROWS_BY == 0
+    run(["417+817", "1+1", "99+99", "12+34"])  # 4 rows, another prompt length: the same cache, its tensors in place
+    assert model._fastgen_caches[4][1] is cache and cache.layers[0].keys.data_ptr() == keys.data_ptr()
+    run(["1+2"] * 5)  # 5 rows: bucketed to 8, a second cache
+    assert sorted(model._fastgen_caches) == [4, 8] and model._fastgen_caches[4][1] is cache
+    run(["1+2"] * 3, n=fastgen.CACHE_GROWS_BY + 8)  # longer than the cache: it grows, made again once
+    assert model._fastgen_caches[4][0] == 2 * fastgen.CACHE_GROWS_BY and model._fastgen_caches[4][1] is not cache
+
+
+def test_keys_land_at_the_slots_the_mask_opens():
+    """The layers write each forward's keys at their own running count; fastgen's attention mask and
+    cache_position say where it should be. After P prompt positions and n decode steps the first P + n slots
+    hold keys and the rest are as reset (zero): if a transformers release moved the write, this fails."""
+    model, tok = common.load_model("toy-small", CPU)
+    enc = tok([tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1")], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    P, n = enc.input_ids.shape[1], 6
+    fastgen.generate(model, enc.input_ids, enc.attention_mask, n + 1, [], tok.pad_token_id, greedy=True)  # no stop token
+    (_, cache), = model._fastgen_caches.values()
+    assert fastgen._written(cache) == P + n
+    for layer in cache.layers:
+        written = layer.keys.abs().sum((0, 1, 3)) != 0  # (L,) slots holding a key
+        assert written[:P + n].all() and not written[P + n:].any()
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_sampled_completions_are_a_cacheless_samplers_given_the_same_noise(temperature):
+    """End to end at T != 1: fastgen's tokens equal those of a loop that recomputes the whole sequence every step
+    (no cache) and draws with the same uniform noise in the same order, on ragged prompts with rows that stop."""
+    model, tok = common.load_model("toy-hard-small", CPU)  # its answers to these stop at different steps, or not at all
+    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1", "57+68", "417+817", "999+999", "1+1")]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    eos, N = tasks.eos_ids(model, tok), 8
+    torch.manual_seed(3)
+    fast = fastgen.generate(model, enc.input_ids, enc.attention_mask, N, eos, tok.pad_token_id, temperature)
+    torch.manual_seed(3)
+    ids, mask, done, out = enc.input_ids, enc.attention_mask, torch.zeros(6, dtype=torch.bool), []
+    with torch.no_grad():
+        for t in range(N):
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+            token = torch.where(done, tok.pad_token_id, fastgen.pick(logits, temperature, greedy=False))
+            out.append(token)
+            done |= torch.isin(token, torch.tensor(eos))
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(6, 1, dtype=mask.dtype)], 1)
+    reference = torch.stack(out, 1)[:, :fast.shape[1]]
+    assert torch.equal(fast, reference)
+    _, lengths, truncated = common.completion_mask(fast, eos)
+    assert len(set(lengths.tolist())) > 1 and truncated.any() and not truncated.all()  # ragged stops, and no stop
+
+
+def test_a_padded_batch_gives_each_row_what_it_gets_alone():
+    model, tok = common.load_model("toy-small", CPU)
+    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1", "57+68")]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    eos = tasks.eos_ids(model, tok)
+    plain = fastgen.generate(model, enc.input_ids, enc.attention_mask, 8, eos, tok.pad_token_id, greedy=True)
+    padded = fastgen.generate(model, enc.input_ids, enc.attention_mask, 8, eos, tok.pad_token_id, greedy=True,
+                              batch_bucket=16)
+    assert padded.shape[0] == 3 and torch.equal(plain, padded)
+
+
+def test_static_generation_with_bucketed_prompts_gives_the_same_completions(monkeypatch):
+    """--generation static pads prompts to a multiple of fastgen.BUCKET on CUDA: the extra left padding must not
+    change a greedy completion (run here on a CPU by asking for the bucket)."""
+    model, tok = common.load_model("toy-small", CPU, generation="static")
+    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1", "417+817")]
+    plain = common.sample(model, tok, prompts, 1, 8, greedy=True)
+    seen = []
+    monkeypatch.setattr(fastgen, "prompt_bucket", lambda how, device: seen.append(how) or fastgen.BUCKET)
+    bucketed = common.sample(model, tok, prompts, 1, 8, greedy=True)
+    assert seen == ["static"] and bucketed.prompt_ids.shape[1] == fastgen.BUCKET > plain.prompt_ids.shape[1]
+    assert torch.equal(plain.completion_ids, bucketed.completion_ids) and plain.texts == bucketed.texts
