@@ -206,13 +206,27 @@ def logprob_pass(mode: str, batch: int, positions: int, vocab: int, hidden: int,
                 added_peak_gib=round(added, 2), seconds=round(seconds, 1))
 
 
+UPDATE_VARIANTS = {  # name: what changes from grpo.py's update at its GPU defaults (micro-batch 8, chunk 1024)
+    "default": {},
+    "default again": {},  # the same update timed twice: the spread between two runs of one version
+    "no entropy": dict(entropy=False),
+    "chunk 4096": dict(chunk=4096),
+    "micro-batch 16": dict(micro_batch=16),
+    "micro-batch 32": dict(micro_batch=32),
+    "head in tf32": dict(head="tf32"),
+    "head in bf16": dict(head="bf16"),
+    "no reference": dict(beta=0.0),
+}
+
+
 def profile_update(model_path: str, batch: int = 64, prompt_tokens: int = 150, new_tokens: int = 512,
-                   micro_batch: int = 8, beta: float = 0.04, chunk: int = 1024, top: int = 15) -> dict:
+                   micro_batch: int = 8, beta: float = 0.04, chunk: int = 1024, top: int = 15, variants=()) -> dict:
     """One update of grpo.py's shape (its reference pass, then forward and backward of the chunked log-probs
     with entropy and a k3 penalty over micro-batches, the gradient clip, fused AdamW) on `batch` rollouts of
     random tokens, under torch.profiler after one warm-up update: the top kernels (on a CPU, operators) by
     their own time, and how busy the device was over the update's wall time. Prints the table; returns the
-    figures."""
+    figures. `variants`: names of UPDATE_VARIANTS, each timed after a warm-up of its own, one JSON line each
+    (what a change would gain, before it is made)."""
     import common
     import plumbing
     from torch.profiler import ProfilerActivity, profile
@@ -227,20 +241,45 @@ def profile_update(model_path: str, batch: int = 64, prompt_tokens: int = 150, n
     rollout = common.Rollout(ids[:, :prompt_tokens], ones[:, :prompt_tokens], ids[:, prompt_tokens:],
                              ones[:, prompt_tokens:].float(), torch.full((batch,), new_tokens, device=device), [""] * batch,
                              torch.ones(batch, dtype=torch.bool, device=device))
+    lm_head = common._lm_head
 
-    def update():
+    def head(kind):
+        def bf16_head(h, w, temperature, vocab):  # bf16 operands, fp32 accumulation, fp32 logits
+            logits = (h.bfloat16() @ w.bfloat16().T).float()
+            return (logits[:, :vocab] if vocab is not None else logits) / temperature
+        torch.backends.cuda.matmul.allow_tf32 = kind == "tf32"
+        common._lm_head = bf16_head if kind == "bf16" else lm_head
+
+    def update(micro_batch=micro_batch, chunk=chunk, entropy=True, beta=beta):
         batches = common.micro_batches(batch, micro_batch)
         with torch.no_grad():
-            refs = [common.token_logprobs(ref, rollout.select(i), 1.0, chunk) for i in batches] if ref else None
+            refs = [common.token_logprobs(ref, rollout.select(i), 1.0, chunk) for i in batches] if beta else None
         optimizer.zero_grad(set_to_none=True)
         for j, i in enumerate(batches):
             mb = rollout.select(i)
-            logp, _ = common.token_logprobs(model, mb, 1.0, chunk, with_entropy=True)
-            per_token = -logp + (beta * common.kl_k3(refs[j] - logp) if ref else 0)
+            logp = common.token_logprobs(model, mb, 1.0, chunk, with_entropy=entropy)
+            logp = logp[0] if entropy else logp
+            per_token = -logp + (beta * common.kl_k3(refs[j] - logp) if beta else 0)
             ((per_token * mb.mask).sum() / (batch * new_tokens)).backward()
         plumbing.reduce_and_clip_grads(model, 1.0)
         optimizer.step()
 
+    for name in variants:
+        v = dict(UPDATE_VARIANTS[name])
+        head(v.pop("head", "fp32"))
+        try:
+            update(**v)  # its own warm-up: the allocator, cuBLAS's heuristics for new shapes
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            with plumbing.Timer() as t:
+                update(**v)
+            print(json.dumps(dict(variant=name, update_s=round(t.seconds, 3), trained_tok_s=round(batch * new_tokens / t.seconds),
+                                  peak_mem_gib=round(peak_memory_gib(), 2))), flush=True)
+        except Exception as e:  # an out-of-memory variant must not cost the others
+            print(json.dumps(dict(variant=name, failed=f"{type(e).__name__}: {str(e)[:300]}")), flush=True)
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache() if cuda else None
+    head("fp32")
     update()  # warm-up: the allocator, cuBLAS's heuristics
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         with plumbing.Timer() as t:
@@ -253,6 +292,41 @@ def profile_update(model_path: str, batch: int = 64, prompt_tokens: int = 150, n
                device_busy_frac=round(busy / t.seconds, 3) if cuda else None)
     print(json.dumps(res))
     return res
+
+
+def generation_check(model_path: str, data: str, prompts: int, group: int, new_tokens: int):
+    """Each --generation mode on one model in one process, as grpo.py holds it (fp32 master weights, bf16
+    autocast on CUDA): a warm-up call (compilation, graph capture), then a timed call of `prompts` x `group`
+    completions of up to `new_tokens`; then greedy completions of the same shape (nothing compiles again),
+    every mode's against generate's, row by row. One JSON line a mode, printed as it comes."""
+    import common
+    import plumbing
+    import tasks
+
+    device = plumbing.init_distributed("auto")
+    model, tok = common.load_model(model_path, device)
+    texts = [tasks.format_prompt(tok, r["question"], "gsm8k") for r in tasks.load_data(data, "train")[:prompts]]
+    greedy = {}
+    for mode in ("generate", "static", "fastgen"):  # generate first: the others' greedy rows are compared with its
+        model.generation = mode
+        try:
+            with plumbing.Timer() as first:
+                common.sample(model, tok, texts, group, new_tokens if mode != "generate" else 16)  # nothing to compile
+            with plumbing.Timer() as t:
+                ro = common.sample(model, tok, texts, group, new_tokens)
+            greedy[mode] = common.sample(model, tok, texts, group, new_tokens, greedy=True).completion_ids.cpu()
+        except Exception as e:  # a mode that fails on this machine must not cost the others
+            print(json.dumps(dict(mode=mode, failed=f"{type(e).__name__}: {str(e)[:400]}")), flush=True)
+            continue
+        tokens = int(ro.lengths.sum())
+        same = None
+        if "generate" in greedy and mode != "generate":  # the fraction of rows equal token for token
+            g, ref = greedy[mode], greedy["generate"]
+            same = float((g == ref).all(1).float().mean()) if g.shape == ref.shape else 0.0
+        print(json.dumps(dict(mode=mode, rows=len(ro.lengths), tokens=tokens, seconds=round(t.seconds, 3),
+                              tok_s=round(tokens / t.seconds), first_call_s=round(first.seconds, 1),
+                              ms_per_token_step=round(1000 * t.seconds / int(ro.lengths.max()), 2),
+                              greedy_rows_equal_to_generate=same, peak_mem_gib=round(peak_memory_gib(), 2))), flush=True)
 
 
 LOGPROB_MODES = ("naive", "chunked", "bdkd", "sinkhorn")
@@ -271,10 +345,14 @@ def logprob_memory(opts):
     return rows
 
 
-CHECK_RUNS = {  # script[+variant]: its models (Qwen2.5 sizes); everything else at the script's GPU defaults
+CHECK_RUNS = {  # row: its models (Qwen2.5 sizes); a script row runs at the script's GPU defaults otherwise
+    "generation": dict(model="0.5B"),  # every --generation mode, one process (bench.py --generation-check)
+    "update": dict(model="0.5B"),  # the update's variants and profile (bench.py --profile-update)
     "grpo": dict(model="0.5B"),
+    "trl": dict(model="0.5B"),  # TRL's GRPOTrainer on grpo.py's row
     "grpo+static": dict(model="0.5B"),
     "grpo+fastgen": dict(model="0.5B"),
+    "grpo+generate": dict(model="0.5B"),
     "cppo": dict(model="0.5B"),
     "kdrl": dict(model="0.5B", teacher="1.5B"),
     "opd_plus": dict(model="0.5B", teacher="1.5B"),
@@ -282,9 +360,12 @@ CHECK_RUNS = {  # script[+variant]: its models (Qwen2.5 sizes); everything else 
     "dph_rl": dict(model="0.5B"),
     "grpo+lora": dict(model="0.5B"),
     "codistill+lora": dict(small="0.5B", large="1.5B"),
+    "codistill+headline": dict(small="0.5B", large="1.5B"),  # the README's 24 GB command, at its own defaults, one step
 }
-VARIANTS = {"lora": ["--lora-rank", "16"], "static": ["--generation", "static"], "fastgen": ["--generation", "fastgen"]}
-CHECK_DEFAULT = "grpo,grpo+static,grpo+fastgen,cppo,kdrl,opd_plus,codistill,dph_rl,grpo+lora,codistill+lora"
+VARIANTS = {"lora": ["--lora-rank", "16"], "static": ["--generation", "static"], "fastgen": ["--generation", "fastgen"],
+            "generate": ["--generation", "generate"], "headline": ["--lora-rank", "16", "--gradient-checkpointing"]}
+EXTRA = {"dph_rl": ["--presample-size", "16"]}  # its pre-sampling covers 16 questions, not the whole prompt file
+CHECK_DEFAULT = "generation,update,grpo,trl,codistill+headline,opd_plus,dph_rl,codistill,grpo+lora,kdrl,cppo"
 
 
 def model_params(cfg: dict) -> int:
@@ -361,8 +442,8 @@ def memory_table(tokens: int = 8 * 700, head_gib: float = 2.0, lora_rank: int = 
     return "\n".join(lines)
 
 
-def check_inputs(opts, root: str):
-    """Random-weight Qwen2.5 models (tests/qwen_like.py, shared with the real-shape test) and a
+def check_inputs(opts, root: str, sizes: set):
+    """Random-weight Qwen2.5 models of `sizes` (tests/qwen_like.py, shared with the real-shape test) and a
     .jsonl of questions of about --check-prompt-tokens tokens each."""
     sys.path.insert(0, TESTS)
     import random
@@ -371,79 +452,134 @@ def check_inputs(opts, root: str):
     cut = {} if not opts.check_hidden else dict(hidden_size=opts.check_hidden, intermediate_size=2 * opts.check_hidden,
                                                 num_attention_heads=4, num_key_value_heads=2)
     models = {size: qwen_like_model(os.path.join(root, size), size, layers=opts.check_layers, instruct=True, **cut)
-              for size in sorted({s for run in CHECK_RUNS.values() for s in run.values()})}
+              for size in sorted(sizes)}
     tok, rng, words = qwen_tokenizer(instruct=True), random.Random(0), " ".join(_CORPUS).split()
     with open(os.path.join(root, "prompts.jsonl"), "w") as f:
-        for i in range(4 * opts.check_prompts * opts.check_steps):
+        for i in range(4 * max(opts.check_prompts, 32) * opts.check_steps):
             ids = tok(" ".join(rng.choice(words) for _ in range(2 * opts.check_prompt_tokens))).input_ids
             f.write(json.dumps(dict(question=tok.decode(ids[:opts.check_prompt_tokens]), answer=str(i))) + "\n")
     return models, os.path.join(root, "prompts.jsonl")
 
 
-def gpu_check(opts):
-    """Each script (and TRL) in a fresh process; one table row each."""
-    root = tempfile.mkdtemp(prefix="bench-gpu-check-")
-    models, data = check_inputs(opts, root)
-    shared = ["--dataset", data, "--steps", str(opts.check_steps), "--prompts-per-step", str(opts.check_prompts),
-              "--group-size", str(opts.check_group), "--max-new-tokens", str(opts.check_new_tokens)]
-    runs = [(s, CHECK_RUNS[s]) for s in opts.check_scripts.split(",")]  # a "+variant" adds its VARIANTS flags
+def run_row(cmd: list, timeout: float):
+    """(returncode, stdout, stderr) of a row's process; a row past its time limit is killed and says so."""
     try:
-        import trl  # noqa: F401
-        names = [s for s, _ in runs]
-        runs.insert(names.index("grpo") + 1 if "grpo" in names else len(runs), ("trl", CHECK_RUNS["grpo"]))  # beside grpo
-    except ImportError:
-        print("trl is not importable: no TRL row (pip install trl, or its wheel on an offline machine)", file=sys.stderr)
-    rows = []
-    for run, sizes in runs:
-        script, _, variant = run.partition("+")
-        which = ["--trl"] if script == "trl" else ["--script", script]
-        flags = [x for k, v in sizes.items() for x in (f"--{k}", models[v])] + shared + VARIANTS.get(variant, [])
-        print(f"{script} ...", file=sys.stderr, flush=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return None, out, err + f"\n(stopped at its {timeout:.0f} s limit)"
+
+
+def gpu_check(opts):
+    """Each row in a fresh process, in the order of --check-scripts, each printed as it finishes: the generation
+    modes side by side, the update's variants and profile, every script (and TRL); then one table."""
+    t_start = time.perf_counter()
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)
+    names = [n for n in opts.check_scripts.split(",") if n]
+    unknown = [n for n in names if n not in CHECK_RUNS]
+    if unknown:
+        sys.exit(f"--check-scripts: unknown {', '.join(unknown)}; known: {', '.join(CHECK_RUNS)}")
+    root = tempfile.mkdtemp(prefix="bench-gpu-check-")
+    models, data = check_inputs(opts, root, {s for n in names for s in CHECK_RUNS[n].values()})
+    say(f"models and prompts built in {time.perf_counter() - t_start:.0f} s")
+    rows, generation, profile = [], opts.check_generation, None
+    for name in names:
+        script, _, variant = name.partition("+")
+        sizes = CHECK_RUNS[name]
+        elapsed = time.perf_counter() - t_start
+        if opts.check_budget and elapsed > opts.check_budget:
+            say(f"{name}: skipped, {elapsed:.0f} s of the --check-budget {opts.check_budget:.0f} s spent")
+            rows.append(dict(script=name, models="", failed="skipped (--check-budget)"))
+            continue
+        model_flags = [x for k, v in sizes.items() for x in (f"--{k}", models[v])]
+        limit = opts.check_timeout if not opts.check_budget else max(30.0, min(opts.check_timeout, opts.check_budget - elapsed))
+        say(f"{name} ... ({elapsed:.0f} s in)")
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), *which, "--warmup", str(opts.warmup), "--", *flags],
-                           capture_output=True, text=True)
+        if script == "generation":
+            code, out, err = run_row([sys.executable, os.path.abspath(__file__), "--generation-check", models["0.5B"],
+                                      "--check-data", data, *check_sizes(opts)], limit)
+            modes = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            for m in modes:
+                say(f"  {json.dumps(m)}")
+            timed = [m for m in modes if "tok_s" in m]
+            if generation == "auto" and timed:
+                generation = max(timed, key=lambda m: m["tok_s"])["mode"]
+                say(f"  the script rows generate with --generation {generation} (the fastest)")
+            rows.extend(dict(script=f"generation: {m['mode']}", models="0.5B", **m) for m in modes)
+            if code != 0:
+                say(f"generation failed:\n{err[-3000:]}")
+            continue
+        if script == "update":
+            code, out, err = run_row([sys.executable, os.path.abspath(__file__), "--profile-update", models["0.5B"],
+                                      "--update-variants", opts.update_variants or ",".join(UPDATE_VARIANTS), *check_sizes(opts)], limit)
+            for line in out.splitlines():
+                if line.startswith('{"variant"'):
+                    say(f"  {line}")
+            profile = out if code == 0 else f"the profile failed:\n{out[-2000:]}\n{err[-3000:]}"
+            continue
+        if script == "trl":
+            try:
+                import trl  # noqa: F401
+            except ImportError:
+                say("trl is not importable: no TRL row (pip install trl, or its wheel on an offline machine)")
+                continue
+        steps = opts.check_steps if variant != "headline" else 1
+        flags = model_flags + ["--dataset", data, "--steps", str(steps), "--max-new-tokens", str(opts.check_new_tokens)]
+        if variant != "headline":  # the headline command keeps its own questions and group size
+            flags += ["--prompts-per-step", str(opts.check_prompts), "--group-size", str(opts.check_group)]
+        flags += VARIANTS.get(variant, []) + EXTRA.get(script, [])
+        if generation not in ("auto", "default") and script != "trl" and variant not in ("static", "fastgen", "generate"):
+            flags += ["--generation", generation]
+        which = ["--trl"] if script == "trl" else ["--script", script]
+        warmup = min(opts.warmup, steps - 1)
+        code, out, err = run_row([sys.executable, os.path.abspath(__file__), *which, "--warmup", str(warmup), "--", *flags],
+                                 limit)
         row = dict(script="TRL GRPOTrainer" if script == "trl" else f"{script}.py" + (f" {' '.join(VARIANTS[variant])}" if variant else ""),
                    models=" + ".join(f"{v}" for v in sizes.values()))
-        if p.returncode != 0:  # one failure must not cost the other rows (a GPU lease is short)
-            print(f"{script} failed after {time.perf_counter() - t0:.0f} s:\n{p.stderr[-3000:]}", file=sys.stderr, flush=True)
-            rows.append(dict(row, failed=True))
+        if code != 0:  # one failure must not cost the other rows (a GPU lease is short)
+            say(f"{name} failed after {time.perf_counter() - t0:.0f} s:\n{err[-3000:]}")
+            rows.append(dict(row, failed="failed (its error is above)" if code is not None else "stopped at its time limit"))
             continue
-        r = json.loads(p.stdout[p.stdout.rindex("{\n"):])  # the script's own last line comes before
-        print(f"{script} done in {time.perf_counter() - t0:.0f} s: {json.dumps(r)}", file=sys.stderr, flush=True)
+        r = json.loads(out[out.rindex("{\n"):])  # the script's own last line comes before
+        say(f"{name} done in {time.perf_counter() - t0:.0f} s: {json.dumps(r)}")
         row.update(step_s=r["step_s"], peak_gib=r["peak_mem_gib"], first_step_s=r.get("first_step_s"))
         if script != "trl":
             generated = r["completion_len"] * (r["questions"] or opts.check_prompts) * opts.check_group
             row.update(generate_s=r["generate_s"], update_s=r["update_s"], generated_tok_s=generated / r["generate_s"],
                        trained_tok_s=r["trained_tokens"] / r["update_s"])
         rows.append(row)
-    if opts.check_profile:  # one update of grpo.py's shape under the profiler, in its own process
-        print("profile of one update ...", file=sys.stderr, flush=True)
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--profile-update", models["0.5B"],
-                            *(x for k in ("prompts", "group", "new_tokens", "prompt_tokens")
-                              for x in (f"--check-{k.replace('_', '-')}", str(getattr(opts, f"check_{k}"))))],
-                           capture_output=True, text=True)
-        profile = p.stdout if p.returncode == 0 else f"the profile failed:\n{p.stderr[-3000:]}"
     shutil.rmtree(root, ignore_errors=True)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     cut = "" if not (opts.check_layers or opts.check_hidden) else \
         f", cut to {opts.check_layers or 'all'} layers, hidden {opts.check_hidden or 'real'}"
     print(f"{dev}; random-weight Qwen2.5{cut}; {opts.check_prompts} questions x {opts.check_group} completions of "
           f"up to {opts.check_new_tokens} tokens, prompts ~{opts.check_prompt_tokens} tokens; means of steps "
-          f"{opts.warmup + 1}-{opts.check_steps}; peak memory: {'max allocated' if torch.cuda.is_available() else 'resident set'}\n")
+          f"{opts.warmup + 1}-{opts.check_steps}; peak memory: {'max allocated' if torch.cuda.is_available() else 'resident set'}; "
+          f"{time.perf_counter() - t_start:.0f} s in all\n")
     print("| script | models | step (s) | generate (s) | update (s) | generated tok/s | trained tok/s | peak memory (GiB) | "
           "first step (s): compile included |")
     print("|---|---|---|---|---|---|---|---|---|")
     fmt = lambda r, k, f: format(r[k], f) if r.get(k) is not None else "-"
     for r in rows:
         if r.get("failed"):
-            print(f"| {r['script']} | {r['models']} | failed (its error is above) | | | | | | |")
-            continue
-        print(f"| {r['script']} | {r['models']} | {r['step_s']:.2f} | {fmt(r, 'generate_s', '.2f')} | "
-              f"{fmt(r, 'update_s', '.2f')} | {fmt(r, 'generated_tok_s', ',.0f')} | {fmt(r, 'trained_tok_s', ',.0f')} | "
-              f"{r['peak_gib']:.1f} | {fmt(r, 'first_step_s', '.1f')} |")
-    if opts.check_profile:
+            print(f"| {r['script']} | {r['models']} | {r['failed']} | | | | | | |")
+        elif r["script"].startswith("generation"):
+            print(f"| {r['script']} | {r['models']} | - | {r['seconds']:.2f} | - | {r['tok_s']:,.0f} | - | {r['peak_mem_gib']:.1f} | "
+                  f"{r['first_call_s']:.1f} |")
+        else:
+            print(f"| {r['script']} | {r['models']} | {r['step_s']:.2f} | {fmt(r, 'generate_s', '.2f')} | "
+                  f"{fmt(r, 'update_s', '.2f')} | {fmt(r, 'generated_tok_s', ',.0f')} | {fmt(r, 'trained_tok_s', ',.0f')} | "
+                  f"{r['peak_gib']:.1f} | {fmt(r, 'first_step_s', '.1f')} |")
+    if profile is not None:
         print(f"\none update of grpo.py's shape (0.5B, {opts.check_prompts * opts.check_group} completions), profiled:\n{profile}")
     return rows
+
+
+def check_sizes(opts) -> list:
+    return [x for k in ("prompts", "group", "new_tokens", "prompt_tokens") for x in (f"--check-{k.replace('_', '-')}",
+                                                                                      str(getattr(opts, f"check_{k}")))]
 
 
 def main():
@@ -465,13 +601,20 @@ def main():
     p.add_argument("--memory-table", action="store_true", help="the README's memory table (full fine-tuning and LoRA), counted")
     p.add_argument("--profile-update", metavar="MODEL", help="one grpo.py-shaped update of MODEL (a directory) under torch.profiler")
     p.add_argument("--check-scripts", default=CHECK_DEFAULT, help=f"--gpu-check: scripts[+variant], comma-separated (default: {CHECK_DEFAULT})")
-    p.add_argument("--check-profile", action=argparse.BooleanOptionalAction, default=True,
-                   help="--gpu-check: also profile one update (bench.py --profile-update) and print its table last")
     p.add_argument("--check-steps", type=int, default=2, help="--gpu-check: steps per script (the first --warmup left out)")
     p.add_argument("--check-prompts", type=int, default=8, help="--gpu-check: questions per step")
     p.add_argument("--check-group", type=int, default=8, help="--gpu-check: completions per question")
     p.add_argument("--check-new-tokens", type=int, default=512, help="--gpu-check: completion length limit")
     p.add_argument("--check-prompt-tokens", type=int, default=150, help="--gpu-check: tokens per question")
+    p.add_argument("--check-generation", default="auto",
+                   help="--gpu-check: --generation of the script rows: auto (the fastest the generation row measured), "
+                        "default (each script's), or a mode")
+    p.add_argument("--check-timeout", type=float, default=300, help="--gpu-check: seconds a row may take before it is stopped")
+    p.add_argument("--check-budget", type=float, default=0,
+                   help="--gpu-check: seconds for all rows; a row is not started past it, and none runs past it (0: no limit)")
+    p.add_argument("--check-data", help=argparse.SUPPRESS)
+    p.add_argument("--update-variants", default="", help="--profile-update: names of UPDATE_VARIANTS to time first, comma-separated (--gpu-check: all)")
+    p.add_argument("--generation-check", metavar="MODEL", help="every --generation mode on MODEL (a directory), timed, greedy compared")
     p.add_argument("--check-layers", type=int, default=None, help="--gpu-check: cut the models to this depth (CPU)")
     p.add_argument("--check-hidden", type=int, default=None, help="--gpu-check: this hidden size instead of the real one (CPU)")
     argv = sys.argv[1:]
@@ -487,7 +630,11 @@ def main():
         return
     opts.warmup = 2 if opts.warmup is None else opts.warmup
     if opts.profile_update:
-        profile_update(opts.profile_update, opts.check_prompts * opts.check_group, opts.check_prompt_tokens, opts.check_new_tokens)
+        profile_update(opts.profile_update, opts.check_prompts * opts.check_group, opts.check_prompt_tokens, opts.check_new_tokens,
+                       variants=[v for v in opts.update_variants.split(",") if v])
+        return
+    if opts.generation_check:
+        generation_check(opts.generation_check, opts.check_data, opts.check_prompts, opts.check_group, opts.check_new_tokens)
         return
     if opts.memory_table:
         print(memory_table())

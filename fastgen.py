@@ -21,8 +21,9 @@ the greedy completions against model.generate's on ragged left-padded prompts wi
 early, and the sampled tokens against a reference sampler given the same noise and against the
 softmax by their frequencies.
 
-On CUDA the decode step reads a bf16 copy of the trained model's fp32 weights (autocast would cast
-them at every step: three bytes read per byte used), refreshed in place before each call.
+Under bf16 autocast (CUDA) the loop runs a copy of an fp32 model whose linear layers hold the bf16
+weights autocast would cast them to at every step, refreshed in place before each call: the same
+numbers, a third of the bytes read.
 """
 
 import inspect
@@ -42,15 +43,22 @@ def prompt_bucket(how: str, device: torch.device):
 
 
 def _shadow(model):
-    """The model generation runs: on CUDA, a bf16 copy of a model whose weights are fp32 (refreshed in
-    place from them now: the optimizer has stepped since the last call); the model itself otherwise."""
+    """The model generation runs under bf16 autocast: for a model whose weights are fp32, a copy whose linear
+    layers hold bf16 weights and biases, the values autocast would cast them to at every step (three bytes read
+    per byte used), refreshed in place from the model now (the optimizer has stepped since the last call).
+    Embeddings and norms stay fp32 and a tied head stays the embedding, so the numbers are autocast's on the
+    model itself; a peft model (bf16 base, fp32 adapters) or a bf16 one is used as it is."""
     p = next(model.parameters())
-    if p.device.type != "cuda" or p.dtype != torch.float32 or hasattr(model, "peft_config"):
+    if p.dtype != torch.float32 or hasattr(model, "peft_config"):
         return model
     shadow = getattr(model, "_bf16_shadow", None)
     if shadow is None:
         import copy
-        shadow = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+        shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        tied = {id(m.weight) for m in shadow.modules() if isinstance(m, torch.nn.Embedding)}
+        for m in shadow.modules():
+            if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied:
+                m.to(torch.bfloat16)
         object.__setattr__(model, "_bf16_shadow", shadow)  # not a submodule: no parameters of the model
     with torch.no_grad():
         for s, w in zip(shadow.parameters(), model.parameters()):
@@ -121,11 +129,12 @@ def pick(logits, temperature: float, greedy: bool, noise=None):
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad_id: int, temperature: float = 1.0,
-             greedy: bool = False, compile: bool = False, batch_bucket: int = 0):
+             greedy: bool = False, compile: bool = False, batch_bucket: int = 0, shadow: bool = False):
     """Completions (B, T) of left-padded prompts (B, P): T is the longest completion (its stop token
     included), padded with `pad_id` after each row's stop, as model.generate returns them. `compile`:
     the decode step compiled with CUDA graphs (CUDA only), the batch padded to a multiple of `batch_bucket`
-    (default: BATCH_BUCKET when compiled, else none)."""
+    (default: BATCH_BUCKET when compiled, else none). `shadow`: run a bf16 copy of an fp32 model's linear layers
+    (the caller's autocast is bf16)."""
     device, rows = prompt_ids.device, prompt_ids.shape[0]
     batch_bucket = batch_bucket or (BATCH_BUCKET if compile else 1)
     if -rows % batch_bucket:  # copies of the last row, dropped at the end: one graph for every size
@@ -133,7 +142,7 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad
         prompt_ids = torch.cat([prompt_ids, prompt_ids[-1:].expand(extra, -1)])
         prompt_mask = torch.cat([prompt_mask, prompt_mask[-1:].expand(extra, -1)])
     B, P = prompt_ids.shape
-    net = _shadow(model)
+    net = _shadow(model) if shadow else model
     cache_kw = _cache_kwarg(net)
     cache, L = _cache(net, B, P + max_new_tokens)
     attention_mask = torch.zeros(B, L, dtype=prompt_mask.dtype, device=device)  # (B, L) 0 where nothing is written

@@ -10,6 +10,7 @@ import torch
 
 import common
 import fastgen
+import plumbing
 import tasks
 from conftest import read_metrics, run_main
 from qwen_like import qwen_like_model
@@ -195,3 +196,30 @@ def test_static_generation_with_bucketed_prompts_gives_the_same_completions(monk
     bucketed = common.sample(model, tok, prompts, 1, 8, greedy=True)
     assert seen == ["static"] and bucketed.prompt_ids.shape[1] == fastgen.BUCKET > plain.prompt_ids.shape[1]
     assert torch.equal(plain.completion_ids, bucketed.completion_ids) and plain.texts == bucketed.texts
+
+
+def test_under_bf16_autocast_the_shadow_computes_what_autocast_computes_on_the_model(monkeypatch):
+    """On CUDA fastgen runs a copy whose linear layers hold bf16 weights (bf16 autocast forced on here, as on
+    CUDA): its greedy completions equal model.generate's under the same autocast, before and after the
+    weights move (the copy is refreshed in place), while embeddings, norms and the tied head stay fp32."""
+    monkeypatch.setattr(plumbing, "BF16_DEVICES", ("cuda", "cpu"))
+    model, tok = common.load_model("toy-hard-small", CPU, generation="fastgen")
+    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1", "57+68", "417+817", "999+999", "1+1")]
+
+    def both():
+        torch.manual_seed(0)
+        fast = common.sample(model, tok, prompts, 1, 8, greedy=True)
+        model.generation = "generate"
+        slow = common.sample(model, tok, prompts, 1, 8, greedy=True)
+        model.generation = "fastgen"
+        assert torch.equal(fast.completion_ids, slow.completion_ids) and fast.texts == slow.texts
+        return fast.texts
+
+    before = both()
+    shadow = model._bf16_shadow
+    assert shadow.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert shadow.model.norm.weight.dtype == torch.float32 and shadow.model.embed_tokens.weight.dtype == torch.float32
+    assert shadow.lm_head.weight is shadow.model.embed_tokens.weight  # tied, as in the model
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(-1.5)  # an "optimizer step" that changes the answers
+    assert both() != before and model._bf16_shadow is shadow
