@@ -140,7 +140,7 @@ def check_available(models: list, dataset: str):
 
 
 def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, frozen: bool = False,
-               fsdp: bool = False, lora=None, generation: str = "generate"):
+               fsdp: bool = False, lora=None, generation: str = "auto"):
     """(model, tokenizer) from a toy name, a local `save_pretrained` directory or a hub id. Trained models
     keep fp32 master weights; `frozen` ones are in eval mode with no grads and, on CUDA, read in bf16.
     `lora` (`lora_config`): frozen so too, and trained through fp32 adapters (peft); a checkpoint's
@@ -186,7 +186,7 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
             model = (peft.PeftModel.from_pretrained(model, path, is_trainable=True) if base != path
                      else peft.get_peft_model(model, lora))  # fp32 adapters (peft's autocast_adapter_dtype)
         model.published_dtype = model.get_base_model().published_dtype
-    model.generation = generation
+    model.generation = generation if generation != "auto" else "fastgen" if device.type == "cuda" else "generate"
     return (plumbing.apply_fsdp(model, device) if fsdp else model.to(device)), tok
 
 

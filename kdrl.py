@@ -67,7 +67,7 @@ class Args:
     lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank (LoRA Without Regret's 32)")
     lora_target: str = arg("all-linear", "modules that get LoRA adapters: all-linear (every linear layer of the decoder blocks) or names, comma-separated")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
-    generation: str = arg("generate", "how completions are sampled: generate (model.generate), static (model.generate on a static KV cache, its decode step compiled on CUDA), fastgen (fastgen.py's loop: a static cache, one step replayed as a CUDA graph); all exact, the same distribution", choices=("generate", "static", "fastgen"))
+    generation: str = arg("auto", "how completions are sampled: auto (fastgen on CUDA, generate elsewhere: the fastest measured), generate (model.generate), static (model.generate on a static KV cache, its decode step compiled on CUDA), fastgen (fastgen.py's loop: a static cache, one step replayed as a CUDA graph); all exact, the same distribution", choices=("auto", "generate", "static", "fastgen"))
     fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
     # Algorithm-specific arguments
     scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))

@@ -69,6 +69,8 @@ def init_distributed(name: str = "auto", threads: int = 0) -> torch.device:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {name} asked for, but no CUDA device is visible")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls (the LM head) on TF32 tensor cores: below
     if world_size() == 1 or dist.is_initialized():
         return device
     if device.type == "cuda":
@@ -205,7 +207,9 @@ def reduce_and_clip_grads(model, max_norm: float, bucket_numel: int = 2**25) -> 
 # ----------------------------------------------------------------------------------------------
 # Precision. On CUDA the trained weights (and AdamW states) stay fp32 and matmuls run in bf16
 # (autocast): pure bf16 weights would round updates of lr 1e-6 away. Frozen models are read in
-# bf16. The LM head and log-softmax of the log-prob pass run in fp32 all the same (common.py).
+# bf16. The LM head and log-softmax of the log-prob pass run in fp32 all the same (common.py),
+# the head's matmul on TF32 tensor cores (10-bit mantissa products, fp32 sums and logits): on an
+# H200 the fp32 head was 54% of an update's GPU time, and TF32 took the update from 1.97 s to 1.28 s.
 
 BF16_DEVICES = ("cuda",)  # where matmuls run in bf16 and frozen models are stored in bf16 (tests add "cpu")
 
