@@ -59,6 +59,7 @@ class Args:
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
     pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
     pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
+    log_samples: int = arg(4, "held-out questions (the first N) whose greedy answers go to DIR/samples.jsonl at every evaluation, with one group of that step's rollouts (0: off)")
     save_every: int = arg(50, "checkpoint every N steps and after the last (0: never, nothing to resume)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
@@ -259,10 +260,12 @@ def main():
     start = run.resume(dict(small=small, large=large), optimizers, sampler) if args.resume else 0
 
     def evaluate(step):
-        metrics = {name: common.evaluate(m, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k,
-                                         ece_bins=10) for name, m in (("small", small), ("large", large))}
-        run.log(step, {f"{name}/{k}": v for name, ms in metrics.items() for k, v in ms.items()})
-        return {name: ms["eval/accuracy"] for name, ms in metrics.items()}
+        evals = {name: common.evaluate(m, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k,
+                                       ece_bins=10, samples=args.log_samples)
+                 for name, m in (("small", small), ("large", large))}
+        run.log(step, {f"{name}/{k}": v for name, (metrics, _) in evals.items() for k, v in metrics.items()})
+        run.log_samples(step, "eval", [dict(model=name, **s) for name, (_, samples) in evals.items() for s in samples])
+        return {name: metrics["eval/accuracy"] for name, (metrics, _) in evals.items()}
 
     acc0, acc = [evaluate(0)] * 2 if start == 0 else [{k: seen(f"{k}/eval/accuracy") for k in ("small", "large")}
                                                       for seen in (run.first, run.last)]  # resumed: step 0's, the latest
@@ -332,6 +335,9 @@ def main():
         run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
+            run.log_samples(step, "train", tasks.sample_rows(  # the step's first group
+                rows[0], rollout.texts[:G], scores.correct[:G], reward=rewards[:G], advantage=adv_small[:G],
+                kd_kl=kl_small_large_k1[:G], large_advantage=adv_large[:G]))  # advantage: the small's
         if args.save_every and (step % args.save_every == 0 or step == args.steps):  # 0: none (a benchmark's)
             run.save_checkpoint(step, dict(small=(small, tok), large=(large, large_tok)), optimizers, sampler)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", small=f"{acc['small']:.3f}", large=f"{acc['large']:.3f}")

@@ -2,9 +2,9 @@
 
 Arguments (one @dataclass per script); model loading (LoRA too); batched sampling into a `Rollout`;
 the chunked log-prob pass (and two models' full distributions at the same positions); KL estimators
-and divergences; evaluation (greedy accuracy, pass@k, ECE). The loop, the advantages, the loss and
-what is logged stay in each script. Questions, prompts and rewards are in tasks.py; what a reader
-may skip in plumbing.py (torchrun, FSDP, precision) and rundir.py (outputs, checkpoints).
+and divergences; evaluation (greedy accuracy, pass@k, ECE, the answers to a few questions). The loop,
+the advantages, the loss and what is logged stay in each script. Questions, prompts and rewards are in
+tasks.py; what a reader may skip in plumbing.py (torchrun, FSDP, precision) and rundir.py (outputs, checkpoints).
 
 Conventions. A rollout holds B = prompts x G rows, group g being rows g*G .. g*G+G-1. Every per-token
 tensor is (B, T) over the T completion positions; `mask` is 1 up to and including the first EOS and 0
@@ -49,8 +49,7 @@ def parse_args(cls, argv=None):
     toy model, fields with a `toy` default take it, unless the flag was given; with --lora-rank the
     learning rates not given are LORA_LR_SCALE times their full fine-tuning defaults."""
     title = " ".join((sys.modules["__main__"].__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
-    p = argparse.ArgumentParser(description=title,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=title, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
@@ -88,7 +87,8 @@ def check_args(args, **least):
     if args.group_size < 2:
         plumbing.die(f"--group-size must be at least 2 (got {args.group_size}): "
                      "group-relative advantages need two completions to compare")
-    bounds = dict(steps=0, eval_size=0, pass_n=0, threads=0, save_every=0, prompts_per_step=1, max_new_tokens=1, micro_batch_size=1)
+    bounds = dict(steps=0, eval_size=0, pass_n=0, log_samples=0, threads=0, save_every=0, prompts_per_step=1, max_new_tokens=1,
+                  micro_batch_size=1)
     for name, bound in {**bounds, **least}.items():
         if getattr(args, name) < bound:
             plumbing.die(f"--{name.replace('_', '-')} must be {'non-negative' if bound == 0 else f'at least {bound}'} "
@@ -451,9 +451,7 @@ def paired_logits(fn, states, other_states, chunk_size: int, temperature: float 
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)  # dim None: over every element
 
 
 def micro_batches(n: int, size: int):
@@ -517,8 +515,7 @@ def f_divergence(name: str, alpha: float = 0.5):
         if alpha in (0.0, 1.0):
             plumbing.die("--alpha must not be 0 or 1 (those limits are fkl and rkl)")
         a = alpha
-        return ((lambda u: (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1))),
-                (lambda u: (1 - u ** (-a)) / a))
+        return (lambda u: (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1))), (lambda u: (1 - u ** (-a)) / a)
     plumbing.die(f"unknown divergence '{name}': use one of {', '.join(DIVERGENCES)}")
 
 
@@ -562,23 +559,26 @@ def answers(model, tok, rows: list, dataset: str, n: int, max_new_tokens: int, b
 
 @torch.no_grad()
 def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: int = 0, pass_k="1,4,16",
-             batch_size: int = 64, ece_bins: int = 0) -> dict:
-    """The held-out metrics of `rows`: eval/accuracy (greedy pass@1) and time/eval (seconds). `pass_n` > 0:
+             batch_size: int = 64, ece_bins: int = 0, samples: int = 0) -> tuple:
+    """(metrics, samples) of `rows`. Metrics: eval/accuracy (greedy pass@1) and time/eval (seconds). `pass_n` > 0:
     eval/pass@k for each k of `pass_k`, from `pass_n` answers a question sampled at T = 1 (time/eval_pass_at_k
     its cost). `ece_bins` > 0: eval/ece, the expected calibration error of the greedy completion's
     probability c_i (T = 1) over equal-width bins, sum_b |sum_{i in b} (c_i - 1[correct_i])| / N: on the toy
-    the answer's confidence, after a reasoning chain not one. Under torchrun each rank answers its share."""
+    the answer's confidence, after a reasoning chain not one. Samples: the greedy answers to the first `samples`
+    rows (tasks.sample_rows, with their `index`), every rank's. Under torchrun each rank answers its share."""
     if not rows:
-        return {"eval/accuracy": float("nan")}
+        return {"eval/accuracy": float("nan")}, []
     ks = parse_pass_k(pass_k) if pass_n > 0 else []
     device = next(model.parameters()).device
     sums = torch.zeros(1 + len(ks), dtype=torch.float64)  # correct greedy answers, then pass@k summed over questions
+    shown = []  # (index, completion, correct) of this rank's first `samples` rows
     gap = torch.zeros(max(ece_bins, 1), dtype=torch.float64, device=device)  # (bins,) sum of c - correct
     with plumbing.Timer() as t_greedy:
         for part, ro, correct in answers(model, tok, rows, dataset, 1, max_new_tokens, batch_size, greedy=True):
             counted = torch.tensor([i >= 0 for i in part], device=device)  # (b,) not padding
             right = correct[:, 0].to(device) & counted  # (b,) grading errors score 0
             sums[0] += right.sum().item()
+            shown += [(i, t, c) for i, t, c in zip(part, ro.texts, correct[:, 0].tolist()) if 0 <= i < samples]
             if ece_bins:
                 conf = torch.exp((token_logprobs(model, ro) * ro.mask).sum(1)).double()  # (b,)
                 b = (conf * ece_bins).long().clamp(max=ece_bins - 1)  # (b,)
@@ -597,4 +597,5 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: 
     metrics["time/eval"] = t_greedy.seconds + t_pass.seconds
     if ks:
         metrics["time/eval_pass_at_k"] = t_pass.seconds
-    return metrics
+    shown = sorted(x for got in plumbing.all_gather(shown) for x in got) if samples else []  # in index order
+    return metrics, [dict(index=i, **tasks.sample_rows(rows[i], [t], [c])[0]) for i, t, c in shown]

@@ -51,6 +51,7 @@ class Args:
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
     pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
     pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
+    log_samples: int = arg(4, "held-out questions (the first N) whose greedy answers go to DIR/samples.jsonl at every evaluation, with one group of that step's rollouts (0: off)")
     save_every: int = arg(50, "checkpoint every N steps and after the last (0: never, nothing to resume)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
@@ -171,8 +172,10 @@ def main():
     start = run.resume(dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
 
     def evaluate(step):
-        metrics = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k)
+        metrics, samples = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k,
+                                           samples=args.log_samples)
         run.log(step, metrics)
+        run.log_samples(step, "eval", samples)  # DIR/samples.jsonl, and the first on the console
         return metrics["eval/accuracy"]
 
     acc0, acc = [evaluate(0)] * 2 if start == 0 else (run.first("eval/accuracy"), run.last("eval/accuracy"))  # resumed: step 0's, the latest
@@ -192,7 +195,7 @@ def main():
         # 3. ALGO LOGIC
         advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)
         kept = select_completions(advantages, G, k, budget, args.prune_scope, args.prune_metric)  # (budget,)
-        sampled, abs_adv = rollout, advantages.abs()  # (B,) the whole sample, for logging
+        sampled, sampled_adv, abs_adv = rollout, advantages, advantages.abs()  # (B,) the whole sample, for logging
         rollout, advantages = rollout.select(kept), advantages[kept]  # (budget, T), (budget,) the only rows trained on
 
         # 4. update
@@ -248,6 +251,9 @@ def main():
         run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
+            run.log_samples(step, "train", tasks.sample_rows(  # the step's first group
+                rows[0], sampled.texts[:G], scores.correct[:G], reward=rewards[:G], advantage=sampled_adv[:G],
+                kept=torch.isin(torch.arange(G, device=device), kept)))  # CPPO: trained on, or pruned
         if args.save_every and (step % args.save_every == 0 or step == args.steps):  # 0: none (a benchmark's)
             run.save_checkpoint(step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")

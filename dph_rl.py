@@ -50,6 +50,7 @@ class Args:
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
     pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
     pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
+    log_samples: int = arg(4, "held-out questions (the first N) whose greedy answers go to DIR/samples.jsonl at every evaluation, with one group of that step's rollouts (0: off)")
     save_every: int = arg(50, "checkpoint every N steps and after the last (0: never, nothing to resume)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
@@ -193,6 +194,8 @@ def main():
         plumbing.die(f"every pre-sampled question was solved at least {threshold} of {args.presample_k} times: D_exp is empty")
     store, ref_logp = (store.to(device), ref_logp.to(device)) if store is not None else (None, None)
     n_pef = len(store.texts) if store is not None else 0
+    # the question of each stored completion: a D_pef question's correct ones, in question order (for samples)
+    pef_rows = [r for r, n, p in zip(train_rows, n_correct.tolist(), is_pef.tolist()) if p for _ in range(n)]
     if plumbing.rank() == 0:
         print(f"pre-sampling: {len(train_rows)} questions x {args.presample_k}: {int(is_pef.sum())} solved at least {threshold} "
               f"times (D_pef, {n_pef} completions kept), {len(exp_rows)} to explore (D_exp)")
@@ -200,8 +203,10 @@ def main():
     start = run.resume(dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
 
     def evaluate(step):
-        metrics = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k)
+        metrics, samples = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k,
+                                           samples=args.log_samples)
         run.log(step, metrics)
+        run.log_samples(step, "eval", samples)  # DIR/samples.jsonl, and the first on the console
         return metrics["eval/accuracy"]
 
     acc0, acc = [evaluate(0)] * 2 if start == 0 else (run.first("eval/accuracy"), run.last("eval/accuracy"))  # resumed: step 0's, the latest
@@ -239,6 +244,7 @@ def main():
                         for i in batches] if args.num_iterations > 1 else None)
             model.train()
             sums = dict(loss=0.0, clipped=0.0, entropy=0.0, divergence=0.0)
+            pef_f_u = torch.zeros(len(pef_idx), device=device)  # DPH-RL: each stored completion's mean f(u), for samples
             for _ in range(args.num_iterations):
                 optimizer.zero_grad(set_to_none=True)
                 for j, idx in enumerate(batches):
@@ -258,6 +264,7 @@ def main():
                     loss.backward()
                     sums["loss"] += loss.detach()
                     sums["divergence"] += (f_u.detach() * mb.mask).sum()
+                    pef_f_u[idx] = common.masked_mean(f_u.detach(), mb.mask, 1)
                 grad_norm = plumbing.reduce_and_clip_grads(model, args.max_grad_norm)  # summed over ranks first
                 run.check_finite(sums["loss"], step)
                 optimizer.step()
@@ -281,6 +288,11 @@ def main():
         run.log(step, metrics)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(step)
+            run.log_samples(step, "train", tasks.sample_rows(  # the step's first group
+                rows[0], rollout.texts[:G], scores.correct[:G], reward=rewards[:G], advantage=advantages[:G]))
+            run.log_samples(step, "pef", [r for i, j in enumerate(pef_idx.tolist())  # DPH-RL: the step's stored answers
+                                          for r in tasks.sample_rows(pef_rows[j], pef.texts[i:i + 1], [True],
+                                                                     f_u=pef_f_u[i:i + 1])])
         if args.save_every and (step % args.save_every == 0 or step == args.steps):  # 0: none (a benchmark's)
             run.save_checkpoint(step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")

@@ -4,6 +4,7 @@
     python results.py --regime toy-hard --seeds 1 --only grpo kdrl      # into runs/results (the default --out)
     python results.py --regime toy --seeds 1 --steps 2 --eval-size 20 --only grpo   # a 10-second smoke run
     python results.py --plot runs/a runs/b --metrics eval/accuracy train/reward   # any runs, one panel a metric
+    python results.py --samples runs/a runs/b --question 3   # what the models answered to one question, step by step
 
 The regimes: toy (toy-small / toy-large on 2-digit sums: the student starts at about 0.3 and every
 method lifts it) and toy-hard (toy-hard-small / toy-hard-large on three-digit sums that reach 1000:
@@ -239,6 +240,47 @@ def plot_runs(dirs, metrics, x, path):
     return draw([(m, xlabel, m, lines) for m, lines in panels.items()], path, f"{len(dirs)} runs", len(metrics))
 
 
+def read_samples(run):
+    """The rows of a run's samples.jsonl (what the model wrote at each evaluation)."""
+    path = os.path.join(run, "samples.jsonl")
+    if not os.path.isfile(path):
+        sys.exit(f"error: no samples.jsonl in {run} (a run writes it unless --log-samples 0)")
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def show_samples(runs, question="0"):
+    """`--samples`: the lines that show one held-out question's greedy answers at every evaluation, the runs
+    (codistill.py and bdkd.py: each model) side by side under each step. `question`: its index among the logged
+    questions (0: the first held-out question), or its text or any part of it."""
+    evals = {run: [r for r in read_samples(run) if r["kind"] == "eval"] for run in runs}
+    rows = [r for rs in evals.values() for r in rs]
+    if question.isdigit():
+        texts = [r["question"] for r in rows if r["index"] == int(question)][:1]
+        logged = sorted({r["index"] for r in rows})
+        if not texts:
+            sys.exit(f"error: --question {question}: the runs logged questions {', '.join(map(str, logged)) or 'none'}")
+    else:
+        texts = sorted({r["question"] for r in rows if question in r["question"]}, key=lambda t: (t != question, t))
+        if not texts:
+            sys.exit(f"error: --question '{question}' is in none of the logged questions: "
+                     + "; ".join(f"{i}: {t}" for i, t in sorted({(r["index"], r["question"]) for r in rows})))
+        if len(texts) > 1 and question not in texts:
+            sys.exit(f"error: --question '{question}' is in {len(texts)} of the logged questions: give more of it, "
+                     "or its index")
+    mine = [r for r in rows if r["question"] == texts[0]]
+    out = [f"question {mine[0]['index']}: {texts[0]}", f"gold: {mine[0]['gold']}"]
+    columns = [(f"{run} {m}" if m else run, [r for r in rs if r["question"] == texts[0] and r.get("model") == m])
+               for run, rs in evals.items() for m in dict.fromkeys(r.get("model") for r in rs)]
+    width = max(len(label) for label, _ in columns)
+    for step in sorted({r["step"] for r in mine}):
+        out.append(f"step {step}")
+        for label, rs in columns:
+            r = next((r for r in rs if r["step"] == step), None)
+            out.append(f"  {label:<{width}}  " + ("-" if r is None else f"{'right' if r['correct'] else 'wrong'}  answer "
+                                                  f"{r['answer']}: {' '.join(r['completion'].split())}"))
+    return out
+
+
 def slug(name):
     """A row's name as one word for --only: 'GRPO no KL, DAPO clip' is grpo-no-kl-dapo-clip."""
     return "-".join("".join(c if c.isalnum() or c in ".+" else " " for c in name.lower()).split())
@@ -263,7 +305,8 @@ def parser():
         epilog="a 10-second smoke run of one row (the toy regime, one seed, 2 steps):\n"
                "  python results.py --regime toy --seeds 1 --steps 2 --eval-size 20 --only grpo\n"
                "every row once, in a few minutes: python results.py --seeds 1 --steps 2 --eval-size 20\n"
-               "plot any runs: python results.py --plot runs/a runs/b --metrics eval/accuracy train/reward\n\n"
+               "plot any runs: python results.py --plot runs/a runs/b --metrics eval/accuracy train/reward\n"
+               "what two runs answered to one question: python results.py --samples runs/a runs/b --question 3\n\n"
                "rows (--only takes the name or the word):\n" + "\n".join(f"  {slug(r[0]):28} {r[0]}" for r in ROWS))
     p.add_argument("--regime", nargs="+", default=list(REGIMES), choices=list(REGIMES), help="toy regimes (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of every row (default: 1 2 3)")
@@ -280,11 +323,18 @@ def parser():
                    "(default: eval/accuracy train/reward)")
     p.add_argument("--x", choices=("step", "time"), default="step", help="--plot: by step or by training time (default: step)")
     p.add_argument("--png", default="plot.png", help="--plot: the figure's file (default: plot.png)")
+    p.add_argument("--samples", nargs="+", metavar="RUN", help="instead: one question's greedy answers at each evaluation of "
+                   "these runs (their samples.jsonl), side by side")
+    p.add_argument("--question", default="0", help="--samples: the question, by its index among the logged ones or by "
+                   "(part of) its text (default: 0, the first held-out question)")
     return p
 
 
 def main():
     opts = parser().parse_args()
+    if opts.samples:
+        print("\n".join(show_samples(opts.samples, opts.question)))
+        return
     if opts.plot:
         missing = [d for d in opts.plot if not os.path.isfile(os.path.join(d, "metrics.jsonl"))]
         if missing:

@@ -1,16 +1,19 @@
 """The run's directory, a second part of the plumbing that a reader of the scripts may skip.
 
 `Run` is DIR = --out and what a run writes there: config.json, metrics.jsonl (line by line),
-checkpoint/ (what --resume needs: every model, optimizer, sampler and RNG state), final/ (the
-trained models in their published dtype), and what a stage computed once (Run.once). It also
-knows what Ctrl-C and a NaN stop must say: the last step logged and the last checkpoint.
+samples.jsonl (what the model wrote: Run.log_samples), checkpoint/ (what --resume needs: every model,
+optimizer, sampler and RNG state), final/ (the trained models in their published dtype), and what a
+stage computed once (Run.once). It also knows what Ctrl-C and a NaN stop must say: the last step
+logged and the last checkpoint. `Trackers` sends the same numbers and samples to --report-to.
 """
 
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
+import re
 import secrets
 import shlex
 import shutil
@@ -21,6 +24,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import plumbing
 
@@ -51,7 +55,8 @@ class Run:
             dist.broadcast_object_list(box, src=0)
             out = box[0]
         args.out = self.out = out  # config.json holds the resolved path
-        self.step = self.checkpoint = self.f = None
+        self.step = self.checkpoint = self.f = self.samples_f = None
+        self.samples_on = getattr(args, "log_samples", 0) > 0  # --log-samples 0: no samples.jsonl
         self.saving, self.interrupted, self.resuming, self.firsts, self.lasts = False, False, args.resume, {}, {}
         self.trackers = Trackers(args.report_to, args.wandb_project or name, out)  # a missing package: one line now
         if signal.getsignal(signal.SIGINT) is _interrupted_before_the_run:  # the script asked for one line
@@ -73,8 +78,9 @@ class Run:
                          + ": resume with the same")
         try:  # a run stopped before its first checkpoint left only metrics: it starts again, in their place
             os.makedirs(out, exist_ok=True)
-            if os.path.exists(os.path.join(out, "metrics.jsonl")) and not args.resume:
-                os.remove(os.path.join(out, "metrics.jsonl"))
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                if os.path.exists(os.path.join(out, name)) and not args.resume:
+                    os.remove(os.path.join(out, name))
             with open(os.path.join(out, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=2)
             self.trackers.open(dataclasses.asdict(args), args.resume)  # W&B's login fails here, before any loading
@@ -111,9 +117,28 @@ class Run:
         """The latest value logged under `key` in this run, resumed lines included (nan if none)."""
         return self.lasts.get(key, float("nan"))
 
+    # samples.jsonl
+
+    def log_samples(self, step: int, kind: str, rows: list):
+        """What the model wrote (tasks.sample_rows): lines of DIR/samples.jsonl, {"step", "kind", **row}, appended and
+        flushed, and one table per (step, kind) to each --report-to tracker (rank 0); the first "eval" row also on the
+        console above the progress bar, in one line cut to the terminal's width. `kind`: "eval" (the held-out
+        questions' greedy answers), "train" (a group of the step's rollouts) or a script's own. --log-samples 0: none."""
+        if plumbing.rank() != 0 or not self.samples_on or not rows:
+            return
+        rows = [{"step": step, "kind": kind, **{k: plain(v) for k, v in r.items()}} for r in rows]
+        if self.samples_f is None:
+            self.samples_f = open(os.path.join(self.out, "samples.jsonl"), "a")
+        self.samples_f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.samples_f.flush()
+        self.trackers.table(step, f"samples/{kind}", rows)
+        if kind == "eval":
+            tqdm.write(sample_line(rows[0], shutil.get_terminal_size().columns))
+
     def close(self):
-        if self.f is not None:
-            self.f.close()
+        for f in (self.f, self.samples_f):
+            if f is not None:
+                f.close()
         self.trackers.close()
 
     # checkpoints and the final model
@@ -150,8 +175,8 @@ class Run:
             self._exit_interrupted()
 
     def resume(self, models: dict, optimizers: dict, sampler) -> int:
-        """Restore optimizer, sampler and RNG states from DIR/checkpoint, drop the metric lines after its
-        step (no step is lost or repeated) and return it; the script loaded the models (name: model)."""
+        """Restore optimizer, sampler and RNG states from DIR/checkpoint, drop the metric and sample lines after
+        its step (no step is lost or repeated) and return it; the script loaded the models (name: model)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         state = torch.load(os.path.join(self.out, "checkpoint", "state.pt"), weights_only=False, mmap=True)
@@ -168,17 +193,24 @@ class Run:
         random.setstate(rng["py"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        path = os.path.join(self.out, "metrics.jsonl")
-        if plumbing.rank() == 0 and os.path.exists(path):
-            with open(path) as f:
-                lines = [line for line in f if line.strip()]
-            self.trackers.sent = {(r["step"], k) for r in map(json.loads, lines) for k in r}  # before the interruption too
-            keep = [line for line in lines if json.loads(line)["step"] <= step]
-            with open(path, "w") as f:
-                f.writelines(keep)
-            rows = [json.loads(line) for line in keep]
+        if plumbing.rank() == 0:
+            rows, samples = self._drop_after("metrics.jsonl", step), self._drop_after("samples.jsonl", step)
+            self.trackers.sent = ({(r["step"], k) for r in rows for k in r}  # before the interruption too
+                                  | {(r["step"], f"samples/{r['kind']}") for r in samples})
+            rows = [r for r in rows if r["step"] <= step]
             self.firsts, self.lasts = {k: v for r in reversed(rows) for k, v in r.items()}, {k: v for r in rows for k, v in r.items()}
         return step
+
+    def _drop_after(self, name: str, step: int) -> list:
+        """Drop the lines of DIR/<name> (JSON lines) after `step`; return every line's row, as read before."""
+        path = os.path.join(self.out, name)
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        with open(path, "w") as f:
+            f.writelines(line for line in lines if json.loads(line)["step"] <= step)
+        return [json.loads(line) for line in lines]
 
     def once(self, name: str, what: str, settings: dict, make):
         """make(), computed once per run and kept in DIR/<name>.pt with the `settings` (flag: value) it was
@@ -243,8 +275,9 @@ class Run:
 class Trackers:
     """--report-to: none, tensorboard, wandb, or tensorboard,wandb. Every number of metrics.jsonl goes to each,
     at its step: TensorBoard event files in DIR/tensorboard, a W&B run named after DIR in the --wandb-project
-    (WANDB_MODE=offline is W&B's own), with config.json's arguments as its config. A resumed run continues
-    the same curves (the same W&B run) and never sends a (step, key) it sent before."""
+    (WANDB_MODE=offline is W&B's own), with config.json's arguments as its config; samples.jsonl's rows as
+    tables (`table`). A resumed run continues the same curves (the same W&B run) and never sends a (step,
+    key) it sent before."""
 
     PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to name: the package it needs
 
@@ -266,6 +299,19 @@ class Trackers:
             self.writer.flush()  # what a hard kill leaves is what metrics.jsonl holds
         if self.wandb is not None and new:
             self.wandb.log(new, step=step)
+
+    def table(self, step: int, key: str, rows: list):
+        """`rows` (dicts) as one table under `key` at `step`: TensorBoard text (a markdown table) and a W&B Table."""
+        if (step, key) in self.sent:
+            return
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        if self.writer is not None:
+            self.writer.add_text(key, markdown_table(columns, rows), step)
+            self.writer.flush()
+        if self.wandb is not None:
+            import wandb
+            data = [[r.get(c) for c in columns] for r in rows]
+            self.wandb.log({key: wandb.Table(columns=columns, data=data, allow_mixed_types=True)}, step=step)
 
     def open(self, config: dict, resuming: bool):
         if "tensorboard" in self.names:
@@ -291,6 +337,28 @@ class Trackers:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def plain(v):
+    """A value as JSON holds it: a tensor's or numpy number's Python value; nan and inf as None."""
+    if isinstance(v, (torch.Tensor, np.generic)):
+        v = v.item()
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def sample_line(row: dict, width: int) -> str:
+    """One row of samples.jsonl on one line of `width` characters: the verdict first (a completion can be long)."""
+    who = f" {row['model']}" if "model" in row else ""  # codistill: small or large
+    text = " ".join(f"step {row['step']}{who} sample: {'right' if row['correct'] else 'wrong'}, answer {row['answer']}, gold "
+                    f"{row['gold']} | {row['question']} | {row['completion']}".split())
+    return text if len(text) <= width else text[:max(width - 4, 0)] + " ..."
+
+
+def markdown_table(columns: list, rows: list) -> str:
+    """A markdown table whose cells show their text as it is (markdown's characters escaped, newlines as <br>)."""
+    cell = lambda v: re.sub(r"([\\`*_{}\[\]()>#+\-.!|])", r"\\\1", "" if v is None else str(v)).replace("\n", "<br>")
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+                     + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])
 
 
 def save_pretrained(model, tok, path: str, published: bool = False):

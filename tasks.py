@@ -3,8 +3,8 @@
 A dataset is a list of {question, answer} rows (`load_data`): GSM8K, MATH (MATH-500 held out),
 the toy sums, or a .jsonl file. `format_prompt` turns a question into the model's prompt,
 `PromptSampler` draws a step's questions, and `rewards_for` grades completions against the gold
-answers as the MATH and GSM8K benchmarks do (`is_correct`). Nothing here knows about models
-beyond their tokenizer.
+answers as the MATH and GSM8K benchmarks do (`is_correct`); `sample_rows` shows what the grader
+made of each completion (DIR/samples.jsonl). Nothing here knows about models beyond their tokenizer.
 """
 
 import contextlib
@@ -385,3 +385,11 @@ def rewards_for(completions: list, golds: list, format_coef: float = 0.0) -> Sco
     fmt = [float(last_boxed(c) is not None or "####" in c) for c in completions]
     correct = torch.tensor(correct, dtype=torch.bool)
     return Scores(correct.float() + format_coef * torch.tensor(fmt), correct, errors)
+
+
+def sample_rows(row: dict, completions: list, correct, **columns) -> list:
+    """What the model wrote, as rows of DIR/samples.jsonl (rundir.Run.log_samples): one per completion of the
+    question `row`, with the answer the grader extracted from it, its verdict `correct` (B,) and its value in
+    each of `columns` (each a (B,) tensor or list, e.g. reward=..., advantage=...)."""
+    return [dict(question=row["question"], gold=row["answer"], completion=c, answer=extract_answer(c), correct=bool(ok),
+                 **{k: v[i] for k, v in columns.items()}) for i, (c, ok) in enumerate(zip(completions, correct))]

@@ -58,6 +58,48 @@ def read_metrics(out):
         return [json.loads(line) for line in f]
 
 
+def read_samples(out):
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def group_advantages(rewards):
+    """GRPO's advantages of one group, computed here: (r - mean) / (unbiased std + 1e-4)."""
+    mean = sum(rewards) / len(rewards)
+    std = (sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) ** 0.5
+    return [(r - mean) / (std + 1e-4) for r in rewards]
+
+
+def check_samples(out, eval_steps, n, group_size, columns=(), advantages=(("reward", "advantage"),), dataset="toy"):
+    """DIR/samples.jsonl as every script writes it: at each evaluation the greedy answers to the first `n` held-out
+    questions, in order and the same each time (each model's, where a script has two), and after step 0 one group
+    of `group_size` rollouts with their reward, advantage and the script's `columns`, in which each (reward column,
+    advantage column) of `advantages` is GRPO's group advantage; every row graded as tasks.is_correct grades it.
+    Returns the rows."""
+    import tasks
+    rows = read_samples(out)
+    for r in rows:
+        assert r["answer"] == tasks.extract_answer(r["completion"]), r
+        assert r["correct"] == tasks.is_correct(r["completion"], r["gold"]), r
+    held_out = [(i, q["question"], q["answer"]) for i, q in enumerate(tasks.load_data(dataset, "eval")[:n])]
+    models = list(dict.fromkeys(r.get("model") for r in rows if r["kind"] == "eval"))
+    for step in eval_steps:
+        for model in models:
+            asked = [(r["index"], r["question"], r["gold"]) for r in rows
+                     if r["kind"] == "eval" and r["step"] == step and r.get("model") == model]
+            assert asked == held_out, (step, model)
+        group = [r for r in rows if r["kind"] == "train" and r["step"] == step]
+        assert len(group) == (group_size if step else 0) and len({r["question"] for r in group}) <= 1, (step, group)
+        for r in group:
+            assert set(r) == {"step", "kind", "question", "gold", "completion", "answer", "correct", "reward", "advantage",
+                              *columns}, r
+            assert r["reward"] == float(r["correct"])  # no --format-coef
+        for reward, advantage in advantages if group else ():
+            assert [r[advantage] for r in group] == pytest.approx(group_advantages([r[reward] for r in group]), abs=1e-5)
+    assert sorted({r["step"] for r in rows}) == sorted(eval_steps)
+    return rows
+
+
 @pytest.fixture
 def other_tokenizer(tmp_path):
     """A copy of toy-small whose tokenizer has one token more: a partner that must be refused."""

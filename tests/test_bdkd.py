@@ -12,7 +12,7 @@ import torch
 import bdkd
 import common
 import tasks
-from conftest import assert_user_error, read_metrics, run_script
+from conftest import assert_user_error, check_samples, read_metrics, run_script
 
 
 def two_categoricals(seed=0, n=5, V=7, scale_s=1.0, scale_t=1.0):
@@ -130,9 +130,9 @@ def test_paired_logits_in_chunks_equal_the_full_distributions(models_and_rollout
 def test_evaluate_ece_is_the_binned_confidence_gap(models_and_rollout):
     small, _, tok, _ = models_and_rollout
     rows = tasks.load_data("toy", "eval")[:50]
-    m = common.evaluate(small, tok, rows, "toy", 8, batch_size=16, ece_bins=10)
+    m, _ = common.evaluate(small, tok, rows, "toy", 8, batch_size=16, ece_bins=10)
     acc, ece = m["eval/accuracy"], m["eval/ece"]
-    assert acc == common.evaluate(small, tok, rows, "toy", 8, batch_size=16)["eval/accuracy"]
+    assert acc == common.evaluate(small, tok, rows, "toy", 8, batch_size=16)[0]["eval/accuracy"]
     with torch.no_grad():
         ro = common.sample(small, tok, [tasks.format_prompt(tok, r["question"], "toy") for r in rows], 1, 8, greedy=True)
         conf = torch.exp((common.token_logprobs(small, ro) * ro.mask).sum(1)).tolist()
@@ -164,6 +164,10 @@ def test_bdkd_end_to_end(tmp_path):
             assert math.isfinite(r[key]), key
         assert 0 < r["small/bdkd_weight"] < 1 and r["small/bdkd_kl_model_partner"] > 0
         assert "small/kd_reward" not in r  # BD-KD is a loss: no KD reward
+    samples = check_samples(out, [0, 2, 3], 4, 8, columns=("kd_kl", "large_advantage"),
+                            advantages=(("reward", "advantage"), ("reward", "large_advantage")))
+    assert {r["model"] for r in samples if r["kind"] == "eval"} == {"small", "large"}  # both models' answers
+    assert all(r["kd_kl"] != 0 for r in samples if r["kind"] == "train")
 
 
 def test_bdkd_user_errors_are_one_line(tmp_path):

@@ -11,7 +11,7 @@ import torch
 import codistill
 import common
 import rundir
-from conftest import assert_user_error, read_metrics, run_main, run_script
+from conftest import assert_user_error, check_samples, read_metrics, read_samples, run_main, run_script
 
 
 def loss_args(loss_type="grpo", eps=0.2, eps_high=0.2, max_new_tokens=4, is_cap=2.0, num_iterations=1):
@@ -153,6 +153,13 @@ def test_codistill_end_to_end_with_resume(tmp_path):
     assert [[r[k] for k in keys] for r in train] == [[r[k] for k in keys] for r in b if "train/reward" in r]
     untimed = lambda r: {k: v for k, v in r.items() if "time/" not in k}
     assert untimed(a[-1]) == untimed(b[-1])  # the final evaluation of both models, pass@k included
+    # samples: both models' answers; the small model's KD reward r - alpha k1 and advantages, the large model's from r
+    sa = check_samples(full, [0, 3], 4, 8, columns=("kd_kl", "kd_reward", "large_advantage"),
+                       advantages=(("kd_reward", "advantage"), ("reward", "large_advantage")))
+    assert {r.get("model") for r in sa if r["kind"] == "eval"} == {"small", "large"}
+    for r in (r for r in sa if r["kind"] == "train"):
+        assert r["kd_reward"] == pytest.approx(r["reward"] - 0.5 * r["kd_kl"], abs=1e-6) and r["kd_kl"] != 0
+    assert [r for r in read_samples(part) if r["step"] == 3] == [r for r in sa if r["step"] == 3]
     from transformers import AutoModelForCausalLM
     for name in ("small", "large"):
         AutoModelForCausalLM.from_pretrained(full / "final" / name)

@@ -8,7 +8,7 @@ import torch
 
 import common
 import cppo
-from conftest import assert_user_error, read_metrics, run_main, run_script
+from conftest import assert_user_error, check_samples, read_metrics, read_samples, run_main, run_script
 
 
 def test_kept_per_group_is_floor_without_float_error():
@@ -160,6 +160,9 @@ def test_allocation_off_samples_prompts_per_step_and_keeps_k_each(monkeypatch, t
     seen, rows = run_in_process(monkeypatch, tmp_path, "--steps", 1, "--group-size", 8, "--prune-rate", 0.625,
                                 "--prompts-per-step", 1, "--no-dynamic-allocation")
     assert (seen["sampled_rows"], seen["loss_rows"]) == (8, 3)  # 1 question, k = 3 of 8 kept
+    group = [r for r in read_samples(tmp_path / "o") if r["kind"] == "train"]  # samples.jsonl shows which
+    assert len(group) == 8 and sum(r["kept"] for r in group) == 3
+    assert min(abs(r["advantage"]) for r in group if r["kept"]) >= max(abs(r["advantage"]) for r in group if not r["kept"])
 
 
 def test_allocation_trims_the_surplus_to_the_budget(monkeypatch, tmp_path):
@@ -189,6 +192,7 @@ def test_cppo_end_to_end(tmp_path):
         assert key in train[0], key
     assert train[0]["cppo/questions"] == 16 and train[0]["cppo/kept_frac"] == 0.125  # 32 of 256
     assert train[0]["cppo/abs_adv_kept"] >= train[0]["cppo/abs_adv_dropped"]  # CPPO drops the smallest
+    check_samples(out, [0, 1, 2], 4, 16, columns=("kept",))  # every sampled completion, pruned ones too
 
 
 def test_prune_rate_zero_is_grpo(tmp_path):
@@ -201,6 +205,9 @@ def test_prune_rate_zero_is_grpo(tmp_path):
     for key in ("train/reward", "train/loss", "train/kl", "train/grad_norm"):
         assert [r[key] for r in g if key in r] == pytest.approx([r[key] for r in c if key in r], rel=1e-5), key
     assert all("cppo/abs_adv_dropped" not in r for r in c)
+    sg, sc = read_samples(tmp_path / "g"), read_samples(tmp_path / "c")  # the same samples, every completion kept
+    assert sg == [{k: v for k, v in r.items() if k != "kept"} for r in sc]
+    assert all(r["kept"] for r in sc if r["kind"] == "train")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_metrics
+from conftest import ROOT, read_metrics, read_samples
 
 HARNESS = os.path.join(ROOT, "tests", "dist_equivalence.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -176,3 +176,21 @@ def test_fsdp_resumes_a_data_parallel_checkpoint(runs):
     for key in ("train/reward", "train/loss", "train/grad_norm", "train/tokens"):
         assert a[0][key] == pytest.approx(b[0][key], rel=1e-4, abs=1e-6), key
     torch.testing.assert_close(weights(straight / "final"), weights(resumed / "final"), rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_writes_each_sample_once(runs):
+    """samples.jsonl under torchrun: rank 0 writes every rank's greedy answers (rank r answers questions r, r + 2,
+    ...) in question order and its own first group, once each: one process's rows, the same completions."""
+    root, errors = runs
+    succeeded(errors, "one-grpo", "two-grpo-dp", "two-grpo-fsdp", "straight", "resumed-dp", "resumed")
+    one = read_samples(root / "one" / "grpo")
+    layout = [(0, "eval", i) for i in range(4)] + [(2, "eval", i) for i in range(4)] + [(2, "train", None)] * 8
+    assert [(r["step"], r["kind"], r.get("index")) for r in one] == layout  # --log-samples 4 by default
+    for mode in ("dp", "fsdp"):
+        assert read_samples(root / "two" / f"grpo-{mode}") == one, mode
+    # a data-parallel run resumed under --fsdp appends step 3 to its rows; step 3 as an --fsdp run from the start
+    resumed, straight = read_samples(root / "resumed"), read_samples(root / "straight")
+    steps = [(r["step"], r["kind"]) for r in resumed]
+    assert steps == [(0, "eval")] * 4 + [(2, "eval")] * 4 + [(2, "train")] * 8 + [(3, "eval")] * 4 + [(3, "train")] * 8
+    what = lambda rows: [(r["kind"], r["question"], r["completion"], r["correct"]) for r in rows if r["step"] == 3]
+    assert what(resumed) == what(straight)

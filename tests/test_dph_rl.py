@@ -10,7 +10,7 @@ import torch
 
 import common
 import dph_rl
-from conftest import assert_user_error, read_metrics, run_main, run_script
+from conftest import assert_user_error, check_samples, read_metrics, run_main, run_script
 from reference import naive_token_logprobs
 
 DIVERGENCES = [("forward", 0.2), ("js", 0.2), ("alpha", 0.2), ("alpha", 0.7)]
@@ -189,6 +189,10 @@ def test_end_to_end_each_divergence(tmp_path, flags):
         assert r["dph/divergence"] >= 0 and r["dph/pef_tokens"] > 0 and "train/kl" not in r
     assert train[0]["dph/divergence"] < 1e-6  # step 1 starts at pi_theta = pi_ref: u = 1
     assert (out / "presample.pt").exists() and (out / "final" / "config.json").exists()
+    # samples: a D_exp group, and the step's stored D_pef answers (each right, as graded) with their mean f(u)
+    pef = [r for r in check_samples(out, [0, 2, 3], 4, 8) if r["kind"] == "pef"]
+    assert [r["step"] for r in pef] == [2] * 4 + [3] * 4 and all(r["correct"] and r["f_u"] >= 0 for r in pef)
+    assert len({r["question"] for r in pef}) > 1
 
 
 def test_resume_reads_the_stage_back_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 
 import common
 import grpo
-from conftest import assert_user_error, read_metrics, run_main, run_script
+from conftest import assert_user_error, check_samples, read_metrics, read_samples, run_main, run_script
 
 
 def test_advantages_closed_form():
@@ -156,6 +156,9 @@ def test_grpo_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out / "final")
     assert (out / "config.json").exists() and (out / "checkpoint" / "state.pt").exists()
+    check_samples(out, [0, 2, 3], 4, 8)  # --log-samples 4 by default; the toy's G = 8
+    printed = [line for line in p.stdout.splitlines() if " sample: " in line]  # one per evaluation, above the bar
+    assert [line.split(" sample: ")[0] for line in printed] == ["step 0", "step 2", "step 3"], p.stdout
 
 
 def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path):
@@ -165,6 +168,8 @@ def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path)
     run_main("grpo.py", "--steps", 2, "--out", part, *common_args)
     with open(part / "metrics.jsonl", "a") as f:  # a step logged after the last checkpoint
         f.write('{"step": 3, "train/reward": -1}\n')
+    with open(part / "samples.jsonl", "a") as f:  # and its samples
+        f.write('{"step": 3, "kind": "eval", "index": 0, "question": "1+1", "gold": "2", "completion": "3"}\n')
     run_main("grpo.py", "--steps", 4, "--out", part, "--resume", *common_args)
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b if "train/reward" in r] == [1, 2, 3, 4]
@@ -173,6 +178,11 @@ def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path)
     rb = [r["train/reward"] for r in b if "train/reward" in r]
     assert ra == rb  # same RNG, data order and weights after the resume
     assert a[-1]["eval/accuracy"] == b[-1]["eval/accuracy"]
+    # samples.jsonl: appended, the step after the checkpoint dropped, no step twice; step 4 as the uninterrupted run's
+    sa, sb = read_samples(full), read_samples(part)
+    assert [(r["step"], r["kind"]) for r in sb] == [(0, "eval")] * 4 + [(2, "eval")] * 4 + [(2, "train")] * 8 + \
+        [(4, "eval")] * 4 + [(4, "train")] * 8
+    assert [r for r in sa if r["step"] == 4] == [r for r in sb if r["step"] == 4]
 
 
 @pytest.mark.parametrize("flags, message", [

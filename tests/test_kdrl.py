@@ -10,7 +10,7 @@ import common
 import tasks
 import grpo
 import kdrl
-from conftest import assert_user_error, read_metrics, run_main, run_script
+from conftest import assert_user_error, check_samples, read_metrics, run_main, run_script
 
 
 def loss_args(loss_type="bnpo", estimator="k2", beta=0.0, max_new_tokens=4):
@@ -230,5 +230,8 @@ def test_kdrl_end_to_end(tmp_path):
         assert r["kd/kl"] > 0 and r["kd/term"] > 0 and 0 < r["kd/masked_frac"] < 1
         if r["train/completion_len"] == 4.0:  # equal lengths: masked tokens = correct completions
             assert r["kd/masked_frac"] == pytest.approx(r["train/reward"], abs=1e-6)
+    for r in check_samples(out, [0, 2, 3], 4, 8, columns=("kd_term",)):  # the KD term of each completion, per token
+        if r["kind"] == "train":  # --kd-mask response: none where the answer is right
+            assert (r["kd_term"] is None) if r["correct"] else r["kd_term"] > 0, r
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out / "final")

@@ -9,7 +9,7 @@ import torch
 
 import common
 import opd_plus
-from conftest import assert_user_error, read_metrics, run_main, run_script
+from conftest import assert_user_error, check_samples, read_metrics, run_main, run_script
 
 DIVERGENCES = [("rkl", 0.5), ("fkl", 0.5), ("jsd", 0.5), ("tv", 0.5), ("alpha", 0.5), ("alpha", 2.0),
                ("alpha", -1.0)]
@@ -225,6 +225,11 @@ def test_end_to_end_each_divergence(tmp_path, flags):
         assert CHECKS[flags[1]](r), r
     assert 0 <= evals[0]["eval/accuracy"] <= 1
     assert (out / "final" / "config.json").exists() and (out / "checkpoint" / "state.pt").exists()
+    # each completion's token means of A_t and of log u = log q - log p_theta; plain OPD rkl: A_t = -f(u) = log u
+    group = [r for r in check_samples(out, [0, 2, 3], 4, 8, columns=("log_ratio",), advantages=()) if r["kind"] == "train"]
+    if flags[1] == "rkl":
+        assert [r["advantage"] for r in group] == pytest.approx([r["log_ratio"] for r in group], abs=1e-5)
+        assert len({r["log_ratio"] for r in group}) > 2 and any(r["log_ratio"] != 0 for r in group)
 
 
 def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path):

@@ -11,7 +11,7 @@ import torch
 import common
 import sinkd
 import tasks
-from conftest import assert_user_error, read_metrics, run_script
+from conftest import assert_user_error, check_samples, read_metrics, run_script
 
 
 def test_plan_marginals():
@@ -148,6 +148,9 @@ def test_sinkd_end_to_end(tmp_path):
     for r in train:
         assert r["kd/term"] > 0 and 0 < r["kd/sinkhorn_coverage"] < 1 and "kd/kl" not in r
         assert r["train/loss"] == r["train/loss"] and r["train/grad_norm"] < 1e6  # finite
+    for r in check_samples(out, [0, 2, 3], 4, 8, columns=("kd_term",)):  # the transport cost of each completion
+        if r["kind"] == "train":  # --kd-mask response: none where the answer is right
+            assert (r["kd_term"] is None) if r["correct"] else r["kd_term"] > 0, r
 
 
 def test_sinkhorn_user_errors_are_one_line(tmp_path):

@@ -1,9 +1,10 @@
-"""--report-to: TensorBoard's event files and W&B's offline run hold exactly metrics.jsonl's numbers, a
-resumed run sends no (step, key) twice, a missing package is one line; and results.py --plot draws
-any runs."""
+"""--report-to: TensorBoard's event files and W&B's offline run hold exactly metrics.jsonl's numbers and
+samples.jsonl's rows, a resumed run sends no (step, key) twice, a missing package is one line; and
+results.py --plot draws any runs."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,36 +12,54 @@ import sys
 import pytest
 
 import rundir
-from conftest import ROOT, assert_user_error, read_metrics, run_main
+from conftest import ROOT, assert_user_error, read_metrics, read_samples, run_main
 
 QUICK = ["--eval-size", "20", "--eval-every", "2", "--save-every", "2"]
 
 
 def interrupted_and_resumed(out, *flags):
-    """A run stopped after step 3 whose last checkpoint is step 2 (the steps after a checkpoint were sent
-    already), then resumed to step 4, which does step 3 again. Returns every (step, key) that metrics.jsonl
-    held at some point, with the value first written: what the trackers must hold, once each."""
-    sent = {}
-    for steps, resume in ((2, []), (3, ["--resume"]), (4, ["--resume"])):
-        if steps == 4:  # the interruption: the checkpoint of step 2 is the last one
+    """A run stopped after step 4 whose last checkpoint is step 2 (the steps after a checkpoint were sent
+    already), then resumed to step 4, which does steps 3 and 4 again. Returns every (step, key) that metrics.jsonl
+    held at some point, with the value first written, and every (step, samples/<kind>) table of rows that
+    samples.jsonl held, as a header and its rows: what the trackers must hold, once each."""
+    sent, tables = {}, {}
+    for session, (steps, resume) in enumerate(((2, []), (4, ["--resume"]), (4, ["--resume"]))):
+        if session == 2:  # the interruption: the checkpoint of step 2 is the last one
             shutil.rmtree(out / "checkpoint")
             shutil.copytree(out.parent / "checkpoint-2", out / "checkpoint")
-        run_main("grpo.py", "--steps", steps, "--out", out, *QUICK, *flags, *resume)
+        run_main("grpo.py", "--steps", steps, "--out", out, "--log-samples", 3, *QUICK, *flags, *resume)
         for r in read_metrics(out):
             for k, v in r.items():
                 if k != "step":
                     sent.setdefault((r["step"], k), v)
-        if steps == 2:
+        now = {}
+        for r in read_samples(out):
+            now.setdefault((r["step"], f"samples/{r['kind']}"), []).append(r)
+        for key, rows in now.items():  # as first written
+            tables.setdefault(key, [list(rows[0])] + [list(r.values()) for r in rows])
+        if session == 0:
             shutil.copytree(out / "checkpoint", out.parent / "checkpoint-2")
     assert [r["step"] for r in read_metrics(out) if "train/reward" in r] == [1, 2, 3, 4]
-    return sent
+    # samples.jsonl: appended, step 4's rows (after the checkpoint) written again by the resume, not added
+    assert [(r["step"], r["kind"]) for r in read_samples(out)] == [(0, "eval")] * 3 + [(2, "eval")] * 3 + \
+        [(2, "train")] * 8 + [(4, "eval")] * 3 + [(4, "train")] * 8
+    assert set(tables) == {(0, "samples/eval"), *((s, f"samples/{k}") for s in (2, 4) for k in ("eval", "train"))}
+    return sent, tables
+
+
+def markdown_rows(text):
+    """The rows of rundir.markdown_table's table, each cell's text as it was (header included)."""
+    unescape = lambda cell: re.sub(r"\\(.)", r"\1", cell.replace("<br>", "\n"))
+    lines = text.split("\n")
+    assert lines[1] == "|" + " --- |" * (lines[0].count(" | ") + 1)
+    return [[unescape(c) for c in line[2:-2].split(" | ")] for line in lines[:1] + lines[2:]]
 
 
 def test_tensorboard_holds_metrics_jsonl_and_a_resume_writes_no_step_twice(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    expected = interrupted_and_resumed(tmp_path / "run", "--report-to", "tensorboard")
-    got, files = {}, sorted(os.listdir(tmp_path / "run" / "tensorboard"))
+    expected, tables = interrupted_and_resumed(tmp_path / "run", "--report-to", "tensorboard")
+    got, texts, files = {}, {}, sorted(os.listdir(tmp_path / "run" / "tensorboard"))
     assert len(files) == 3  # one event file per session
     for i, name in enumerate(files):
         acc = EventAccumulator(str(tmp_path / "run" / "tensorboard" / name), purge_orphaned_data=False)
@@ -50,9 +69,17 @@ def test_tensorboard_holds_metrics_jsonl_and_a_resume_writes_no_step_twice(tmp_p
                 assert (e.step, tag) not in got, (e.step, tag)  # no step written twice
                 got[(e.step, tag)] = e.value
         assert ("config/text_summary" in acc.Tags()["tensors"]) == (i == 0)  # config.json's arguments, once
+        for tag in acc.Tags()["tensors"]:
+            for e in acc.Tensors(tag) if tag.startswith("samples/") else ():
+                key = (e.step, tag.removesuffix("/text_summary"))
+                assert key not in texts, key  # no step written twice
+                texts[key] = markdown_rows(e.tensor_proto.string_val[0].decode())
     assert set(got) == set(expected)
     for key, v in expected.items():
         assert got[key] == pytest.approx(v, rel=1e-6, abs=1e-6), key  # event files keep float32
+    assert set(texts) == set(tables)
+    for key, (header, *rows) in tables.items():  # samples.jsonl's rows, every cell's text as it is
+        assert texts[key] == [header] + [["" if v is None else str(v) for v in r] for r in rows], key
 
 
 def wandb_records(path):
@@ -80,8 +107,8 @@ def test_wandb_offline_holds_metrics_jsonl_in_one_run_across_a_resume(tmp_path, 
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    expected = interrupted_and_resumed(tmp_path / "run", "--report-to", "wandb", "--wandb-project", "tests")
-    got, ids, config = {}, set(), None
+    expected, tables = interrupted_and_resumed(tmp_path / "run", "--report-to", "wandb", "--wandb-project", "tests")
+    got, got_tables, ids, config = {}, {}, set(), None
     for d in sorted(os.listdir(tmp_path / "run" / "wandb")):
         if not d.startswith("offline-run-"):
             continue
@@ -95,12 +122,17 @@ def test_wandb_offline_holds_metrics_jsonl_in_one_run_across_a_resume(tmp_path, 
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                 step = items.pop("_step")
                 for k, v in items.items():
-                    if not k.startswith("_"):
+                    if k.startswith("samples/") and k.endswith("/path"):  # a wandb.Table, in the run's files
+                        table = json.load(open(tmp_path / "run" / "wandb" / d / "files" / v))
+                        assert (step, k[:-5]) not in got_tables, (step, k)  # no step sent twice
+                        got_tables[(step, k[:-5])] = [table["columns"]] + table["data"]
+                    elif not k.startswith("_") and not k.startswith("samples/"):
                         assert (step, k) not in got, (step, k)  # no step sent twice
                         got[(step, k)] = v
     assert len(ids) == 1  # three sessions, one W&B run
     assert config["out"] == str(tmp_path / "run") and config["report_to"] == "wandb"
     assert got == pytest.approx(expected, rel=1e-9)
+    assert got_tables == tables  # samples.jsonl's rows, a table per (step, kind)
 
 
 def test_a_tracker_that_is_not_installed_is_one_line(monkeypatch, tmp_path):

@@ -161,7 +161,7 @@ def compare(shipped: str, rebuilt: str, dataset: str = "toy"):
 
 def accuracy(path: str, dataset: str = "toy") -> float:
     model, tok = common.load_model(path, torch.device("cpu"))
-    return common.evaluate(model, tok, tasks.load_data(dataset, "eval"), dataset, max_new_tokens=8)["eval/accuracy"]
+    return common.evaluate(model, tok, tasks.load_data(dataset, "eval"), dataset, max_new_tokens=8)[0]["eval/accuracy"]
 
 
 def main():
