@@ -341,9 +341,8 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
         num_beams=1, use_cache=True, cache_implementation="static" if how == "static" else None)
     with plumbing.generating(model):  # autocast; FSDP: each layer gathered once for the batch, ranks in step
         if how == "fastgen":
-            completion_ids = fastgen.generate(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id,
-                                              temperature, greedy, compile=device.type == "cuda",
-                                              shadow=plumbing.uses_bf16(device))  # (B, T)
+            completion_ids = fastgen.generate(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id, temperature,
+                                              greedy, compile=device.type == "cuda", shadow=plumbing.uses_bf16(device))  # (B, T)
         else:
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
             completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
