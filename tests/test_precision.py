@@ -63,6 +63,28 @@ def test_logprobs_under_bf16_autocast_have_an_fp32_lm_head(monkeypatch):
     assert model.get_output_embeddings().weight.grad.dtype == torch.float32
 
 
+def tf32(x):
+    """x as TF32 tensor cores read an fp32 operand: 10 of its 23 mantissa bits, rounded to nearest."""
+    return ((x.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_a_tf32_head_moves_log_probs_a_tenth_as_far_as_bf16_logits():
+    """On CUDA the head's fp32 matmul runs on TF32 tensor cores (plumbing.init_distributed: 35% off an H200
+    update): its operands keep 10 mantissa bits, its sums and logits stay fp32. Emulated here against a
+    float64 head at logits of std 4: the log-probs move by 0.002 on average (0.009 at most); bf16 logits
+    moved them by 0.05 (0.14)."""
+    model, ro = real_head_model(), rollout(B=4, T=32)
+    with torch.no_grad():
+        h, w = common.completion_states(model, ro)  # (N, D), (V, D)
+    y = ro.completion_ids.reshape(-1)
+    logp = lambda logits: torch.log_softmax(logits.double(), -1).gather(-1, y[:, None]).squeeze(-1)  # (N,)
+    exact = logp(h.double() @ w.double().T)
+    err_tf32 = (logp(tf32(h) @ tf32(w).T) - exact).abs()
+    err_bf16 = (logp(h.bfloat16() @ w.bfloat16().T) - exact).abs()
+    assert (tf32(h) != h).any() and err_tf32.mean() < 5e-3 and err_tf32.max() < 2e-2
+    assert err_tf32.max() < err_bf16.max() / 10 and err_tf32.mean() < err_bf16.mean() / 10
+
+
 def test_kv_cache_keys_are_bf16_under_autocast(bf16_on_cpu):
     """RoPE's cos/sin come in the embeddings' dtype (fp32 master weights) and would promote the
     rotated keys, and the whole KV cache's keys, to fp32."""
