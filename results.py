@@ -235,9 +235,14 @@ def plot_runs(dirs, metrics, x, path):
             if pts:
                 panels[m].append((os.path.normpath(d), [p[0] for p in pts], [p[1] for p in pts]))
             else:
-                print(f"{d}: no {m} logged", file=sys.stderr)
+                alike = sorted({k for r in rows for k in r if k.endswith("/" + m)})  # codistill: small/eval/accuracy
+                print(f"{d}: no {m} logged" + (f" (it logged {', '.join(alike)}: name those in --metrics)" if alike else ""),
+                      file=sys.stderr)
     xlabel = "step" if x == "step" else "training time (s, generation + update)"
-    return draw([(m, xlabel, m, lines) for m, lines in panels.items()], path, f"{len(dirs)} runs", len(metrics))
+    drawn = {m: lines for m, lines in panels.items() if lines}
+    if not drawn:
+        sys.exit(f"error: no run logged {', '.join(metrics)}: nothing to plot")
+    return draw([(m, xlabel, m, lines) for m, lines in drawn.items()], path, f"{len(dirs)} runs", len(drawn))
 
 
 def read_samples(run):
@@ -339,8 +344,9 @@ def main():
         missing = [d for d in opts.plot if not os.path.isfile(os.path.join(d, "metrics.jsonl"))]
         if missing:
             sys.exit(f"error: no metrics.jsonl in {', '.join(missing)}")
-        if plot_runs(opts.plot, opts.metrics, opts.x, opts.png):
-            print(f"wrote {opts.png}")
+        if not plot_runs(opts.plot, opts.metrics, opts.x, opts.png):
+            sys.exit(1)  # no matplotlib: draw said so
+        print(f"wrote {opts.png}")
         return
     rows = select_rows(opts.only)
 

@@ -65,9 +65,10 @@ class Run:
             return
         checkpoint, finished = (os.path.exists(os.path.join(out, d)) for d in ("checkpoint", "final"))
         if args.resume and not os.path.exists(os.path.join(out, "checkpoint", "state.pt")):
-            plumbing.die(f"--resume: no checkpoint in '{out}/checkpoint' to resume from" + (
-                "" if checkpoint or finished else ": the run stopped before its first one, so run the same command "
-                                                  "without --resume to start it again"))
+            plumbing.die(f"--resume: '{out}' does not exist: --out names the run to continue" if not os.path.isdir(out) else
+                         f"--resume: no checkpoint in '{out}/checkpoint' to resume from" + (
+                             "" if checkpoint or finished else ": the run stopped before its first one, so run the same "
+                                                               "command without --resume to start it again"))
         if (checkpoint or finished) and not args.resume:
             plumbing.die(f"'{out}' already holds a run: pass --resume to continue it, or choose another --out")
         config = os.path.join(out, "config.json")

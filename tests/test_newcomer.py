@@ -215,6 +215,11 @@ def test_ctrl_c_before_the_first_checkpoint_and_the_three_messages_agree(tmp_pat
     assert_user_error("grpo.py", "--steps", 2, *flags, message="already holds a run: pass --resume")  # now it has a checkpoint
 
 
+def test_resume_of_a_directory_that_does_not_exist_says_so(tmp_path):
+    assert_user_error("grpo.py", "--steps", 2, "--out", tmp_path / "nowhere", "--resume",
+                      message=f"--resume: '{tmp_path / 'nowhere'}' does not exist: --out names the run to continue")
+
+
 def test_resumed_progress_bar_shows_the_latest_evaluation(tmp_path, capsys):
     out, flags = tmp_path / "run", ["--eval-size", "40", "--eval-every", "2", "--save-every", "2", "--lr", "3e-4"]
     run_main("grpo.py", "--steps", 2, "--out", out, *flags)

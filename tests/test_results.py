@@ -1,6 +1,7 @@
 """results.py: which rows --only selects, where a trial run writes by default, a smoke run through its
 command line, and the figures it draws (one style per method in every panel)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,31 @@ def test_a_method_has_one_style_in_every_panel():
     assert len({(tuple(s["color"]), s["marker"], s["mfc"]) for s in styles}) == len(order)  # every method told apart
     assert results.style("GRPO", order) == results.style("GRPO", list(order))  # the order fixes it, not the panel
     assert results.style("GRPO large", order)["ls"] == "--" and results.style("GRPO", order)["ls"] == "-"
+
+
+def write_metrics(path, rows):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_plot_without_matplotlib_fails_and_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    write_metrics(tmp_path / "run", [{"step": 0, "eval/accuracy": 0.3}, {"step": 5, "eval/accuracy": 0.5}])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(sys, "argv", ["results.py", "--plot", str(tmp_path / "run"), "--png", str(tmp_path / "p.png")])
+    with pytest.raises(SystemExit) as e:
+        results.main()
+    assert e.value.code == 1 and "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plotting_a_metric_a_run_logs_under_a_prefix_names_the_prefixed_keys(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    write_metrics(tmp_path / "codistill", [{"step": 0, "small/eval/accuracy": 0.3, "large/eval/accuracy": 0.6}])
+    with pytest.raises(SystemExit) as e:
+        results.plot_runs([str(tmp_path / "codistill")], ["eval/accuracy"], "step", str(tmp_path / "p.png"))
+    assert str(e.value) == "error: no run logged eval/accuracy: nothing to plot"
+    err = capsys.readouterr().err
+    assert "no eval/accuracy logged (it logged large/eval/accuracy, small/eval/accuracy: name those in --metrics)" in err
+    results.plot_runs([str(tmp_path / "codistill")], ["eval/accuracy", "small/eval/accuracy"], "step", str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 5_000  # the metric it has is drawn, the one it lacks left out
