@@ -76,14 +76,37 @@ def toy_path(name: str) -> str:
 # Data and prompts
 
 DATASETS = ("gsm8k", "math", "toy", "toy-hard")
-HUB_DATASETS = {"gsm8k": ("openai/gsm8k",), "math": ("DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500")}  # load_data reads these
+
+
+class Benchmark(NamedTuple):
+    """Where a benchmark's rows are: the hub copy that the papers' evaluation code reads, and its fields."""
+    repo: str
+    config: str
+    split: str
+    question: str
+    answer: str  # a string, a number (AMC's 27.0) or a list of strings (OlympiadBench's final_answer)
+
+
+BENCHMARKS = {  # evaluation only: load_data(name, "eval"), evaluate.py; fields checked on real rows (docs/evaluate.md)
+    "math500": Benchmark("HuggingFaceH4/MATH-500", "default", "test", "problem", "answer"),
+    "minerva": Benchmark("math-ai/minervamath", "default", "test", "question", "answer"),
+    "olympiadbench": Benchmark("math-ai/olympiadbench", "default", "test", "question", "final_answer"),
+    "amc23": Benchmark("math-ai/amc23", "default", "test", "question", "answer"),
+    "aime24": Benchmark("HuggingFaceH4/aime_2024", "default", "train", "problem", "answer"),
+    "aime25": Benchmark("math-ai/aime25", "default", "test", "problem", "answer"),
+    "gsm8k": Benchmark("openai/gsm8k", "main", "test", "question", "answer"),
+}
+BENCHMARK_DIR = "BENCHMARK_DIR"  # environment variable: a directory of <name>.jsonl copies of benchmarks' rows
+HUB_DATASETS = {"gsm8k": ("openai/gsm8k",), "math": ("DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500"),
+                **{name: (b.repo,) for name, b in BENCHMARKS.items() if name != "gsm8k"}}  # load_data reads these
 BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 def load_data(name: str, split: str) -> list:
     """[{question, answer}] for split 'train' or 'eval'. gsm8k: openai/gsm8k main (train/test);
-    math: MATH train (the lighteval copy, config default) and MATH-500 for eval; toy; or a .jsonl
-    path with question/answer fields (a GSM8K-style '... #### n' answer is cut to n). Rows whose
+    math: MATH train (the lighteval copy, config default) and MATH-500 for eval; toy; a benchmark
+    (BENCHMARKS, eval only); or a .jsonl path with question/answer fields (a GSM8K-style '... #### n'
+    answer is cut to n). Rows whose
     gold answer is empty (a MATH solution without \\boxed{}) are dropped: any answer would match
     nothing, and an empty one must never earn the reward."""
     if name == "toy":
@@ -113,24 +136,52 @@ def load_data(name: str, split: str) -> list:
         if not rows:
             plumbing.die(f"dataset file '{name}' holds no rows")
         return drop_empty_golds(rows, name)
+    if split == "eval" and (name in BENCHMARKS or name == "math"):  # gsm8k: its test split; math: MATH-500
+        return load_benchmark("math500" if name == "math" else name)
     if name not in DATASETS:
-        plumbing.die(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .jsonl file "
-                     "with 'question' and 'answer' fields")
+        said = f"'{name}' is a benchmark, for evaluation only: train on" if name in BENCHMARKS else f"unknown dataset '{name}': use"
+        plumbing.die(f"{said} one of {', '.join(DATASETS)} or a path to a .jsonl file with 'question' and 'answer' fields")
     from datasets import load_dataset
     try:
         if name == "gsm8k":
-            ds = load_dataset(HUB_DATASETS["gsm8k"][0], "main", split="train" if split == "train" else "test")
+            ds = load_dataset(HUB_DATASETS["gsm8k"][0], "main", split="train")
             rows = [dict(question=r["question"], answer=gold_answer(r["answer"])) for r in ds]
-        elif split == "train":
+        else:
             ds = load_dataset(HUB_DATASETS["math"][0], "default", split="train")
             rows = [dict(question=r["problem"], answer=last_boxed(r["solution"]) or "") for r in ds]
-        else:
-            ds = load_dataset(HUB_DATASETS["math"][1], "default", split="test")
-            rows = [dict(question=r["problem"], answer=r["answer"]) for r in ds]
     except Exception as e:  # datasets raises many types when offline
         plumbing.die(f"cannot load dataset '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                      "offline, use --dataset toy or a local .jsonl file")
     return drop_empty_golds(rows, f"{name} {split}")
+
+
+def benchmark_gold(value) -> str:
+    """A benchmark row's gold as text: a list (OlympiadBench's final_answer, each item in $...$) joined by
+    ', '; a whole float (AMC's 27.0) as an integer; a GSM8K solution cut after ####."""
+    if isinstance(value, list):
+        return ", ".join(re.sub(r"(?<!\\)\$", "", str(v)).strip() for v in value)
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else gold_answer(str(value))
+
+
+def load_benchmark(name: str) -> list:
+    """[{question, answer}] of a benchmark (BENCHMARKS): from $BENCHMARK_DIR/<name>.jsonl when there is one
+    (rows as the hub holds them), else from the hub, or from the datasets cache when the hub is unreachable."""
+    b, folder = BENCHMARKS[name], os.environ.get(BENCHMARK_DIR, "")
+    if folder and os.path.isfile(os.path.join(folder, f"{name}.jsonl")):
+        rows = [json.loads(line) for line in open(os.path.join(folder, f"{name}.jsonl")) if line.strip()]
+    else:
+        online = plumbing.offline_unless_reachable()
+        from datasets import load_dataset
+        try:
+            rows = load_dataset(b.repo, b.config, split=b.split)
+        except Exception as e:  # datasets raises many types when offline
+            get = f"datasets.load_dataset('{b.repo}', '{b.config}', split='{b.split}')"
+            plumbing.die(f"cannot load benchmark '{name}' ({b.repo}, split {b.split}; {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]})" + ("" if online else
+                         f": offline it must be in the datasets cache. To get it: where the hub is reachable, run "
+                         f"`python -c \"import datasets; {get}\"` once with the same HF_HOME, or put a copy of its rows "
+                         f"in ${BENCHMARK_DIR}/{name}.jsonl"))
+    return drop_empty_golds([dict(question=r[b.question], answer=benchmark_gold(r[b.answer])) for r in rows], name)
 
 
 def drop_empty_golds(rows: list, name: str) -> list:
