@@ -139,7 +139,8 @@ def load_data(name: str, split: str) -> list:
     if split == "eval" and (name in BENCHMARKS or name == "math"):  # gsm8k: its test split; math: MATH-500
         return load_benchmark("math500" if name == "math" else name)
     if name not in DATASETS:
-        said = f"'{name}' is a benchmark, for evaluation only: train on" if name in BENCHMARKS else f"unknown dataset '{name}': use"
+        said = (f"'{name}' is a benchmark, for evaluation only: train on" if name in BENCHMARKS else
+                f"unknown dataset '{name}' (benchmarks, for evaluation: {', '.join(BENCHMARKS)}): use")
         plumbing.die(f"{said} one of {', '.join(DATASETS)} or a path to a .jsonl file with 'question' and 'answer' fields")
     from datasets import load_dataset
     try:
