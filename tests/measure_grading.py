@@ -121,7 +121,8 @@ def equivalent(gold):
     m = PY_RATIO.match(g)
     if m:
         sign, a, b = m.groups()
-        out += [("\\frac{-a}{b} for -a./b", box(f"\\frac{{{sign}{a}}}{{{b}}}")), ("-\\frac{a}{b} for -a./b", box(f"{sign}\\frac{{{a}}}{{{b}}}"))]
+        out += [("\\frac{-a}{b} for -a./b", box(f"\\frac{{{sign}{a}}}{{{b}}}")),
+                ("-\\frac{a}{b} for -a./b", box(f"{sign}\\frac{{{a}}}{{{b}}}"))]
     if re.fullmatch(r"-?\d{1,3}(\{,\}\d{3})+", g):
         out.append(("no thousands separator", box(g.replace("{,}", ""))))
     m = UNIT.match(g)
@@ -185,7 +186,8 @@ def wrong(gold, other):
     if m:
         a, e = m.groups()
         out += [("e-notation, exponent off by one", box(f"{a} \\times 10^{{{int(e) + 1}}}")),
-                ("e-notation, the exponent alone", box(f"10^{{{int(e)}}}" if fractions.Fraction(a) != 1 else f"2 \\times 10^{{{e}}}"))]
+                ("e-notation, the exponent alone",
+                 box(f"10^{{{int(e)}}}" if fractions.Fraction(a) != 1 else f"2 \\times 10^{{{e}}}"))]
     m = PY_RATIO.match(g)
     if m and m.group(2) != m.group(3):
         sign, a, b = m.groups()
@@ -269,7 +271,7 @@ def main():
         refs = [(g, s) for _, g, s in rows if s is not None]
         missed = [(g, s) for g, s in refs if not grade(s, g)]
         print(f"{name} reference solutions graded correct: " + (f"{len(refs) - len(missed)}/{len(refs)}" if refs else
-                                                                "none to grade (its rows hold no solution that states an answer)"))
+              "none to grade (its rows hold no solution that states an answer)"))
         for g, s in missed[:a.show]:
             print("   missed:", repr(g), "from", repr(tasks.extract_answer(s)))
         golds = [g for _, g, _ in rows]
