@@ -1,10 +1,10 @@
 """Questions in, rewards out: the datasets, the toy world, prompts, and grading.
 
 A dataset is a list of {question, answer} rows (`load_data`): GSM8K, MATH (MATH-500 held out),
-the toy sums, or a .jsonl file. `format_prompt` turns a question into the model's prompt,
-`PromptSampler` draws a step's questions, and `rewards_for` grades completions against the gold
-answers as the MATH and GSM8K benchmarks do (`is_correct`). Nothing here knows about models
-beyond their tokenizer.
+the toy sums, a .jsonl file, or for evaluation one of the papers' benchmarks (`BENCHMARKS`).
+`format_prompt` turns a question into the model's prompt, `PromptSampler` draws a step's
+questions, and `rewards_for` grades completions against the gold answers as the benchmarks do
+(`is_correct`). Nothing here knows about models beyond their tokenizer.
 """
 
 import contextlib
