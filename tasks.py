@@ -182,7 +182,11 @@ def load_benchmark(name: str) -> list:
                          f": offline it must be in the datasets cache. To get it: where the hub is reachable, run "
                          f"`python -c \"import datasets; {get}\"` once with the same HF_HOME, or put a copy of its rows "
                          f"in ${BENCHMARK_DIR}/{name}.jsonl"))
-    return drop_empty_golds([dict(question=r[b.question], answer=benchmark_gold(r[b.answer])) for r in rows], name)
+    try:
+        rows = [dict(question=r[b.question], answer=benchmark_gold(r[b.answer])) for r in rows]
+    except (KeyError, TypeError) as e:  # a local copy in another format
+        plumbing.die(f"benchmark '{name}': a row without the field {e} (its rows have '{b.question}' and '{b.answer}')")
+    return drop_empty_golds(rows, name)
 
 
 def drop_empty_golds(rows: list, name: str) -> list:

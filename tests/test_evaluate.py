@@ -69,6 +69,16 @@ def test_benchmarks_read_the_hub_copy_named(monkeypatch):
     assert calls == [(b.repo, b.config, b.split) for b in tasks.BENCHMARKS.values()]
 
 
+def test_a_local_copy_in_another_format_is_one_line(monkeypatch, tmp_path, capsys):
+    (tmp_path / "minerva.jsonl").write_text(json.dumps(dict(problem="q?", solution="\\boxed{5}")) + "\n")
+    monkeypatch.setenv(tasks.BENCHMARK_DIR, str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        tasks.load_data("minerva", "eval")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == "error: benchmark 'minerva': a row without the field 'question' (its rows have " \
+                                       "'question' and 'answer')"
+
+
 def test_a_benchmark_is_not_a_training_set(capsys):
     with pytest.raises(SystemExit) as e:
         tasks.load_data("aime24", "train")
