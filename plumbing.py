@@ -255,15 +255,26 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def offline_unless_reachable() -> bool:
+    """Whether the hub can be reached; when not, HF_HUB_OFFLINE=1 is set for the run, so that the hub clients
+    read their caches at once (they would retry for a minute, then fail)."""
+    if hub_reachable():
+        return True
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub and datasets when they are imported
+    from huggingface_hub import constants
+    constants.HF_HUB_OFFLINE = True  # in case they were imported already
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+    return False
+
+
 def check_offline(hub_models: list, dataset: str, dataset_repos: tuple, toy_models=(), dataset_said: str = ""):
     """When the hub cannot be reached, every hub model must be in the local Hugging Face cache and the
     dataset's repos in the datasets cache, or one line names all that is missing and how to get it (the
     hub client would retry for a minute, then name the first); HF_HUB_OFFLINE=1 is then set for the run."""
-    if (not hub_models and not dataset_repos) or hub_reachable():
+    if (not hub_models and not dataset_repos) or offline_unless_reachable():
         return
-    os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub and datasets when they are imported
     from huggingface_hub import constants, try_to_load_from_cache
-    constants.HF_HUB_OFFLINE = True  # in case they were imported already
     models = [m for m in hub_models if not isinstance(try_to_load_from_cache(m, "config.json"), str)]
     datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
     data = any(not os.path.isdir(os.path.join(datasets_cache, r.replace("/", "___"))) for r in dataset_repos)

@@ -1,10 +1,11 @@
 """Questions in, rewards out: the datasets, the toy world, prompts, and grading.
 
 A dataset is a list of {question, answer} rows (`load_data`): GSM8K, MATH (MATH-500 held out),
-the toy sums, or a .jsonl file. `format_prompt` turns a question into the model's prompt,
-`PromptSampler` draws a step's questions, and `rewards_for` grades completions against the gold
-answers as the MATH and GSM8K benchmarks do (`is_correct`); `sample_rows` shows what the grader
-made of each completion (DIR/samples.jsonl). Nothing here knows about models beyond their tokenizer.
+the toy sums, a .jsonl file, or for evaluation one of the papers' benchmarks (`BENCHMARKS`).
+`format_prompt` turns a question into the model's prompt, `PromptSampler` draws a step's
+questions, and `rewards_for` grades completions against the gold answers as the benchmarks do
+(`is_correct`); `sample_rows` shows what the grader made of each completion (DIR/samples.jsonl).
+Nothing here knows about models beyond their tokenizer.
 """
 
 import contextlib
@@ -76,14 +77,37 @@ def toy_path(name: str) -> str:
 # Data and prompts
 
 DATASETS = ("gsm8k", "math", "toy", "toy-hard")
-HUB_DATASETS = {"gsm8k": ("openai/gsm8k",), "math": ("DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500")}  # load_data reads these
+
+
+class Benchmark(NamedTuple):
+    """Where a benchmark's rows are: the hub copy that the papers' evaluation code reads, and its fields."""
+    repo: str
+    config: str
+    split: str
+    question: str
+    answer: str  # a string, a number (AMC's 27.0) or a list of strings (OlympiadBench's final_answer)
+
+
+BENCHMARKS = {  # evaluation only: load_data(name, "eval"), evaluate.py; fields checked on real rows (docs/evaluate.md)
+    "math500": Benchmark("HuggingFaceH4/MATH-500", "default", "test", "problem", "answer"),
+    "minerva": Benchmark("math-ai/minervamath", "default", "test", "question", "answer"),
+    "olympiadbench": Benchmark("math-ai/olympiadbench", "default", "test", "question", "final_answer"),
+    "amc23": Benchmark("math-ai/amc23", "default", "test", "question", "answer"),
+    "aime24": Benchmark("HuggingFaceH4/aime_2024", "default", "train", "problem", "answer"),
+    "aime25": Benchmark("math-ai/aime25", "default", "test", "problem", "answer"),
+    "gsm8k": Benchmark("openai/gsm8k", "main", "test", "question", "answer"),
+}
+BENCHMARK_DIR = "BENCHMARK_DIR"  # environment variable: a directory of <name>.jsonl copies of benchmarks' rows
+HUB_DATASETS = {"gsm8k": ("openai/gsm8k",), "math": ("DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500"),
+                **{name: (b.repo,) for name, b in BENCHMARKS.items() if name != "gsm8k"}}  # load_data reads these
 BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 def load_data(name: str, split: str) -> list:
     """[{question, answer}] for split 'train' or 'eval'. gsm8k: openai/gsm8k main (train/test);
-    math: MATH train (the lighteval copy, config default) and MATH-500 for eval; toy; or a .jsonl
-    path with question/answer fields (a GSM8K-style '... #### n' answer is cut to n). Rows whose
+    math: MATH train (the lighteval copy, config default) and MATH-500 for eval; toy; a benchmark
+    (BENCHMARKS, eval only); or a .jsonl path with question/answer fields (a GSM8K-style '... #### n'
+    answer is cut to n). Rows whose
     gold answer is empty (a MATH solution without \\boxed{}) are dropped: any answer would match
     nothing, and an empty one must never earn the reward."""
     if name == "toy":
@@ -113,24 +137,57 @@ def load_data(name: str, split: str) -> list:
         if not rows:
             plumbing.die(f"dataset file '{name}' holds no rows")
         return drop_empty_golds(rows, name)
+    if split == "eval" and (name in BENCHMARKS or name == "math"):  # gsm8k: its test split; math: MATH-500
+        return load_benchmark("math500" if name == "math" else name)
     if name not in DATASETS:
-        plumbing.die(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .jsonl file "
-                     "with 'question' and 'answer' fields")
+        said = (f"'{name}' is a benchmark, for evaluation only: train on" if name in BENCHMARKS else
+                f"unknown dataset '{name}' (benchmarks, for evaluation: {', '.join(BENCHMARKS)}): use")
+        plumbing.die(f"{said} one of {', '.join(DATASETS)} or a path to a .jsonl file with 'question' and 'answer' fields")
     from datasets import load_dataset
     try:
         if name == "gsm8k":
-            ds = load_dataset(HUB_DATASETS["gsm8k"][0], "main", split="train" if split == "train" else "test")
+            ds = load_dataset(HUB_DATASETS["gsm8k"][0], "main", split="train")
             rows = [dict(question=r["question"], answer=gold_answer(r["answer"])) for r in ds]
-        elif split == "train":
+        else:
             ds = load_dataset(HUB_DATASETS["math"][0], "default", split="train")
             rows = [dict(question=r["problem"], answer=last_boxed(r["solution"]) or "") for r in ds]
-        else:
-            ds = load_dataset(HUB_DATASETS["math"][1], "default", split="test")
-            rows = [dict(question=r["problem"], answer=r["answer"]) for r in ds]
     except Exception as e:  # datasets raises many types when offline
         plumbing.die(f"cannot load dataset '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                      "offline, use --dataset toy or a local .jsonl file")
     return drop_empty_golds(rows, f"{name} {split}")
+
+
+def benchmark_gold(value) -> str:
+    """A benchmark row's gold as text: a list (OlympiadBench's final_answer, each item in $...$) joined by
+    ', '; a whole float (AMC's 27.0) as an integer; a GSM8K solution cut after ####."""
+    if isinstance(value, list):
+        return ", ".join(re.sub(r"(?<!\\)\$", "", str(v)).strip() for v in value)
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else gold_answer(str(value))
+
+
+def load_benchmark(name: str) -> list:
+    """[{question, answer}] of a benchmark (BENCHMARKS): from $BENCHMARK_DIR/<name>.jsonl when there is one
+    (rows as the hub holds them), else from the hub, or from the datasets cache when the hub is unreachable."""
+    b, folder = BENCHMARKS[name], os.environ.get(BENCHMARK_DIR, "")
+    if folder and os.path.isfile(os.path.join(folder, f"{name}.jsonl")):
+        rows = [json.loads(line) for line in open(os.path.join(folder, f"{name}.jsonl")) if line.strip()]
+    else:
+        online = plumbing.offline_unless_reachable()
+        from datasets import load_dataset
+        try:
+            rows = load_dataset(b.repo, b.config, split=b.split)
+        except Exception as e:  # datasets raises many types when offline
+            get = f"datasets.load_dataset('{b.repo}', '{b.config}', split='{b.split}')"
+            plumbing.die(f"cannot load benchmark '{name}' ({b.repo}, split {b.split}; {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]})" + ("" if online else
+                         f": offline it must be in the datasets cache. To get it: where the hub is reachable, run "
+                         f"`python -c \"import datasets; {get}\"` once with the same HF_HOME, or put a copy of its rows "
+                         f"in ${BENCHMARK_DIR}/{name}.jsonl"))
+    try:
+        rows = [dict(question=r[b.question], answer=benchmark_gold(r[b.answer])) for r in rows]
+    except (KeyError, TypeError) as e:  # a local copy in another format
+        plumbing.die(f"benchmark '{name}': a row without the field {e} (its rows have '{b.question}' and '{b.answer}')")
+    return drop_empty_golds(rows, name)
 
 
 def drop_empty_golds(rows: list, name: str) -> list:
@@ -214,10 +271,13 @@ class PromptSampler:
 # Answers and rewards
 #
 # Graded as the benchmarks grade: the final answer of a completion (last \boxed{}, else after
-# ####, else the answer sentence's number) is compared with the gold by an exact match of the
-# tidied text, as exact rationals when both are plain numbers or fractions (never through floats:
-# '35625' is not '.35625'), and otherwise by math-verify (the grader of TRL and open-r1), with
-# the normalisation that reads \frac43, \sqrt2 and units. One CPU-time limit covers each check.
+# ####, else the answer sentence's number or equation's result) is compared with the gold by an
+# exact match of the cleaned text (no $, spacing, degree signs, units after a number, final %), as
+# exact rationals when both are plain numbers, fractions or powers of ten (never through floats:
+# '35625' is not '.35625', 62.5 is not 0.625; Minerva's 1e-5 is 0.00001), and otherwise by
+# math-verify (the grader of TRL and open-r1), which reads \frac43, \sqrt2, sets, tuples and
+# intervals; its own unit stripping is off (it takes a final t, m, s or c for a unit: 2t would be 2).
+# One CPU-time limit covers each check.
 
 GRADE_TIMEOUT_S = 1.0  # a check taking more CPU seconds than this scores 0 and counts in train/grade_errors
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: the limit is ours
@@ -233,8 +293,8 @@ class _Deadline(BaseException):
 
 
 def last_boxed(text: str) -> Optional[str]:
-    """Contents of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
-    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    """Contents of the last \\boxed{...} (or \\fbox{...}, \\framebox{...}), braces balanced."""
+    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"), text.rfind("\\framebox"))
     if i < 0:
         return None
     j = text.find("{", i)
@@ -248,12 +308,19 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")  # 1,072  $18.50  14/3  .5
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+|/\d+)?|-?\.\d+")  # 1,072  $18.50  14/3  .5  3.3e-10
 ANSWER_PHRASE = re.compile(r"answer\s*(?:is\b|:|=)", re.IGNORECASE)
 INLINE_MATH = re.compile(r"\s*(?:\$([^$]*\\[^$]*)\$|\\\((.*?)\\\))")  # $...$ holding LaTeX, or \(...\)
+EQUATION = re.compile(r"(?:[-+*/^.,$\d \t]|\\times|\\cdot|\\div)*=")  # '7 + 5 =' opening a line: its result follows
 THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
-RATIO = re.compile(r"(-?)(?:\\frac\{(\d+)\}\{(\d+)\}|\\frac(\d)(\d)|(\d+)/(\d+))")  # \frac{a}{b}  \frac43  a/b
+E_NOTATION = re.compile(r"(-?(?:\d+(?:\.\d*)?|\.\d+))[eE]([-+]?\d+)")  # Minerva's golds: 4.5e33, 1e-5
+SCIENTIFIC = re.compile(r"(-?)(?:(\d+(?:\.\d*)?|\.\d+)(?:[eE]|(?:\\times|\\cdot|\*)10\^)|10\^)\{?([-+]?\d+)\}?")
+RATIO = re.compile(r"(-?)(?:\\frac\{(-?\d+)\}\{(-?\d+)\}|\\frac(\d)(\d)|(-?\d+)/(-?\d+))")  # \frac{a}{b}  \frac43  a/b
+UNIT = re.compile(r"(?<=[\d}])\s*(?:\\(?:text|mbox|mathrm)\s*\{[^{}]*\}|(?:sq(?:uare)?\s+)?(?:inch|inches|feet|foot|"
+                  r"ft|yards?|miles?|mm|cm|km|meters?|metres?|kg|grams?|pounds?|dollars?|cents?|hours?|minutes?|"
+                  r"seconds?|days?|weeks?|years?|degrees?|units?))(?:\^\{?\d\}?)?$")  # 42 \text{ inches}, 1.6 \mathrm{~cm}
+DEGREES = re.compile(r"\^\s*\{?\\circ\}?")
 
 
 def gold_answer(text: str) -> str:
@@ -261,47 +328,74 @@ def gold_answer(text: str) -> str:
     return text.split("####")[-1].strip() if "####" in text else text.strip()
 
 
+def _answer_in(tail: str) -> Optional[str]:
+    """The answer written after 'answer is' or ####: LaTeX in $...$ or \\(...\\) (of an equation, its right
+    side), else the first number, after any equation that opens the text ('7 + 5 = 12' gives 12, '122 * 4 ='
+    gives '': no answer); None when there is neither."""
+    m = INLINE_MATH.match(tail)
+    if m:
+        math = m.group(1) if m.group(1) is not None else m.group(2)
+        return math.rsplit("=", 1)[-1].strip() if "=" in math and "," not in math else math
+    opened = False
+    while EQUATION.match(tail):
+        tail, opened = tail[EQUATION.match(tail).end():].split("\n")[0], True
+    nums = NUMBER.findall(tail)
+    return nums[0] if nums else ("" if opened else None)
+
+
 def extract_answer(text: str) -> Optional[str]:
-    """The final answer of a completion: the last \\boxed{}; else the first number after the last
-    ####, when that line has one (a line without one is a markdown heading); else what follows
-    the last 'answer is' / 'answer:' (LaTeX in $...$, or its first number: words or a second
-    number after it are no answer); else the last number."""
+    """The final answer of a completion: the last \\boxed{}; else what the last #### line gives, when it
+    gives one (a line without one is a markdown heading); else what follows the last 'answer is' /
+    'answer:' (LaTeX in $...$, or its first number: words or a second number after it are no answer;
+    an equation there gives its result, one without a result no answer); else the last number."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
     text = text.replace("{,}", ",")
-    if "####" in text:
-        nums = NUMBER.findall(text.split("####")[-1].split("\n")[0])
-        if nums:
-            return nums[0]
     phrase = list(ANSWER_PHRASE.finditer(text))
-    if phrase:
-        tail = text[phrase[-1].end():]
-        m = INLINE_MATH.match(tail)
-        if m:
-            return m.group(1) if m.group(1) is not None else m.group(2)
-        nums = NUMBER.findall(tail)
-        if nums:
-            return nums[0]
+    tails = [text.split("####")[-1].split("\n")[0]] if "####" in text else []
+    for tail in tails + [text[phrase[-1].end():] for _ in phrase[-1:]]:
+        found = _answer_in(tail)
+        if found is not None:
+            return found or None
     nums = NUMBER.findall(text)
     return nums[-1] if nums else None
 
 
-def tidy_answer(s: str) -> str:
-    """What an answer's text means, for the exact match: '$1{,}000.$' and '\\$1,000' become
-    '1000'; \\dfrac and \\tfrac are \\frac; \\left, \\right, LaTeX spacing and spaces go."""
+def _clean(s: str) -> str:
+    """An answer's text without what never changes its value: $ signs, \\left and \\right, LaTeX spacing,
+    degree signs, a unit after a number, a final % or period ('-3./2' is -3/2); \\dfrac is \\frac,
+    '4.5e33' is 4.5\\times 10^{33} (math-verify reads e as Euler's number), np.arcsin is \\arcsin."""
     s = s.strip().replace("{,}", ",").replace("\\$", "").replace("$", "")
-    for a, b in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""), ("\\left", ""), ("\\right", ""),
-                 ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), (" ", "")):
+    s = re.sub(r"(?<!\\)\\[,; ]|~", " ", re.sub(r"(?<!\\)\\!", "", s))  # not the \\ of a matrix's rows
+    for a, b in (("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("np.", "\\")):
         s = s.replace(a, b)
-    s = s.rstrip(".,")
-    return s.replace(",", "") if THOUSANDS.fullmatch(s) else s
+    s = UNIT.sub("", DEGREES.sub("", s)).strip()
+    s = re.sub(r"(?<=\d)\.(?=/)", "", re.sub(r"\\?%$", "", s)).strip().rstrip(".,").strip()
+    m = E_NOTATION.fullmatch(s)
+    return f"{m.group(1)}\\times 10^{{{int(m.group(2))}}}" if m else s
+
+
+def _readings(answer: str) -> list:
+    """The cleaned answer; twice when '45,135' may be a number or a list (MATH writes lists so too)."""
+    s = _clean(answer)
+    return [s.replace(",", ""), s.replace(",", ", ")] if THOUSANDS.fullmatch(s) else [s]
+
+
+def tidy_answer(s: str) -> str:
+    """What an answer's text means, for the exact match: '$1{,}000.$' and '\\$1,000' become '1000',
+    '\\text{B, E, G}' 'B,E,G'; \\dfrac and \\tfrac are \\frac; spaces go (_clean says what else)."""
+    return _tight(_readings(s)[0])
 
 
 def _rational(s: str) -> Optional[fractions.Fraction]:
-    """The exact value of a tidied plain number or fraction of integers; None for anything else."""
+    """The exact value of a tidied plain number, fraction of integers or power of ten (3\\times10^{-5});
+    None for anything else."""
     if DECIMAL.fullmatch(s):
         return fractions.Fraction(s)
+    m = SCIENTIFIC.fullmatch(s)
+    if m and abs(int(m.group(3))) <= 400:
+        return (-1 if m.group(1) else 1) * fractions.Fraction(m.group(2) or 1) * fractions.Fraction(10) ** int(m.group(3))
     m = RATIO.fullmatch(s)
     if m is None:
         return None
@@ -309,13 +403,22 @@ def _rational(s: str) -> Optional[fractions.Fraction]:
     return fractions.Fraction(-a if m.group(1) else a, b) if b else None
 
 
+def _tight(reading: str) -> str:
+    """A cleaned reading for the exact match: no spaces, '\\text{B, E, G}' is 'B,E,G', '(C)' is 'C', E_{1} is E_1."""
+    s = re.sub(r"([_^])\{(\w)\}", r"\1\2", reading.replace(" ", ""))
+    m = re.fullmatch(r"\\text(?:bf)?\{(.*)\}", s)
+    s = m.group(1) if m else s
+    return s[1:-1] if s[:1] + s[-1:] == "()" and "," not in s else s
+
+
 @functools.lru_cache(maxsize=1 << 14)
 def _parsed(answer: str):
     """math-verify's reading of one answer (cached: a group's golds repeat, and so do answers).
     Its own timeouts are off (whole seconds, main thread only, and silent): is_correct times."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-    return parse("\\boxed{" + answer + "}", [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
-                 parsing_timeout=None)
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, LatexNormalizationConfig, parse
+    latex = LatexExtractionConfig(boxed_match_priority=0, normalization_config=LatexNormalizationConfig(
+        basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all", equations=False))
+    return parse("\\boxed{" + answer + "}", [latex, ExprExtractionConfig()], parsing_timeout=None)
 
 
 @contextlib.contextmanager
@@ -344,23 +447,27 @@ def _time_limit(seconds: float):
 
 
 def is_correct(completion: str, gold: str) -> bool:
-    """Whether the completion's final answer equals the gold; an empty gold or answer never does.
-    Raises GradingError when the check takes more than GRADE_TIMEOUT_S of CPU time."""
+    """Whether the completion's final answer equals the gold, in either reading of '45,135' (_readings); an
+    empty gold or answer never does. Raises GradingError when the check takes more than GRADE_TIMEOUT_S of
+    CPU time."""
     pred = extract_answer(completion)
     if pred is None:
         return False
-    p, g = tidy_answer(pred), tidy_answer(gold)
-    if not p or not g:
+    pairs = [(p, g) for g in _readings(gold) for p in _readings(pred)]
+    if not _tight(pairs[0][0]) or not _tight(pairs[0][1]):
         return False
-    if p == g:
-        return True
-    p_num, g_num = _rational(p), _rational(g)
-    if p_num is not None and g_num is not None:  # exact: '.35625' is not '35625', 2**53 + 1 is not 2**53
-        return p_num == g_num
+    undecided = []
+    for p, g in pairs:
+        tp, tg = _tight(p), _tight(g)
+        p_num, g_num = _rational(tp), _rational(tg)
+        if tp == tg or (p_num is not None and p_num == g_num):
+            return True
+        if p_num is None or g_num is None:  # two numbers are exact: '.35625' is not '35625', 2**53 + 1 not 2**53
+            undecided.append((p, g))
     from math_verify import verify
     try:
         with _time_limit(GRADE_TIMEOUT_S):
-            return verify(_parsed(gold.strip()), _parsed(pred.strip()), timeout_seconds=None)
+            return any(verify(_parsed(g), _parsed(p), timeout_seconds=None) for p, g in undecided)
     except _Deadline:
         raise GradingError(f"grading took more than {GRADE_TIMEOUT_S} s of CPU time") from None
 

@@ -1,16 +1,31 @@
 """Measure tasks.is_correct on the full public sets (not a test: pytest does not collect it).
 
-Needs local copies (no download here):
-  MATH-500   prm800k/math_splits/test.jsonl of github.com/openai/prm800k (problem, solution, answer)
-  GSM8K      grade_school_math/data/test.jsonl and example_model_solutions.jsonl of
-             github.com/openai/grade-school-math (the latter: 4 models' solutions with is_correct labels)
+Needs local copies (no download here), each a .jsonl of rows as the hub holds them (the fields
+tasks.BENCHMARKS names), or as github.com/QwenLM/Qwen2.5-Math keeps them in evaluation/data/
+(<benchmark>/test.jsonl; its Minerva rows hold the reference solution, whose last \\boxed{} is the gold):
+  --math500       HuggingFaceH4/MATH-500 (problem, solution, answer); prm800k's math_splits/test.jsonl
+  --minerva       Qwen2.5-Math's minerva_math/test.jsonl (problem, solution)
+  --olympiadbench Qwen2.5-Math's olympiadbench/test.jsonl (question, final_answer, solution: proofs)
+  --amc23 --aime24 --aime25   (question or problem, answer; AIME 2024 with AoPS solutions)
+  --gsm8k         grade_school_math/data/test.jsonl and, with --gsm8k-solutions,
+                  example_model_solutions.jsonl of github.com/openai/grade-school-math (4 models'
+                  solutions with is_correct labels)
+  --labelled      real completions of Minerva and OlympiadBench questions (10 models) with the verdicts
+                  of Qwen2.5-Math's grader: data/mix_data/<benchmark>/test.jsonl of
+                  github.com/tangzhy/RealCritic (gt, reasoning, previous_score); that grader accepts
+                  answers within 1e-4 relative and x100 or /100 of the gold, so each disagreement is
+                  to be read (docs/evaluate.md reads them)
 
-  python tests/measure_grading.py --math500 test.jsonl --gsm8k test.jsonl \
-      --gsm8k-solutions example_model_solutions.jsonl
+  python tests/measure_grading.py --math500 math500.jsonl --minerva minerva_math.jsonl \
+      --olympiadbench olympiadbench.jsonl --amc23 amc23.jsonl --aime24 aime24.jsonl \
+      --aime25 aime25.jsonl --gsm8k test.jsonl --gsm8k-solutions example_model_solutions.jsonl \
+      --labelled minerva_math/test.jsonl olympiadbench/test.jsonl
 
-Prints: MATH-500 reference solutions graded correct; acceptance of equivalent rewrites and
-rejection of wrong ones, by kind (rules below, applied to every gold they fit); GSM8K reference
-solutions and model solutions against their labels; the time to grade 256 completions.
+Prints, for each benchmark: its reference solutions graded correct against their own golds (where
+the rows have solutions that state an answer); acceptance of equivalent rewrites of the golds and
+rejection of wrong ones, by kind (rules below, applied to every gold they fit); for GSM8K, model
+solutions against their labels; the labelled completions' verdicts that differ; the time to grade
+256 completions.
 """
 
 import argparse
@@ -30,8 +45,15 @@ import tasks  # noqa: E402
 FRAC = re.compile(r"^(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
 FRAC_BARE = re.compile(r"^(-?)\\frac ?(\d)(\d)$")
 INT = re.compile(r"^-?\d+$")
+DECIMAL = re.compile(r"^-?\d*\.\d+$")
 UNIT = re.compile(r"^(.*\d)\s*\\(?:text|mbox)\{\s*([a-z ]+)\}(\^2|\^3)?$")
 CHOICE = re.compile(r"^\\text\{\(([A-E])\)\}$")
+E_NOTATION = re.compile(r"^(-?\d+(?:\.\d+)?)e(-?\d+)$")  # Minerva: 4.5e33, 1e-5
+PY_RATIO = re.compile(r"^(-?)(\d+)\./(\d+)$")  # Minerva: -3./2
+DEGREE = re.compile(r"\^\{?\\circ\}?")
+TUPLES = re.compile(r"^\(([^()]*)\)(?:,\s*\(([^()]*)\))+$")  # OlympiadBench: (1,8,19), (2,7,13), (4,5,7)
+INTERVAL = re.compile(r"^([(\[])(.+),(.+)([)\]])$")
+FUNCTION = re.compile(r"^f\(x\)\s*=\s*(.+)$")
 
 
 def box(ans, say="So the final answer is"):
@@ -47,6 +69,13 @@ def terminating_decimal(num, den):
         return None
     s = f"{num / den:.6f}".rstrip("0").rstrip(".")
     return s if fractions.Fraction(s) == fractions.Fraction(num, den) else None
+
+
+def plain(x: fractions.Fraction) -> str:
+    """A terminating fraction as a plain decimal: 1/100000 -> 0.00001."""
+    k = next(k for k in range(400) if (x * 10 ** k).denominator == 1)
+    digits = str(abs(int(x * 10 ** k))).rjust(k + 1, "0")
+    return ("-" if x < 0 else "") + (f"{digits[:-k]}.{digits[-k:]}" if k else digits)
 
 
 def equivalent(gold):
@@ -77,18 +106,48 @@ def equivalent(gold):
         if abs(n) >= 1000:
             out += [("thousands separator {,}", box(f"{n:,}".replace(",", "{,}"))),
                     ("thousands separator ,", box(f"{n:,}"))]
+        if re.match(r"^0\d", g):
+            out.append(("leading zeros dropped", box(str(n))))
+    if INT.match(g) or DECIMAL.match(g):
+        out += [("a percent sign", box(f"{g}\\%")), ("units in \\mathrm{~cm}", box(f"{g} \\mathrm{{~cm}}")),
+                ("answer: a sum then its result", f"Answer: {plain(fractions.Fraction(g) - 1)} + 1 = {g}")]
+    m = E_NOTATION.match(g)
+    if m:
+        a, e = m.groups()
+        out += [("a \\times 10^{e} for e-notation", box(f"{a} \\times 10^{{{int(e)}}}")),
+                ("a \\cdot 10^{e} in a sentence", f"The answer is ${a} \\cdot 10^{{{int(e)}}}$.")]
+        if abs(int(e)) <= 6:
+            out.append(("decimal for e-notation", box(plain(fractions.Fraction(a) * fractions.Fraction(10) ** int(e)))))
+    m = PY_RATIO.match(g)
+    if m:
+        sign, a, b = m.groups()
+        out += [("\\frac{-a}{b} for -a./b", box(f"\\frac{{{sign}{a}}}{{{b}}}")),
+                ("-\\frac{a}{b} for -a./b", box(f"{sign}\\frac{{{a}}}{{{b}}}"))]
     if re.fullmatch(r"-?\d{1,3}(\{,\}\d{3})+", g):
         out.append(("no thousands separator", box(g.replace("{,}", ""))))
     m = UNIT.match(g)
     if m:
         out.append(("units dropped", box(m.group(1))))
+    if DEGREE.search(g) and "," not in g:
+        out.append(("degrees dropped", box(DEGREE.sub("", g))))
     m = CHOICE.match(g)
     if m:
         out += [("C for \\text{(C)}", box(m.group(1))), ("(C) for \\text{(C)}", box(f"({m.group(1)})"))]
-    parts = [p.strip() for p in g.split(",")]
-    if (len(parts) >= 2 and not tasks.THOUSANDS.fullmatch(g) and not re.search(r"[()\[\]{}]", g)
+    parts = [DEGREE.sub("", p).strip() for p in g.split(",")]
+    if (len(parts) >= 2 and not tasks.THOUSANDS.fullmatch(g) and not re.search(r"[()\[\]{}]", DEGREE.sub("", g))
             and all(re.fullmatch(r"-?\d+", p) for p in parts)):
         out.append(("list in another order", box(", ".join(reversed(parts)))))
+        if DEGREE.search(g):
+            out.append(("list with degree signs", box(", ".join(f"{p}^\\circ" for p in parts))))
+    if TUPLES.match(g):
+        tuples = re.findall(r"\([^()]*\)", g)
+        out.append(("tuples in another order", box(", ".join(reversed(tuples)))))
+    m = INTERVAL.match(g)
+    if m and not TUPLES.match(g) and "(" + m.group(2) + "," + m.group(3) + ")" != g.replace(" ", ""):
+        out.append(("interval with \\left \\right", box(f"\\left{m.group(1)} {m.group(2)}, {m.group(3)} \\right{m.group(4)}")))
+    m = FUNCTION.match(g)
+    if m and "," not in g:
+        out.append(("the right side of f(x) = ...", box(m.group(1))))
     return out
 
 
@@ -104,8 +163,13 @@ def wrong(gold, other):
             out.append(("-n", box(str(-n))))
         if abs(n) >= 1000:
             out.append(("another number with {,}", box(f"{n + 10:,}".replace(",", "{,}"))))
-    parts = [p.strip() for p in g.split(",")]
-    if len(parts) >= 2 and not tasks.THOUSANDS.fullmatch(g) and all(re.fullmatch(r"-?\d+", p) for p in parts):
+    if (INT.match(g) or DECIMAL.match(g)) and fractions.Fraction(g) != 0:
+        out += [("a percent as a fraction (0.625 for 62.5)", box(plain(fractions.Fraction(g) / 100))),
+                ("answer: the sum, not its result", f"Answer: {g} + 1 = {plain(fractions.Fraction(g) + 1)}"),
+                ("answer: an equation without a result", f"Final Answer: {g} * 1 =")]
+    parts = [DEGREE.sub("", p).strip() for p in g.split(",")]
+    if (len(parts) >= 2 and len(set(parts)) == len(parts) and not tasks.THOUSANDS.fullmatch(g)
+            and all(re.fullmatch(r"-?\d+", p) for p in parts)):  # a list is a set: 16,3,1 is 16,3,1,1
         out += [("list digits run together", box("".join(parts))), ("list missing one", box(", ".join(parts[:-1])))]
     if re.fullmatch(r"-?\d*\.\d+", g):
         out.append(("decimal point dropped", box(g.replace(".", ""))))
@@ -116,8 +180,28 @@ def wrong(gold, other):
         sign, a, b = m.groups()
         if a != b:
             out.append(("fraction inverted", box(f"{sign}\\frac{{{b}}}{{{a}}}")))
-    if "\\sqrt" in g:
+    if re.sub(r"\\sqrt\{?(\d+)\}?", r"\1", g) != g:
         out.append(("root dropped", box(re.sub(r"\\sqrt\{?(\d+)\}?", r"\1", g))))
+    m = E_NOTATION.match(g)
+    if m:
+        a, e = m.groups()
+        out += [("e-notation, exponent off by one", box(f"{a} \\times 10^{{{int(e) + 1}}}")),
+                ("e-notation, the exponent alone",
+                 box(f"10^{{{int(e)}}}" if fractions.Fraction(a) != 1 else f"2 \\times 10^{{{e}}}"))]
+    m = PY_RATIO.match(g)
+    if m and m.group(2) != m.group(3):
+        sign, a, b = m.groups()
+        out.append(("-a./b inverted", box(f"{sign}\\frac{{{b}}}{{{a}}}")))
+    if TUPLES.match(g):
+        tuples = re.findall(r"\([^()]*\)", g)
+        out += [("a tuple missing", box(", ".join(tuples[:-1]))), ("one tuple", box(tuples[0]))]
+    m = INTERVAL.match(g)
+    if m and not TUPLES.match(g) and "\\infty" not in g:  # an infinite end is open, whatever the bracket
+        flip = {"(": "[", "[": "(", ")": "]", "]": ")"}
+        out.append(("interval, an end open for closed", box(f"{flip[m.group(1)]}{m.group(2)},{m.group(3)}{m.group(4)}")))
+    m = FUNCTION.match(g)
+    if m and "," not in g:
+        out.append(("another function", box(f"f(x) = {m.group(1)} + 1")))
     if tasks.tidy_answer(other) != tasks.tidy_answer(g):
         out.append(("another problem's answer", box(other)))
     out.append(("empty box", "\\boxed{}"))
@@ -128,12 +212,26 @@ def rate(counter):
     return ", ".join(f"{k}: {ok}/{n}" for k, (ok, n) in sorted(counter.items()))
 
 
-def step_time(rows, rng, when):
+def read(name, path):
+    """[(question, gold, reference solution or None)] of a benchmark's file: the gold from the field that
+    tasks.BENCHMARKS names (a Minerva row of Qwen2.5-Math's copy: its solution's last \\boxed{}), read
+    as the loader reads it; the solution where it is one text (OlympiadBench's are lists of proofs)."""
+    b = tasks.BENCHMARKS[name]
+    out = []
+    for line in open(path):
+        r = json.loads(line)
+        gold = tasks.benchmark_gold(r[b.answer]) if b.answer in r else tasks.last_boxed(r["solution"])
+        solution = r.get("solution") if isinstance(r.get("solution"), str) else None
+        out.append((r.get(b.question) or r.get("problem") or r.get("question"), gold, solution))
+    return out
+
+
+def step_time(golds, rng, when):
     """A step's grading: 256 completions (an equivalent and a wrong rewrite for 128 problems),
     one rewards_for call, math-verify's caches empty (imported before: a run pays that once)."""
     tasks.is_correct("\\boxed{x}", "y")
-    picks = [(rng.choice(make)[1], r["answer"]) for r in rng.sample(rows, 128)
-             for make in (equivalent(r["answer"]), wrong(r["answer"], rng.choice(rows)["answer"]))]
+    picks = [(rng.choice(make)[1], g) for g in rng.sample(golds, 128)
+             for make in (equivalent(g), wrong(g, rng.choice(golds)))]
     tasks._parsed.cache_clear()
     t, cpu = time.perf_counter(), time.process_time()
     s = tasks.rewards_for([c for c, _ in picks], [g for _, g in picks])
@@ -144,15 +242,18 @@ def step_time(rows, rng, when):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--math500")
-    ap.add_argument("--gsm8k")
+    names = [n for n in tasks.BENCHMARKS if n != "gsm8k"]
+    for name in names + ["gsm8k"]:
+        ap.add_argument(f"--{name}", help=f"a local copy of {name}'s rows (.jsonl)")
     ap.add_argument("--gsm8k-solutions")
+    ap.add_argument("--labelled", nargs="*", default=[], help="real completions with verdicts: RealCritic's "
+                    "data/mix_data/<benchmark>/test.jsonl (github.com/tangzhy/RealCritic: gt, reasoning, previous_score)")
     ap.add_argument("--show", type=int, default=5, help="failures to print per set")
     a = ap.parse_args()
     rng = random.Random(0)
     times, errors = [], [0]
     if a.math500:
-        step_time([json.loads(line) for line in open(a.math500)], rng, "cold (a fresh process)")
+        step_time([g for _, g, _ in read("math500", a.math500)], rng, "cold (a fresh process)")
 
     def grade(c, g):
         t = time.process_time()
@@ -163,31 +264,36 @@ def main():
         times.append(time.process_time() - t)
         return v
 
-    if a.math500:
-        rows = [json.loads(line) for line in open(a.math500)]
-        ref = [r for r in rows if not grade(r["solution"], r["answer"])]
-        print(f"MATH-500 reference solutions graded correct: {len(rows) - len(ref)}/{len(rows)}")
-        for r in ref[:a.show]:
-            print("   missed:", repr(r["answer"]), "from", repr(tasks.extract_answer(r["solution"])))
-        for name, make, want in (("equivalent rewrites accepted", lambda r, o: equivalent(r["answer"]), True),
-                                 ("wrong rewrites rejected", lambda r, o: wrong(r["answer"], o["answer"]), False)):
+    for name in names:
+        if not getattr(a, name):
+            continue
+        rows = read(name, getattr(a, name))
+        refs = [(g, s) for _, g, s in rows if s is not None]
+        missed = [(g, s) for g, s in refs if not grade(s, g)]
+        print(f"{name} reference solutions graded correct: " + (f"{len(refs) - len(missed)}/{len(refs)}" if refs else
+              "none to grade (its rows hold no solution that states an answer)"))
+        for g, s in missed[:a.show]:
+            print("   missed:", repr(g), "from", repr(tasks.extract_answer(s)))
+        golds = [g for _, g, _ in rows]
+        for what, make, want in (("equivalent rewrites accepted", lambda g, o: equivalent(g), True),
+                                 ("wrong rewrites rejected", lambda g, o: wrong(g, o), False)):
             by_kind, fails = collections.defaultdict(lambda: [0, 0]), []
-            for r in rows:
-                for kind, c in make(r, rng.choice(rows)):
-                    ok = grade(c, r["answer"]) == want
+            for g in golds:
+                for kind, c in make(g, rng.choice(golds)):
+                    ok = grade(c, g) == want
                     by_kind[kind][0] += ok
                     by_kind[kind][1] += 1
                     if not ok:
-                        fails.append((kind, r["answer"], c))
+                        fails.append((kind, g, c))
             n = sum(v[1] for v in by_kind.values())
-            print(f"MATH-500 {name}: {n - len(fails)}/{n} = {(n - len(fails)) / n:.2%}")
+            print(f"{name} {what}: {n - len(fails)}/{n} = {(n - len(fails)) / n:.2%}")
             print("   by kind:", rate(by_kind))
             for f in fails[:a.show]:
                 print("   failed:", f)
     if a.gsm8k:
         rows = [json.loads(line) for line in open(a.gsm8k)]
         bad = [r for r in rows if not grade(r["answer"], tasks.gold_answer(r["answer"]))]
-        print(f"GSM8K reference solutions graded correct: {len(rows) - len(bad)}/{len(rows)}")
+        print(f"gsm8k reference solutions graded correct: {len(rows) - len(bad)}/{len(rows)}")
     if a.gsm8k_solutions:
         agree, n, fails = 0, 0, []
         for line in open(a.gsm8k_solutions):
@@ -200,15 +306,23 @@ def main():
                     n += 1
                     if not ok:
                         fails.append((gold, v["is_correct"], v["solution"][-120:]))
-        print(f"GSM8K model solutions agreeing with their labels: {agree}/{n}")
+        print(f"gsm8k model solutions agreeing with their labels: {agree}/{n}")
         for f in fails[:a.show]:
             print("   disagreed:", f)
+    for path in a.labelled:  # the verdicts of Qwen2.5-Math's grader (1e-4 relative tolerance, percent x100 too)
+        rows = [json.loads(line) for line in open(path)]
+        differ = [(r["previous_score"][0], r["gt"], tasks.extract_answer(r["reasoning"])) for r in rows
+                  if grade(r["reasoning"], r["gt"]) != r["previous_score"][0]]
+        print(f"{path}: {len(rows) - len(differ)}/{len(rows)} verdicts as labelled "
+              f"({sum(r['previous_score'][0] for r in rows)} labelled right)")
+        for label, gold, answer in differ[:a.show]:
+            print(f"   labelled {'right' if label else 'wrong'}:", repr(gold), "answer", repr(answer))
     if times:
         print(f"grading errors (time limit): {errors[0]}")
         print(f"CPU time per check over {len(times)} checks: median {statistics.median(times) * 1e3:.2f} ms, "
               f"p99 {sorted(times)[int(len(times) * 0.99)] * 1e3:.1f} ms, max {max(times) * 1e3:.0f} ms")
     if a.math500:
-        step_time([json.loads(line) for line in open(a.math500)], rng, "warm (after the checks above)")
+        step_time([g for _, g, _ in read("math500", a.math500)], rng, "warm (after the checks above)")
 
 
 if __name__ == "__main__":
