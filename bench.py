@@ -111,8 +111,8 @@ def bench_trl(flags: list, warmup: int) -> dict:
     device = plumbing.init_distributed(args.device)
     model, tok = common.load_model(args.model, device)
     rows = tasks.load_data(args.dataset, "train")
-    ds = Dataset.from_list([dict(prompt=tasks.format_prompt(tok, r["question"], args.dataset), answer=r["answer"])
-                            for r in rows])
+    prompts = [tasks.format_prompt(tok, r, instruction=args.instruction, system_prompt=args.system_prompt) for r in rows]
+    ds = Dataset.from_list([dict(prompt=p, answer=r["answer"]) for p, r in zip(prompts, rows)])
 
     def reward(completions, answer, **kw):
         return tasks.rewards_for(completions, answer).reward.tolist()

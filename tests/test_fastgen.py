@@ -33,7 +33,7 @@ def compare_greedy(model, tok, prompts, max_new_tokens, eos):
 def test_greedy_completions_are_generates_on_the_toy_models():
     for name in ("toy-small", "toy-large", "toy-hard-small"):
         model, tok = common.load_model(name, CPU)
-        prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "417+817", "9+1", "57+68", "999+999")]
+        prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "417+817", "9+1", "57+68", "999+999")]
         lengths = compare_greedy(model, tok, prompts, 8, tasks.eos_ids(model, tok))
         assert lengths.min() < 8  # they stop by themselves
 
@@ -45,8 +45,8 @@ def test_greedy_completions_are_generates_on_qwen_shapes_with_rows_that_stop_ear
     path = qwen_like_model(str(tmp_path / "m"), "0.5B", layers=2, hidden_size=64, intermediate_size=128,
                            num_attention_heads=4, num_key_value_heads=2, instruct=True, initializer_range=0.3)  # not one token over and over
     model, tok = common.load_model(path, CPU)
-    prompts = [tasks.format_prompt(tok, q, "gsm8k") for q in ("What is 2 + 3?", "A longer question, with more words in it?",
-                                                                "Hi", "Sums: 17 + 25 = ?")]
+    questions = ("What is 2 + 3?", "A longer question, with more words in it?", "Hi", "Sums: 17 + 25 = ?")
+    prompts = [tasks.format_prompt(tok, q, instruction=tasks.BOXED_INSTRUCTION) for q in questions]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     free = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False, max_new_tokens=12,
                           eos_token_id=None, pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
