@@ -53,7 +53,8 @@ def test_a_jsonl_prompt_is_the_user_message_verbatim(tmp_path):
                     + json.dumps(dict(question="What is 5 + 5?", answer="10")) + "\n")
     rows = tasks.load_data(str(path), "train")
     assert rows == [dict(question="What is 3 + 4?", answer="7", prompt="3 + 4 = ? Reply in \\boxed{}."),
-                    dict(question="Add 1 and 1.", answer="2", prompt="Add 1 and 1."), dict(question="What is 5 + 5?", answer="10")]
+                    dict(question="Add 1 and 1.", answer="2", prompt="Add 1 and 1."),
+                    dict(question="What is 5 + 5?", answer="10")]
     tok = qwen_tokenizer(instruct=True)
     prompts = [tasks.format_prompt(tok, r, instruction="INSTR", system_prompt="SYS") for r in rows]
     assert prompts[0].endswith("<|im_start|>user\n3 + 4 = ? Reply in \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
@@ -139,7 +140,7 @@ def test_the_offline_check_covers_the_eval_dataset(tmp_path, monkeypatch, empty_
     line = assert_user_error("grpo.py", "--dataset", "toy", "--eval-dataset", "gsm8k", "--out", tmp_path / "o",
                              message="--eval-dataset gsm8k (openai/gsm8k) is not in the local Hugging Face cache")
     assert line.startswith("error: --eval-dataset gsm8k (openai/gsm8k) is not in"), line  # toy needs nothing: not named
-    (empty_caches / "openai___gsm8k").mkdir(parents=True)  # cached: the check passes, and loading fails later for want of real files
+    (empty_caches / "openai___gsm8k").mkdir(parents=True)  # "cached": the check passes (loading would fail later)
     monkeypatch.setattr(tasks, "load_data", lambda name, split: (_ for _ in ()).throw(RuntimeError(f"checked {name}")))
     with pytest.raises(RuntimeError, match="checked toy"):
         run_main("grpo.py", "--dataset", "toy", "--eval-dataset", "gsm8k", "--out", tmp_path / "o")
@@ -170,7 +171,8 @@ def test_shipped_sums_are_what_the_generator_makes_and_hold_out_their_questions(
         assert not {pair(r) for r in train} & {pair(r) for r in held}, digits  # in neither order
         assert len({r["question"] for r in train + held}) == n_train + n_eval
         assert all(int(r["answer"]) == sum(pair(r)) * (1 if len(pair(r)) == 2 else 2) for r in train + held)
-    one = {r["question"] for d in ("train", "eval") for r in tasks.load_data(os.path.join(ROOT, "data", f"sums-1digit-{d}.jsonl"), d)}
+    one = {r["question"] for d in ("train", "eval")
+           for r in tasks.load_data(os.path.join(ROOT, "data", f"sums-1digit-{d}.jsonl"), d)}
     assert one == {f"What is {a} + {b}?" for a in range(1, 10) for b in range(1, 10)}
 
 
@@ -204,5 +206,5 @@ def test_a_typo_gets_one_short_line_with_the_fix(tmp_path, capsys, empty_caches)
         common.load_model("SmolLM2-135-Instruct", "cpu")
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith("did you mean SmolLM2-135M-Instruct?") and len(lines[0]) < 160, lines
-    assert_user_error("grpo.py", "--model", "Qwen2.5-7B", "--dataset", "toy", "--out", tmp_path / "o",  # a known name: no guess
+    assert_user_error("grpo.py", "--model", "Qwen2.5-7B", "--dataset", "toy", "--out", tmp_path / "o",  # known: no guess
                       message="`hf download Qwen/Qwen2.5-7B`")
