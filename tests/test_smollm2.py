@@ -71,6 +71,16 @@ def weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
+def test_the_command_line_prints_the_directory_and_provenance_says_what_the_weights_are(smol):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "smollm2.py")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout == smol + "\n", p.stderr  # the path alone: $(python tests/smollm2.py)
+    provenance = json.load(open(os.path.join(smol, "provenance.json")))
+    assert provenance["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert provenance["source"] == "hub cache" or "rounded to 4 bits" in provenance["weights"], provenance
+    config = json.load(open(os.path.join(smol, "config.json")))
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+
+
 # ---------------------------------------------------------------- every script, 2 steps
 
 
