@@ -274,10 +274,10 @@ def check_offline(hub_models: dict, datasets: dict, dataset_repos: dict, toy_mod
     local Hugging Face cache and each dataset's repos ({flag: name}, `dataset_repos` {name: repos}) in the
     datasets cache, or one line names all that is missing and how to get it (the hub client would retry for a
     minute, then name the first), or a missing model's fix; HF_HUB_OFFLINE=1 is then set for the run."""
-    repos, seen = {}, set()  # how the user named each dataset ('The default --dataset math'): its hub repos
+    repos = {}  # how the user named each dataset ('The default --dataset math'): its hub repos
     for flag, name in datasets.items():
-        if name in dataset_repos and name not in seen:  # --eval-dataset's default is --dataset: named once
-            given, _ = any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:]), seen.add(name)
+        if name in dataset_repos and dataset_repos[name] not in repos.values():  # a dataset named twice: once
+            given = any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:])
             repos[f"{'' if given else 'The default '}{flag} {name}"] = dataset_repos[name]
     if (not hub_models and not repos) or hub_reachable():
         return
