@@ -72,7 +72,8 @@ def weights(path):
 
 
 def test_the_command_line_prints_the_directory_and_provenance_says_what_the_weights_are(smol):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "smollm2.py")], capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "smollm2.py")], capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0 and p.stdout == smol + "\n", p.stderr  # the path alone: $(python tests/smollm2.py)
     provenance = json.load(open(os.path.join(smol, "provenance.json")))
     assert provenance["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
