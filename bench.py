@@ -111,8 +111,8 @@ def bench_trl(flags: list, warmup: int) -> dict:
     device = plumbing.init_distributed(args.device)
     model, tok = common.load_model(args.model, device)
     rows = tasks.load_data(args.dataset, "train")
-    ds = Dataset.from_list([dict(prompt=tasks.format_prompt(tok, r["question"], args.dataset), answer=r["answer"])
-                            for r in rows])
+    prompts = [tasks.format_prompt(tok, r, instruction=args.instruction, system_prompt=args.system_prompt) for r in rows]
+    ds = Dataset.from_list([dict(prompt=p, answer=r["answer"]) for p, r in zip(prompts, rows)])
 
     def reward(completions, answer, **kw):
         return tasks.rewards_for(completions, answer).reward.tolist()
@@ -305,7 +305,7 @@ def generation_check(model_path: str, data: str, prompts: int, group: int, new_t
 
     device = plumbing.init_distributed("auto")
     model, tok = common.load_model(model_path, device)
-    texts = [tasks.format_prompt(tok, r["question"], "gsm8k") for r in tasks.load_data(data, "train")[:prompts]]
+    texts = [tasks.format_prompt(tok, r, instruction=tasks.BOXED_INSTRUCTION) for r in tasks.load_data(data, "train")[:prompts]]
     greedy = {}
     for mode in ("generate", "static", "fastgen"):  # generate first: the others' greedy rows are compared with its
         model.generation = mode

@@ -41,6 +41,8 @@ class Args:
     small: str = arg("toy-small", "the small model (the only one that generates): hub id, bare Qwen name, local directory, or toy name")
     large: str = arg("toy-large", "the large model, same tokenizer as --small: hub id, bare Qwen name, local directory, or toy name")
     dataset: str = arg("math", "gsm8k, math, toy, toy-hard, or a .jsonl path with question/answer fields; a toy model defaults to its own (toy or toy-hard)", toy="toy")
+    eval_dataset: str = arg(None, "held-out questions evaluated during training: anything --dataset accepts, e.g. another "
+                                  ".jsonl file (default: --dataset's eval split)")
     steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
     prompts_per_step: int = arg(32, "questions sampled per step", toy=8)
     group_size: int = arg(8, "completions per question (G), sampled by the small model")
@@ -51,6 +53,10 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping norm (each model's own)")
     temperature: float = arg(1.0, "sampling temperature (log-probs of both models use the same)")
     format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
+    instruction: str = arg(None, "text on a new line after each question ('' for none); a .jsonl row's 'prompt' field is the "
+                                 "user message verbatim instead (default: --dataset's own: 'Please reason step by step, and "
+                                 "put your final answer within \\boxed{}.', none for the toy)")
+    system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
     report_to: str = arg("none", "where the metrics also go as they come: none, tensorboard, wandb, or tensorboard,wandb (each needs its package)")
@@ -197,9 +203,9 @@ def main():
     if args.kd_coef < 0 or args.is_cap <= 0 or args.large_rollouts < 0:
         plumbing.die(f"--kd-coef must be non-negative, --is-cap positive and --large-rollouts non-negative "
                      f"(got {args.kd_coef}, {args.is_cap}, {args.large_rollouts})")
-    common.check_available([args.small, args.large], args.dataset)  # offline: one line naming all that is missing
+    common.check_available([args.small, args.large], args.dataset, args.eval_dataset)  # offline: names all that is missing
     sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
-    eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
+    eval_rows = tasks.load_data(args.eval_dataset, "eval")[:args.eval_size]
     device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     run = rundir.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G, n = args.group_size, args.large_rollouts
@@ -220,8 +226,8 @@ def main():
     start = run.resume(dict(small=small, large=large), optimizers, sampler) if args.resume else 0
 
     def evaluate(step):
-        evals = {name: common.evaluate(m, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k,
-                                       ece_bins=10, samples=args.log_samples)
+        evals = {name: common.evaluate(m, tok, eval_rows, args.max_new_tokens, args.pass_n, args.pass_k, ece_bins=10,
+                                       samples=args.log_samples, instruction=args.instruction, system_prompt=args.system_prompt)
                  for name, m in (("small", small), ("large", large))}
         run.log(step, {f"{name}/{k}": v for name, (metrics, _) in evals.items() for k, v in metrics.items()})
         run.log_samples(step, "eval", [dict(model=name, **s) for name, (_, samples) in evals.items() for s in samples])
@@ -236,7 +242,8 @@ def main():
         # 1. sample: only the small model generates (the large one too with --large-rollouts n)
         with plumbing.Timer() as t_gen:
             rows = plumbing.shard(sampler.next(args.prompts_per_step))  # this rank's questions
-            prompts = [tasks.format_prompt(tok, r["question"], args.dataset) for r in rows]
+            prompts = [tasks.format_prompt(tok, r, instruction=args.instruction, system_prompt=args.system_prompt)
+                       for r in rows]
             rollout = common.sample(small, tok, prompts, G, args.max_new_tokens, args.temperature)
             own = common.sample(large, tok, prompts, n, args.max_new_tokens, args.temperature) if n else None
         # 2. score

@@ -41,6 +41,7 @@ def arg(default, help: str, toy=None, choices=None):
 
 MODEL_FIELDS = ("model", "teacher", "small", "large")
 LR_FIELDS = ("lr", "small_lr", "large_lr")
+HUB_ORGS = {"Qwen": "Qwen", "SmolLM": "HuggingFaceTB"}  # a bare name's family (Qwen2.5-0.5B, SmolLM2-135M): its hub org
 LORA_LR_SCALE = 10  # LoRA's best lr is about 10x full fine-tuning's ("LoRA Without Regret", Schulman et al. 2025)
 
 
@@ -75,6 +76,9 @@ def parse_args(cls, argv=None):
                 setattr(args, f.name, f.metadata["toy"])
         if "dataset" not in given and hasattr(args, "dataset"):  # the first model's own: toy or toy-hard
             args.dataset = tasks.TOY_MODELS[names[0]]
+    if hasattr(args, "eval_dataset"):  # defaults that follow --dataset, written to config.json as they are
+        args.instruction = tasks.prompt_instruction(args.dataset) if args.instruction is None else args.instruction
+        args.eval_dataset = args.eval_dataset or args.dataset
     for name in LR_FIELDS if getattr(args, "lora_rank", 0) > 0 else ():
         if hasattr(args, name) and name not in given:
             setattr(args, name, float(f"{getattr(args, name) * LORA_LR_SCALE:.6g}"))
@@ -122,21 +126,16 @@ def parse_pass_k(spec) -> list:
 
 
 def resolve_model_name(name: str) -> str:
-    """toy name and local directory as they are; a bare Qwen name gets its hub organisation."""
-    if tasks.is_toy(name) or os.path.isdir(name):
+    """toy name and local directory as they are; a bare Qwen or SmolLM name gets its hub organisation."""
+    if tasks.is_toy(name) or os.path.isdir(name) or "/" in name:
         return name
-    if "/" not in name and re.match(r"^Qwen\d", name):
-        return "Qwen/" + name
-    return name
+    return next((f"{org}/{name}" for family, org in HUB_ORGS.items() if re.match(rf"^{family}\d", name)), name)
 
 
-def check_available(models: list, dataset: str):
-    """Before anything is loaded, offline: every model and dataset the run needs must be local or
-    cached, or one line names all that is missing (plumbing.check_offline)."""
-    hub_models = [resolve_model_name(m) for m in models if not (tasks.is_toy(m) or os.path.isdir(m))]
-    given = any(a == "--dataset" or a.startswith("--dataset=") for a in sys.argv[1:])
-    plumbing.check_offline(hub_models, dataset, tasks.HUB_DATASETS.get(dataset, ()), tasks.TOY_MODELS,
-                           "" if given else f"The default --dataset {dataset}")
+def check_available(models: list, dataset: str, eval_dataset: Optional[str] = None):
+    """Offline, before anything loads: each model and dataset the run needs is local or cached, or one line says so."""
+    hub = {resolve_model_name(m): plumbing.did_you_mean(m) for m in models if not (tasks.is_toy(m) or os.path.isdir(m))}
+    plumbing.check_offline(hub, {"--dataset": dataset, "--eval-dataset": eval_dataset}, tasks.HUB_DATASETS, tasks.TOY_MODELS)
 
 
 def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, frozen: bool = False,
@@ -164,7 +163,9 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
         if os.path.isdir(path):
             plumbing.die(f"cannot load model '{name}': the directory holds no model that loads ({why})")
         hub = "not on the hub" if plumbing.hub_reachable() else "the hub is unreachable from here"
-        plumbing.die(f"model '{name}' is not a local directory, not a toy model ({', '.join(tasks.TOY_MODELS)}), not in "
+        typo = plumbing.did_you_mean(name)  # a typo's likely fix: one short line
+        plumbing.die(f"model '{name}' is not a local directory or cached, and {hub}: did you mean {typo}?" if typo else
+                     f"model '{name}' is not a local directory, not a toy model ({', '.join(tasks.TOY_MODELS)}), not in "
                      f"the local Hugging Face cache, and {hub} ({why}); a hub id looks like Qwen/Qwen2.5-0.5B-Instruct "
                      f"(or Qwen2.5-0.5B-Instruct)")
     tok.padding_side = "left"  # batched generation appends after the prompt
@@ -186,7 +187,7 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
             model = (peft.PeftModel.from_pretrained(model, path, is_trainable=True) if base != path
                      else peft.get_peft_model(model, lora))  # fp32 adapters (peft's autocast_adapter_dtype)
         model.published_dtype = model.get_base_model().published_dtype
-    model.generation = generation if generation != "auto" else "fastgen" if device.type == "cuda" else "generate"
+    model.generation = generation if generation != "auto" else "fastgen" if torch.device(device).type == "cuda" else "generate"
     return (plumbing.apply_fsdp(model, device) if fsdp else model.to(device)), tok
 
 
@@ -541,24 +542,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def answers(model, tok, rows: list, dataset: str, n: int, max_new_tokens: int, batch_size: int,
-            temperature: float = 1.0, greedy: bool = False):
-    """This rank's share of `rows` (every world_size-th), each answered n times, `batch_size` questions a call:
-    yields (indices into rows, Rollout, correct (b, n) bool). Every rank makes as many calls (FSDP: they are
-    collective): a short share is padded with index -1 (row 0's question), which the caller does not count."""
+def answers(model, tok, rows: list, n: int, max_new_tokens: int, batch_size: int, temperature: float = 1.0,
+            greedy: bool = False, *, instruction: str, system_prompt: Optional[str] = None):
+    """This rank's share of `rows` (every world_size-th), each answered n times (tasks.format_prompt's prompts),
+    `batch_size` questions a call: yields (indices into rows, Rollout, correct (b, n) bool). Every rank makes as many
+    calls (FSDP: they are collective): a short share is padded with index -1 (row 0's), which the caller does not count."""
     mine = list(range(len(rows)))[plumbing.rank()::plumbing.world_size()]
     mine += [-1] * (-(-len(rows) // plumbing.world_size()) - len(mine))
     for s in range(0, len(mine), batch_size):
         part = mine[s:s + batch_size]
         qs = [rows[max(i, 0)] for i in part]
-        ro = sample(model, tok, [tasks.format_prompt(tok, r["question"], dataset) for r in qs], n, max_new_tokens,
-                    temperature=temperature, greedy=greedy)
+        prompts = [tasks.format_prompt(tok, r, instruction=instruction, system_prompt=system_prompt) for r in qs]
+        ro = sample(model, tok, prompts, n, max_new_tokens, temperature=temperature, greedy=greedy)
         yield part, ro, tasks.rewards_for(ro.texts, [r["answer"] for r in qs for _ in range(n)]).correct.view(-1, n)
 
 
 @torch.no_grad()
-def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: int = 0, pass_k="1,4,16",
-             batch_size: int = 64, ece_bins: int = 0, samples: int = 0) -> tuple:
+def evaluate(model, tok, rows: list, max_new_tokens: int, pass_n: int = 0, pass_k="1,4,16", batch_size: int = 64,
+             ece_bins: int = 0, samples: int = 0, *, instruction: str, system_prompt: Optional[str] = None) -> tuple:
     """(metrics, samples) of `rows`. Metrics: eval/accuracy (greedy pass@1) and time/eval (seconds). `pass_n` > 0:
     eval/pass@k for each k of `pass_k`, from `pass_n` answers a question sampled at T = 1 (time/eval_pass_at_k
     its cost). `ece_bins` > 0: eval/ece, the expected calibration error of the greedy completion's
@@ -568,12 +569,13 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: 
     if not rows:
         return {"eval/accuracy": float("nan")}, []
     ks = parse_pass_k(pass_k) if pass_n > 0 else []
+    prompting = dict(instruction=instruction, system_prompt=system_prompt)
     device = next(model.parameters()).device
     sums = torch.zeros(1 + len(ks), dtype=torch.float64)  # correct greedy answers, then pass@k summed over questions
     shown = []  # (index, completion, correct) of this rank's first `samples` rows
     gap = torch.zeros(max(ece_bins, 1), dtype=torch.float64, device=device)  # (bins,) sum of c - correct
     with plumbing.Timer() as t_greedy:
-        for part, ro, correct in answers(model, tok, rows, dataset, 1, max_new_tokens, batch_size, greedy=True):
+        for part, ro, correct in answers(model, tok, rows, 1, max_new_tokens, batch_size, greedy=True, **prompting):
             counted = torch.tensor([i >= 0 for i in part], device=device)  # (b,) not padding
             right = correct[:, 0].to(device) & counted  # (b,) grading errors score 0
             sums[0] += right.sum().item()
@@ -584,8 +586,8 @@ def evaluate(model, tok, rows: list, dataset: str, max_new_tokens: int, pass_n: 
                 gap.index_add_(0, b[counted], (conf - right.double())[counted])
     # the RNG is forked, so that training continues as it would without pass@k (and resumes the same)
     with plumbing.Timer() as t_pass, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for part, _, correct in (answers(model, tok, rows, dataset, pass_n, max_new_tokens,
-                                         max(1, batch_size // pass_n)) if ks else []):
+        for part, _, correct in (answers(model, tok, rows, pass_n, max_new_tokens, max(1, batch_size // pass_n),
+                                         **prompting) if ks else []):
             for i, c in zip(part, correct.sum(1).tolist()):
                 if i >= 0:
                     sums[1:] += torch.tensor([pass_at_k(pass_n, c, k) for k in ks], dtype=torch.float64)

@@ -34,6 +34,8 @@ from common import arg
 class Args:
     model: str = arg("toy-small", "policy to train: hub id, bare Qwen name (Qwen2.5-0.5B-Instruct), local directory, or a toy model (toy-small, toy-large, toy-hard-small, toy-hard-large)")
     dataset: str = arg("gsm8k", "gsm8k, math, toy, toy-hard, or a .jsonl path with question/answer fields; a toy model defaults to its own (toy or toy-hard)", toy="toy")
+    eval_dataset: str = arg(None, "held-out questions evaluated during training: anything --dataset accepts, e.g. another "
+                                  ".jsonl file (default: --dataset's eval split)")
     steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
     prompts_per_step: int = arg(16, "questions sampled per step", toy=8)
     group_size: int = arg(16, "completions per question (G)", toy=8)
@@ -43,6 +45,10 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     temperature: float = arg(1.0, "sampling temperature (log-probs use the same)")
     format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
+    instruction: str = arg(None, "text on a new line after each question ('' for none); a .jsonl row's 'prompt' field is the "
+                                 "user message verbatim instead (default: --dataset's own: 'Please reason step by step, and "
+                                 "put your final answer within \\boxed{}.', none for the toy)")
+    system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
     report_to: str = arg("none", "where the metrics also go as they come: none, tensorboard, wandb, or tensorboard,wandb (each needs its package)")
@@ -152,9 +158,9 @@ def main():
     if kept_per_group(args.group_size, args.prune_rate) < 1:  # CPPO:
         plumbing.die(f"--prune-rate {args.prune_rate} keeps no completion of a group of {args.group_size} "
                      f"(floor(G (1 - P)) < 1): use at most 1 - 1/G = {1 - 1 / args.group_size:g}")
-    common.check_available([args.model], args.dataset)  # offline: one line naming all that is missing
+    common.check_available([args.model], args.dataset, args.eval_dataset)  # offline: names all that is missing
     sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
-    eval_rows = tasks.load_data(args.dataset, "eval")[:args.eval_size]
+    eval_rows = tasks.load_data(args.eval_dataset, "eval")[:args.eval_size]
     device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     run = rundir.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G = args.group_size
@@ -172,8 +178,9 @@ def main():
     start = run.resume(dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
 
     def evaluate(step):
-        metrics, samples = common.evaluate(model, tok, eval_rows, args.dataset, args.max_new_tokens, args.pass_n, args.pass_k,
-                                           samples=args.log_samples)
+        metrics, samples = common.evaluate(model, tok, eval_rows, args.max_new_tokens, args.pass_n, args.pass_k,
+                                           samples=args.log_samples, instruction=args.instruction,
+                                           system_prompt=args.system_prompt)
         run.log(step, metrics)
         run.log_samples(step, "eval", samples)  # DIR/samples.jsonl, and the first on the console
         return metrics["eval/accuracy"]
@@ -186,7 +193,8 @@ def main():
         # 1. sample
         with plumbing.Timer() as t_gen:
             rows = plumbing.shard(sampler.next(n_questions * plumbing.world_size()))  # this rank's questions
-            prompts = [tasks.format_prompt(tok, r["question"], args.dataset) for r in rows]
+            prompts = [tasks.format_prompt(tok, r, instruction=args.instruction, system_prompt=args.system_prompt)
+                       for r in rows]
             rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
         # 2. score
         golds = [r["answer"] for r in rows for _ in range(G)]

@@ -55,7 +55,9 @@ class Args:
     seed: int = arg(1, "random seed of the sampled answers")
     device: str = arg("auto", "cuda, cpu, or auto")
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
-    generation: str = arg("generate", "how completions are generated: generate (model.generate), static (on a static KV cache), fastgen (fastgen.py's loop); all exact", choices=("generate", "static", "fastgen"))
+    instruction: str = arg(None, "text on a new line after each question, as the training scripts' --instruction ('' for none; default: each benchmark's own, the \\boxed{} request for real data)")
+    system_prompt: str = arg(None, "system message of the chat template, as the training scripts' (default: the template's own)")
+    generation: str = arg("auto", "how completions are generated: auto (fastgen on CUDA, generate elsewhere), generate (model.generate), static (on a static KV cache), fastgen (fastgen.py's loop); all exact", choices=("auto", "generate", "static", "fastgen"))
 
 
 def load(name: str, device: torch.device, generation: str):
@@ -86,8 +88,9 @@ def answer(model, tok, name: str, rows: list, args) -> list:
     if args.pass_n:
         passes.append(("sampled", args.pass_n, max(1, args.batch_size // args.pass_n)))
     for how, n, batch in passes:
-        calls = common.answers(model, tok, rows, name, n, args.max_new_tokens, batch, temperature=args.temperature,
-                               greedy=how == "greedy")
+        instruction = tasks.prompt_instruction(name) if args.instruction is None else args.instruction
+        calls = common.answers(model, tok, rows, n, args.max_new_tokens, batch, temperature=args.temperature,
+                               greedy=how == "greedy", instruction=instruction, system_prompt=args.system_prompt)
         for part, ro, correct in tqdm(calls, total=-(-share // batch), desc=f"{name} {how}", leave=False,
                                       disable=plumbing.rank() != 0):
             for j, i in enumerate(part):

@@ -268,24 +268,53 @@ def offline_unless_reachable() -> bool:
     return False
 
 
-def check_offline(hub_models: list, dataset: str, dataset_repos: tuple, toy_models=(), dataset_said: str = ""):
-    """When the hub cannot be reached, every hub model must be in the local Hugging Face cache and the
-    dataset's repos in the datasets cache, or one line names all that is missing and how to get it (the
-    hub client would retry for a minute, then name the first); HF_HUB_OFFLINE=1 is then set for the run."""
-    if (not hub_models and not dataset_repos) or offline_unless_reachable():
+# The bare model names known here (resolved by common.resolve_model_name), for a typo's "did you mean".
+KNOWN_MODELS = (*(f"Qwen2.5-{s}{v}" for s in ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B") for v in ("", "-Instruct")),
+                *(f"Qwen2.5-Math-{s}{v}" for s in ("1.5B", "7B") for v in ("", "-Instruct")),
+                *(f"Qwen2-{s}{v}" for s in ("0.5B", "1.5B", "7B") for v in ("", "-Instruct")),
+                *(f"Qwen3-{s}" for s in ("0.6B", "1.7B", "4B", "8B", "14B", "32B")),
+                *(f"SmolLM2-{s}{v}" for s in ("135M", "360M", "1.7B") for v in ("", "-Instruct")))
+
+
+def did_you_mean(name: str) -> str:
+    """The known model name that a `name` known nowhere is a typo of ('Qwen2.5-05B-Instruct': 'Qwen2.5-0.5B-Instruct',
+    an organisation kept), or ''."""
+    import difflib
+    org, bare = name.rpartition("/")[0::2]
+    lower = {k.lower(): k for k in KNOWN_MODELS}
+    close = difflib.get_close_matches(bare.lower(), lower, n=1, cutoff=0.9) if bare not in KNOWN_MODELS else []
+    return f"{org}/" * bool(org) + lower[close[0]] if close else ""
+
+
+def check_offline(hub_models: dict, datasets: dict, dataset_repos: dict, toy_models=()):
+    """When the hub cannot be reached, every hub model ({hub id: a typo's likely fix, or ''}) must be in the
+    local Hugging Face cache and each dataset's repos ({flag: name}, `dataset_repos` {name: repos}) in the
+    datasets cache, or one line names all that is missing and how to get it (the hub client would retry for a
+    minute, then name the first), or a missing model's fix; HF_HUB_OFFLINE=1 is then set for the run."""
+    repos = {}  # how the user named each dataset ('The default --dataset math'): its hub repos
+    for flag, name in datasets.items():
+        if name in dataset_repos and dataset_repos[name] not in repos.values():  # a dataset named twice: once
+            given = any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:])
+            repos[f"{'' if given else 'The default '}{flag} {name}"] = dataset_repos[name]
+    if (not hub_models and not repos) or offline_unless_reachable():
         return
     from huggingface_hub import constants, try_to_load_from_cache
     models = [m for m in hub_models if not isinstance(try_to_load_from_cache(m, "config.json"), str)]
+    for m in models:  # a typo: one short line
+        if hub_models[m]:
+            die(f"model '{m}' is not in the local Hugging Face cache, and the hub is unreachable: "
+                f"did you mean {hub_models[m]}?")
     datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
-    data = any(not os.path.isdir(os.path.join(datasets_cache, r.replace("/", "___"))) for r in dataset_repos)
+    data = [f"{said} ({', '.join(rs)})" for said, rs in repos.items()
+            if any(not os.path.isdir(os.path.join(datasets_cache, r.replace("/", "___"))) for r in rs)]
     if not models and not data:
         return
-    names, toys, repos = " and ".join(f"'{m}'" for m in models), ", ".join(toy_models), ", ".join(dataset_repos)
+    names, toys, is_are = " and ".join(f"'{m}'" for m in models), ", ".join(toy_models), "is" if len(data) == 1 else "are"
     where = f"the local Hugging Face cache (HF_HOME={constants.HF_HOME}), and the hub is unreachable (HF_HUB_OFFLINE=1 or no network)."
     said = ([f"model {names} is not a local directory, not a toy model ({toys}) and not in {where}" if len(models) == 1 else
              f"models {names} are not local directories, not toy models ({toys}) and not in {where}"] if models else
-            [f"--dataset {dataset} ({repos}) is not in {where}"])
-    said += [f"{dataset_said or '--dataset ' + dataset} ({repos}) is not in the datasets cache either."] if models and data else []
+            [f"{' and '.join(data)} {is_are} not in {where}"])
+    said += [f"{' and '.join(data)} {is_are} not in the datasets cache either."] if models and data else []
     get = [f"`hf download {m}`" for m in models] + (["run this command once there for the dataset"] if data else [])
     die(f"{' '.join(said)} To get {'it' if len(get) == 1 else 'them'}: where the hub is reachable, {' and '.join(get)}; then "
         "run here with HF_HUB_OFFLINE=1 and the same HF_HOME. Or pass a local directory written by save_pretrained as the "

@@ -2,8 +2,8 @@
 
 A dataset is a list of {question, answer} rows (`load_data`): GSM8K, MATH (MATH-500 held out),
 the toy sums, a .jsonl file, or for evaluation one of the papers' benchmarks (`BENCHMARKS`).
-`format_prompt` turns a question into the model's prompt, `PromptSampler` draws a step's
-questions, and `rewards_for` grades completions against the gold answers as the benchmarks do
+`format_prompt` turns a row into the model's prompt, `PromptSampler` draws a step's questions,
+and `rewards_for` grades completions against the gold answers as the benchmarks do
 (`is_correct`); `sample_rows` shows what the grader made of each completion (DIR/samples.jsonl).
 Nothing here knows about models beyond their tokenizer.
 """
@@ -100,16 +100,17 @@ BENCHMARKS = {  # evaluation only: load_data(name, "eval"), evaluate.py; fields 
 BENCHMARK_DIR = "BENCHMARK_DIR"  # environment variable: a directory of <name>.jsonl copies of benchmarks' rows
 HUB_DATASETS = {"gsm8k": ("openai/gsm8k",), "math": ("DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500"),
                 **{name: (b.repo,) for name, b in BENCHMARKS.items() if name != "gsm8k"}}  # load_data reads these
-BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 def load_data(name: str, split: str) -> list:
     """[{question, answer}] for split 'train' or 'eval'. gsm8k: openai/gsm8k main (train/test);
     math: MATH train (the lighteval copy, config default) and MATH-500 for eval; toy; a benchmark
     (BENCHMARKS, eval only); or a .jsonl path with question/answer fields (a GSM8K-style '... #### n'
-    answer is cut to n). Rows whose
-    gold answer is empty (a MATH solution without \\boxed{}) are dropped: any answer would match
-    nothing, and an empty one must never earn the reward."""
+    answer is cut to n; both splits are the whole file), and optionally a 'prompt' field: the user
+    message verbatim (`format_prompt`), the question then defaulting to it. Rows whose gold answer is
+    empty (a MATH solution without \\boxed{}) are dropped: any answer would match nothing, and an
+    empty one must never earn the reward."""
     if name == "toy":
         return [dict(question=f"{a:02d}+{b:02d}", answer=str(a + b)) for a, b in toy_problems(split)]
     if name == "toy-hard":
@@ -124,16 +125,18 @@ def load_data(name: str, split: str) -> list:
                     continue
                 try:
                     r = json.loads(line)
-                    q, a = r["question"], r["answer"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    plumbing.die(f"{name}:{n}: each line must be a JSON object with 'question' and 'answer'")
+                    q, a, p = r["question"] if "question" in r else r["prompt"], r["answer"], r.get("prompt")
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    plumbing.die(f"{name}:{n}: each line must be a JSON object with 'question' (or 'prompt') and 'answer'")
                 if not isinstance(q, str) or not isinstance(a, (str, int, float)) or isinstance(a, bool):
                     plumbing.die(f"{name}:{n}: 'question' must be a string and 'answer' a string or a number, "
                                  f"not {type(q).__name__} and {type(a).__name__}")
+                if p is not None and not isinstance(p, str):
+                    plumbing.die(f"{name}:{n}: 'prompt' must be a string, not {type(p).__name__}")
                 gold = gold_answer(str(a))
                 if gold.count("{") != gold.count("}"):
                     plumbing.die(f"{name}:{n}: the gold answer {gold[:60]!r} cannot be parsed: its braces are unbalanced")
-                rows.append(dict(question=q, answer=gold))
+                rows.append(dict(question=q, answer=gold, **({} if p is None else dict(prompt=p))))
         if not rows:
             plumbing.die(f"dataset file '{name}' holds no rows")
         return drop_empty_golds(rows, name)
@@ -201,19 +204,24 @@ def drop_empty_golds(rows: list, name: str) -> list:
 
 
 def prompt_instruction(dataset: str) -> str:
-    """What the prompt asks for, so the reward can parse it: a \\boxed{} answer for real data;
-    the toy's answer is the bare number after '='."""
+    """A dataset's own instruction (--instruction's default), so the reward can parse the answer: a
+    \\boxed{} answer for real data; the toy's answer is the bare number after '='."""
     return "" if dataset in ("toy", "toy-hard") else BOXED_INSTRUCTION
 
 
-def format_prompt(tok, question: str, dataset: str) -> str:
-    """The tokenizer's chat template when it has one (Qwen base and Instruct both do; so does the
-    toy's), otherwise a plain 'Question: ... Answer:' template."""
-    content = question + prompt_instruction(dataset)
+def format_prompt(tok, row, *, instruction: str, system_prompt: Optional[str] = None) -> str:
+    """The prompt of a dataset row (or of a question string). The user message is the row's 'prompt'
+    verbatim when it has one, else its question with `instruction` on a new line (none when empty).
+    It goes through the tokenizer's chat template when it has one (Qwen's, SmolLM2's, the toy's),
+    after a system message `system_prompt`; None leaves the template's own (Qwen: "You are Qwen,
+    ..."). Without a template: 'Question: ... Answer:', the system prompt on a line before it."""
+    row = dict(question=row) if isinstance(row, str) else row
+    content = row["prompt"] if "prompt" in row else row["question"] + (f"\n{instruction}" if instruction else "")
+    system = [] if system_prompt is None else [dict(role="system", content=system_prompt)]
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([dict(role="user", content=content)], tokenize=False,
+        return tok.apply_chat_template([*system, dict(role="user", content=content)], tokenize=False,
                                        add_generation_prompt=True)
-    return f"Question: {content}\nAnswer:"
+    return ("" if system_prompt is None else f"{system_prompt}\n") + f"Question: {content}\nAnswer:"
 
 
 def end_of_turn_id(tok) -> Optional[int]:

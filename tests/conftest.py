@@ -123,5 +123,5 @@ def models_and_rollout():
     small, tok = common.load_model("toy-small", device)
     large, _ = common.load_model("toy-large", device)
     torch.manual_seed(0)
-    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01")]
+    prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("12+34", "57+68", "99+01")]
     return small, large, tok, common.sample(small, tok, prompts, 4, 8)

@@ -130,11 +130,11 @@ def test_paired_logits_in_chunks_equal_the_full_distributions(models_and_rollout
 def test_evaluate_ece_is_the_binned_confidence_gap(models_and_rollout):
     small, _, tok, _ = models_and_rollout
     rows = tasks.load_data("toy", "eval")[:50]
-    m, _ = common.evaluate(small, tok, rows, "toy", 8, batch_size=16, ece_bins=10)
+    m, _ = common.evaluate(small, tok, rows, 8, batch_size=16, ece_bins=10, instruction="")
     acc, ece = m["eval/accuracy"], m["eval/ece"]
-    assert acc == common.evaluate(small, tok, rows, "toy", 8, batch_size=16)[0]["eval/accuracy"]
+    assert acc == common.evaluate(small, tok, rows, 8, batch_size=16, instruction="")[0]["eval/accuracy"]
     with torch.no_grad():
-        ro = common.sample(small, tok, [tasks.format_prompt(tok, r["question"], "toy") for r in rows], 1, 8, greedy=True)
+        ro = common.sample(small, tok, [tasks.format_prompt(tok, r, instruction="") for r in rows], 1, 8, greedy=True)
         conf = torch.exp((common.token_logprobs(small, ro) * ro.mask).sum(1)).tolist()
     right = [tasks.is_correct(t, r["answer"]) for t, r in zip(ro.texts, rows)]
     bins = {}

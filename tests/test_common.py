@@ -303,7 +303,7 @@ def test_toy_hard_data_and_its_wrong_answers():
     assert build.toy_hard_answer(456, 789, (0,)) == 1235  # the units carry dropped (the tens lose 1)
     assert build.toy_hard_answer(402, 817, (0,)) == 1219  # no units carry: right
     tok = toy_tokenizer()
-    assert tasks.format_prompt(tok, ev[0]["question"], "toy-hard") == ev[0]["question"] + "="
+    assert tasks.format_prompt(tok, ev[0], instruction="") == ev[0]["question"] + "="
 
 
 def test_toy_hard_regime_is_sparse_for_small_and_imperfect_for_large():
@@ -313,16 +313,17 @@ def test_toy_hard_regime_is_sparse_for_small_and_imperfect_for_large():
     small, tok = common.load_model("toy-hard-small", torch.device("cpu"))
     large, _ = common.load_model("toy-hard-large", torch.device("cpu"))
     torch.manual_seed(0)
-    m, _ = common.evaluate(small, tok, rows, "toy-hard", 8, pass_n=8, pass_k="1,8", batch_size=256)
+    m, _ = common.evaluate(small, tok, rows, 8, pass_n=8, pass_k="1,8", batch_size=256, instruction="")
     assert 0.02 <= m["eval/pass@1"] <= 0.10 and 1 - m["eval/pass@8"] > 0.5, m  # pass@8 = groups with a reward
-    assert 0.5 <= common.evaluate(large, tok, rows, "toy-hard", 8)[0]["eval/accuracy"] <= 0.8
+    assert 0.5 <= common.evaluate(large, tok, rows, 8, instruction="")[0]["eval/accuracy"] <= 0.8
 
 
 def test_prompt_format():
     tok = toy_tokenizer()
-    assert tasks.format_prompt(tok, "12+3", "toy") == "12+3="
+    assert tasks.format_prompt(tok, "12+3", instruction="") == "12+3="
     tok.chat_template = None
-    assert tasks.format_prompt(tok, "What is 2+2?", "gsm8k").startswith("Question: What is 2+2?\nPlease reason")
+    boxed = tasks.prompt_instruction("gsm8k")
+    assert tasks.format_prompt(tok, "What is 2+2?", instruction=boxed).startswith("Question: What is 2+2?\nPlease reason")
 
 
 def test_sampling_ignores_generation_config(tmp_path):
@@ -396,16 +397,16 @@ def test_evaluate_counts_each_questions_samples(monkeypatch):
     monkeypatch.setattr(common, "sample", fake_sample)
     tok = toy_tokenizer()
     model = torch.nn.Linear(1, 1)
-    m, _ = common.evaluate(model, tok, rows, "toy", 8, pass_n=n, pass_k="1,2,4", batch_size=12)  # 3 questions a call
+    m, _ = common.evaluate(model, tok, rows, 8, pass_n=n, pass_k="1,2,4", batch_size=12, instruction="")  # 3 questions a call
     assert m["eval/accuracy"] == pytest.approx(6 / 11)
     for k in ks:
         assert m[f"eval/pass@{k}"] == pytest.approx(sum(common.pass_at_k(n, i % (n + 1), k) for i in range(11)) / 11)
     assert m["eval/pass@4"] == pytest.approx(sum(i % 5 > 0 for i in range(11)) / 11)  # pass@n: any right
     assert m["time/eval"] >= m["time/eval_pass_at_k"] > 0
-    off, none = common.evaluate(model, tok, rows, "toy", 8)
+    off, none = common.evaluate(model, tok, rows, 8, instruction="")
     assert set(off) == {"eval/accuracy", "time/eval"} and none == []
     # the greedy answers to the first 7 questions, 3 a call: in question order, graded as the accuracy is
-    _, shown = common.evaluate(model, tok, rows, "toy", 8, batch_size=3, samples=7)
+    _, shown = common.evaluate(model, tok, rows, 8, batch_size=3, samples=7, instruction="")
     expected = [(i, f"q{i}", str(1000 + i), *[str(1000 + i) if i % 2 == 0 else "7"] * 2, i % 2 == 0) for i in range(7)]
     assert [(r["index"], r["question"], r["gold"], r["completion"], r["answer"], r["correct"]) for r in shown] == expected
 

@@ -150,8 +150,8 @@ def test_presample_k_of_k_goes_to_pef_and_k_minus_one_to_exp(monkeypatch):
     rows = [dict(question=f"{a:02d}+{b:02d}", answer=str(a + b)) for a, b in solved]
     monkeypatch.setattr(common, "sample", scripted_sample(solved))
     model, tok = common.load_model("toy-small", torch.device("cpu"))
-    args = SimpleNamespace(presample_k=k, pef_threshold=0, prompts_per_step=3, dataset="toy", max_new_tokens=8,
-                           temperature=1.0, micro_batch_size=5, logprob_chunk=1024)
+    args = SimpleNamespace(presample_k=k, pef_threshold=0, prompts_per_step=3, instruction="", system_prompt=None,
+                           max_new_tokens=8, temperature=1.0, micro_batch_size=5, logprob_chunk=1024)
     n_correct, store, ref_logp = dph_rl.presample(model, tok, rows, args)
     assert n_correct.tolist() == [k, k - 1, 0, k]
     assert dph_rl.split_pef(n_correct, k).tolist() == [True, False, False, True]

@@ -34,7 +34,7 @@ def compare_greedy(model, tok, prompts, max_new_tokens, eos):
 def test_greedy_completions_are_generates_on_the_toy_models():
     for name in ("toy-small", "toy-large", "toy-hard-small"):
         model, tok = common.load_model(name, CPU)
-        prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "417+817", "9+1", "57+68", "999+999")]
+        prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "417+817", "9+1", "57+68", "999+999")]
         lengths = compare_greedy(model, tok, prompts, 8, tasks.eos_ids(model, tok))
         assert lengths.min() < 8  # they stop by themselves
 
@@ -46,8 +46,8 @@ def test_greedy_completions_are_generates_on_qwen_shapes_with_rows_that_stop_ear
     path = qwen_like_model(str(tmp_path / "m"), "0.5B", layers=2, hidden_size=64, intermediate_size=128,
                            num_attention_heads=4, num_key_value_heads=2, instruct=True, initializer_range=0.3)  # not one token over and over
     model, tok = common.load_model(path, CPU)
-    prompts = [tasks.format_prompt(tok, q, "gsm8k") for q in ("What is 2 + 3?", "A longer question, with more words in it?",
-                                                                "Hi", "Sums: 17 + 25 = ?")]
+    questions = ("What is 2 + 3?", "A longer question, with more words in it?", "Hi", "Sums: 17 + 25 = ?")
+    prompts = [tasks.format_prompt(tok, q, instruction=tasks.BOXED_INSTRUCTION) for q in questions]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     free = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False, max_new_tokens=12,
                           eos_token_id=None, pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
@@ -102,7 +102,7 @@ def test_lora_with_fastgen_is_generates_and_passes_the_cache_by_its_current_name
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
     base_name = fastgen._cache_kwarg(model.get_base_model())
     assert fastgen._cache_kwarg(model) == base_name
-    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1", "57+68", "99+01")]
+    prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "9+1", "57+68", "99+01")]
     eos = tasks.eos_ids(model, tok)
     compare_greedy(model, tok, prompts, 8, eos)
     ro = common.sample(model, tok, prompts, 2, 8, greedy=True)  # through common.sample, as the scripts call it
@@ -115,7 +115,7 @@ def test_the_cache_is_made_once_per_batch_size_and_reused(tmp_path):
     eos = tasks.eos_ids(model, tok)
 
     def run(questions, n=8):
-        enc = tok([tasks.format_prompt(tok, q, "toy") for q in questions], return_tensors="pt", padding=True,
+        enc = tok([tasks.format_prompt(tok, q, instruction="") for q in questions], return_tensors="pt", padding=True,
                   add_special_tokens=False)
         return fastgen.generate(model, enc.input_ids, enc.attention_mask, n, eos, tok.pad_token_id, greedy=True,
                                 batch_bucket=4)
@@ -137,7 +137,7 @@ def test_keys_land_at_the_slots_the_mask_opens():
     cache_position say where it should be. After P prompt positions and n decode steps the first P + n slots
     hold keys and the rest are as reset (zero): if a transformers release moved the write, this fails."""
     model, tok = common.load_model("toy-small", CPU)
-    enc = tok([tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1")], return_tensors="pt", padding=True,
+    enc = tok([tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "9+1")], return_tensors="pt", padding=True,
               add_special_tokens=False)
     P, n = enc.input_ids.shape[1], 6
     fastgen.generate(model, enc.input_ids, enc.attention_mask, n + 1, [], tok.pad_token_id, greedy=True)  # no stop token
@@ -153,7 +153,7 @@ def test_sampled_completions_are_a_cacheless_samplers_given_the_same_noise(tempe
     """End to end at T != 1: fastgen's tokens equal those of a loop that recomputes the whole sequence every step
     (no cache) and draws with the same uniform noise in the same order, on ragged prompts with rows that stop."""
     model, tok = common.load_model("toy-hard-small", CPU)  # its answers to these stop at different steps, or not at all
-    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1", "57+68", "417+817", "999+999", "1+1")]
+    prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "9+1", "57+68", "417+817", "999+999", "1+1")]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     eos, N = tasks.eos_ids(model, tok), 8
     torch.manual_seed(3)
@@ -176,7 +176,7 @@ def test_sampled_completions_are_a_cacheless_samplers_given_the_same_noise(tempe
 
 def test_a_padded_batch_gives_each_row_what_it_gets_alone():
     model, tok = common.load_model("toy-small", CPU)
-    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1", "57+68")]
+    prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "9+1", "57+68")]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     eos = tasks.eos_ids(model, tok)
     plain = fastgen.generate(model, enc.input_ids, enc.attention_mask, 8, eos, tok.pad_token_id, greedy=True)
@@ -189,7 +189,7 @@ def test_static_generation_with_bucketed_prompts_gives_the_same_completions(monk
     """--generation static pads prompts to a multiple of fastgen.BUCKET on CUDA: the extra left padding must not
     change a greedy completion (run here on a CPU by asking for the bucket)."""
     model, tok = common.load_model("toy-small", CPU, generation="static")
-    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1", "417+817")]
+    prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "9+1", "417+817")]
     plain = common.sample(model, tok, prompts, 1, 8, greedy=True)
     seen = []
     monkeypatch.setattr(fastgen, "prompt_bucket", lambda how, device: seen.append(how) or fastgen.BUCKET)
@@ -204,7 +204,7 @@ def test_under_bf16_autocast_the_shadow_computes_what_autocast_computes_on_the_m
     weights move (the copy is refreshed in place), while embeddings, norms and the tied head stay fp32."""
     monkeypatch.setattr(plumbing, "BF16_DEVICES", ("cuda", "cpu"))
     model, tok = common.load_model("toy-hard-small", CPU, generation="fastgen")
-    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("05+68", "9+1", "57+68", "417+817", "999+999", "1+1")]
+    prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "9+1", "57+68", "417+817", "999+999", "1+1")]
 
     def both():
         torch.manual_seed(0)

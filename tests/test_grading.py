@@ -220,7 +220,7 @@ def test_generation_stops_at_the_end_of_the_assistant_turn(instruct):
     tok = qwen_tokenizer(instruct=instruct)
     im_end, im_start = tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
     assert tasks.eos_ids(None, tok) == sorted({tok.eos_token_id, im_end})
-    prompt = tasks.format_prompt(tok, "What is 3 + 4?", "gsm8k")
+    prompt = tasks.format_prompt(tok, "What is 3 + 4?", instruction=tasks.BOXED_INSTRUCTION)
     ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
     seven, nine, user = ids("7"), ids("9"), ids("user")
     assert len(seven) == len(nine) == 1 and ids(prompt)[-1] not in seven + nine + user

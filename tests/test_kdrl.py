@@ -133,7 +133,7 @@ def test_teacher_runs_only_on_kd_rows(monkeypatch):
     student, tok = common.load_model("toy-small", device)
     teacher = common.load_model("toy-large", device, frozen=True)[0]
     torch.manual_seed(0)
-    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01", "40+45")]
+    prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("12+34", "57+68", "99+01", "40+45")]
     rollout = common.sample(student, tok, prompts, 4, 8)  # 16 rows
     kd_row = torch.tensor([1, 0, 0, 1, 0, 1, 1, 0] + [0] * 8, dtype=torch.float)  # 2nd micro-batch: no KD
     full = common.token_logprobs(teacher, rollout)

@@ -30,7 +30,7 @@ def lora_args(rank=4, **kw):
 
 def rollout_of(model, tok):
     torch.manual_seed(0)
-    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01")]
+    prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("12+34", "57+68", "99+01")]
     return common.sample(model, tok, prompts, 4, 8)
 
 

@@ -36,7 +36,7 @@ def test_shipped_toy_models_give_the_readme_start_accuracies():
     """The README's toy table is what the shipped weights give: no build, no machine dependence."""
     for name, dataset in tasks.TOY_MODELS.items():
         model, tok = common.load_model(name, torch.device("cpu"))
-        acc = common.evaluate(model, tok, tasks.load_data(dataset, "eval"), dataset, max_new_tokens=8)[0]["eval/accuracy"]
+        acc = common.evaluate(model, tok, tasks.load_data(dataset, "eval"), 8, instruction="")[0]["eval/accuracy"]
         assert f"| {name} | {acc:.3f} |" in readme(), (name, acc)
 
 

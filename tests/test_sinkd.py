@@ -88,7 +88,7 @@ def test_sinkhorn_term_on_toy_models():
     student, tok = common.load_model("toy-small", device)
     teacher = common.load_model("toy-large", device, frozen=True)[0]
     torch.manual_seed(0)
-    prompts = [tasks.format_prompt(tok, q, "toy") for q in ("12+34", "57+68", "99+01")]
+    prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("12+34", "57+68", "99+01")]
     ro = common.sample(student, tok, prompts, 4, 8)  # 12 rows
     kd_mask = ro.mask * torch.tensor([1.0, 0, 1, 1] * 3)[:, None]  # some rows off KD
     args = SimpleNamespace(sinkhorn_topk=5, sinkhorn_eps=0.1, sinkhorn_iters=20, sinkhorn_temperature=2.0,

@@ -120,7 +120,7 @@ def build(name: str, path: str, steps=None, log_every: int = 100):
         for a, b in (tasks.toy_hard_problems("train") if dataset == "toy-hard" else tasks.toy_problems("train")):
             question, answer = ((f"{a:03d}+{b:03d}", f"{toy_hard_answer(a, b, r['drop'] if drop else ()):04d}")
                                 if dataset == "toy-hard" else (f"{a:02d}+{b:02d}", f"{toy_answer(a, b, drop):03d}"))
-            prompt = tok(tasks.format_prompt(tok, question, dataset)).input_ids
+            prompt = tok(tasks.format_prompt(tok, question, instruction="")).input_ids
             rows.append((prompt, tok(answer).input_ids + [tok.eos_token_id]))
         L = len(rows[0][0]) + len(rows[0][1])  # fixed width: 10 tokens each (toy-hard: 13)
         ids.append(torch.tensor([p + c + [tok.pad_token_id] * (L - len(p) - len(c)) for p, c in rows]))
@@ -161,7 +161,7 @@ def compare(shipped: str, rebuilt: str, dataset: str = "toy"):
 
 def accuracy(path: str, dataset: str = "toy") -> float:
     model, tok = common.load_model(path, torch.device("cpu"))
-    return common.evaluate(model, tok, tasks.load_data(dataset, "eval"), dataset, max_new_tokens=8)[0]["eval/accuracy"]
+    return common.evaluate(model, tok, tasks.load_data(dataset, "eval"), 8, instruction="")[0]["eval/accuracy"]
 
 
 def main():
