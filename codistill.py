@@ -199,7 +199,7 @@ def update(model, optimizer, pieces, args, vocab: int, step: int, run):
 
 def main():
     args = common.parse_args(Args)
-    common.check_args(args, num_iterations=1)
+    plumbing.check_args(args, num_iterations=1)
     if args.kd_coef < 0 or args.is_cap <= 0 or args.large_rollouts < 0:
         plumbing.die(f"--kd-coef must be non-negative, --is-cap positive and --large-rollouts non-negative "
                      f"(got {args.kd_coef}, {args.is_cap}, {args.large_rollouts})")

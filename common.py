@@ -85,42 +85,6 @@ def parse_args(cls, argv=None):
     return args
 
 
-def check_args(args, **least):
-    """The mistakes every script can make, each as one line; `least` adds the script's own lower bounds
-    (name=bound: num_iterations=1 says --num-iterations must be at least 1)."""
-    if args.group_size < 2:
-        plumbing.die(f"--group-size must be at least 2 (got {args.group_size}): "
-                     "group-relative advantages need two completions to compare")
-    bounds = dict(steps=0, eval_size=0, pass_n=0, log_samples=0, threads=0, save_every=0, prompts_per_step=1, max_new_tokens=1,
-                  micro_batch_size=1)
-    for name, bound in {**bounds, **least}.items():
-        if getattr(args, name) < bound:
-            plumbing.die(f"--{name.replace('_', '-')} must be {'non-negative' if bound == 0 else f'at least {bound}'} "
-                         f"(got {getattr(args, name)})")
-    ks = parse_pass_k(args.pass_k)
-    if args.pass_n > 0 and (not ks or not all(1 <= k <= args.pass_n for k in ks)):
-        plumbing.die(f"--pass-k {args.pass_k}: each k must be between 1 and --pass-n ({args.pass_n}), the answers "
-                     "sampled per question")
-    if args.temperature <= 0:
-        plumbing.die(f"--temperature must be positive for on-policy sampling (got {args.temperature})")
-    if args.lora_rank < 0 or (args.lora_rank and args.lora_alpha <= 0):
-        plumbing.die(f"--lora-rank must be non-negative and --lora-alpha positive (got {args.lora_rank}, {args.lora_alpha})")
-    if args.lora_rank and args.fsdp and plumbing.world_size() > 1:
-        plumbing.die("--lora-rank with --fsdp is not supported: LoRA keeps a model on one GPU, so run data parallel "
-                     "(torchrun without --fsdp)")
-    if args.prompts_per_step % plumbing.world_size():  # torchrun: every rank takes whole questions
-        plumbing.die(f"--prompts-per-step ({args.prompts_per_step}) must be a multiple of the number of processes "
-                     f"({plumbing.world_size()})")
-
-
-def parse_pass_k(spec) -> list:
-    """The k of --pass-k ("1,4,16") as ints; a list of ints as it is."""
-    try:
-        return [int(k) for k in (spec.split(",") if isinstance(spec, str) else spec) if str(k).strip()]
-    except ValueError:
-        plumbing.die(f"--pass-k must be comma-separated integers like 1,4,16 (got '{spec}')")
-
-
 # ----------------------------------------------------------------------------------------------
 # Models and tokenizers
 
@@ -568,7 +532,7 @@ def evaluate(model, tok, rows: list, max_new_tokens: int, pass_n: int = 0, pass_
     rows (tasks.sample_rows, with their `index`), every rank's. Under torchrun each rank answers its share."""
     if not rows:
         return {"eval/accuracy": float("nan")}, []
-    ks = parse_pass_k(pass_k) if pass_n > 0 else []
+    ks = plumbing.parse_pass_k(pass_k) if pass_n > 0 else []
     prompting = dict(instruction=instruction, system_prompt=system_prompt)
     device = next(model.parameters()).device
     sums = torch.zeros(1 + len(ks), dtype=torch.float64)  # correct greedy answers, then pass@k summed over questions

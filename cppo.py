@@ -152,7 +152,7 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
 
 def main():
     args = common.parse_args(Args)
-    common.check_args(args, num_iterations=1)
+    plumbing.check_args(args, num_iterations=1)
     if args.prune_rate < 0:  # CPPO:
         plumbing.die(f"--prune-rate must be in [0, 1) (got {args.prune_rate})")
     if kept_per_group(args.group_size, args.prune_rate) < 1:  # CPPO:

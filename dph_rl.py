@@ -164,7 +164,7 @@ def presample(model, tok, rows: list, args):
 
 def main():
     args = common.parse_args(Args)
-    common.check_args(args, num_iterations=1, eta=0, presample_k=1, pef_batch=0, presample_size=0)
+    plumbing.check_args(args, num_iterations=1, eta=0, presample_k=1, pef_batch=0, presample_size=0)
     if not 0 <= args.pef_threshold <= args.presample_k:
         plumbing.die(f"--pef-threshold must be between 1 and --presample-k ({args.presample_k}), or 0 for k "
                      f"(got {args.pef_threshold})")

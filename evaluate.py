@@ -3,7 +3,7 @@
 The benchmarks that CoDistill-GRPO, KDRL and DPH-RL report (MATH-500, Minerva-Math, OlympiadBench,
 AMC 2023, AIME 2024 and 2025, GSM8K), read from the hub copies their evaluation code reads
 (tasks.BENCHMARKS), asked with the training scripts' prompt (tasks.format_prompt: the chat template,
-then "... put your final answer within \\boxed{}") and graded by tasks.is_correct. Any model the
+then "... put your final answer within \\boxed{}") and graded by grading.is_correct. Any model the
 scripts load: a run's final/, a LoRA adapter directory (merged into its base), a hub id, a toy
 model; generation is the scripts' (common.answers, --generation), and under torchrun each process
 answers its share of the questions. Prints one markdown table (per benchmark: questions, greedy
@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import grading
 import plumbing
 import tasks
 from common import arg
@@ -76,7 +77,7 @@ def load(name: str, device: torch.device, generation: str):
 
 def graded(ro, row: int, correct) -> dict:
     text = ro.texts[row]
-    return dict(completion=text, answer=tasks.extract_answer(text), correct=bool(correct),
+    return dict(completion=text, answer=grading.extract_answer(text), correct=bool(correct),
                 truncated=bool(ro.truncated[row]))
 
 
@@ -131,7 +132,7 @@ def main():
     args = common.parse_args(Args)
     suite = args.benchmarks or tasks.TOY_MODELS.get(args.model) or PAPERS_SUITE  # a toy model: toy or toy-hard
     names = list(dict.fromkeys(b.strip() for b in suite.split(",") if b.strip()))
-    ks = common.parse_pass_k(args.pass_k or str(args.pass_n)) if args.pass_n else []
+    ks = plumbing.parse_pass_k(args.pass_k or str(args.pass_n)) if args.pass_n else []
     for flag, bound in (("limit", 0), ("pass_n", 0), ("max_new_tokens", 1), ("batch_size", 1)):
         if getattr(args, flag) < bound:
             plumbing.die(f"--{flag.replace('_', '-')} must be at least {bound} (got {getattr(args, flag)})")

@@ -125,7 +125,7 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
 
 def main():
     args = common.parse_args(Args)
-    common.check_args(args, num_iterations=1)
+    plumbing.check_args(args, num_iterations=1)
     common.check_available([args.model], args.dataset, args.eval_dataset)  # offline: names all that is missing
     sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
     eval_rows = tasks.load_data(args.eval_dataset, "eval")[:args.eval_size]

@@ -134,7 +134,7 @@ def compute_loss(logp, teacher_logp, seq_advantages, mask, args, n_seqs: int, n_
 
 def main():
     args = common.parse_args(Args)
-    common.check_args(args)
+    plumbing.check_args(args)
     if args.log_ratio_clip <= 0:
         plumbing.die(f"--log-ratio-clip must be positive (got {args.log_ratio_clip})")
     common.f_divergence(args.divergence, args.alpha)  # refuses --alpha 0 or 1 before any loading

@@ -1,12 +1,13 @@
 """Plumbing: what a reader of the scripts may skip.
 
-Nothing here changes what a script computes. It lets the same script run in one CPU process, on
-one GPU and on several under torchrun: the process group and FSDP2, mixed precision, the offline
-check, timing (the run's directory, checkpoints and Ctrl-C are rundir.py's). In one CPU process
-every distributed helper is a pass-through and autocast is off.
+Nothing here changes what a script computes. The mistakes a command line can make (`check_args`,
+one line each), and what lets the same script run in one CPU process, on one GPU and on several
+under torchrun: the process group and FSDP2, mixed precision, the offline check, timing (the run's
+directory, checkpoints and Ctrl-C are rundir.py's). In one CPU process every distributed helper is
+a pass-through and autocast is off.
 Under torchrun each rank samples its share of a step, normalises its loss by the step's global
 counts, and the gradients are summed over ranks before clipping: the one-process update of the
-whole batch (README, "Several GPUs"). With --fsdp every forward is a collective.
+whole batch (docs/distributed.md). With --fsdp every forward is a collective.
 """
 
 import atexit
@@ -46,6 +47,46 @@ class Timer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.t0
+
+
+# ----------------------------------------------------------------------------------------------
+# The arguments' mistakes
+
+
+def check_args(args, **least):
+    """The mistakes every script can make, each as one line; `least` adds the script's own lower bounds
+    (name=bound: num_iterations=1 says --num-iterations must be at least 1)."""
+    if args.group_size < 2:
+        die(f"--group-size must be at least 2 (got {args.group_size}): "
+                     "group-relative advantages need two completions to compare")
+    bounds = dict(steps=0, eval_size=0, pass_n=0, log_samples=0, threads=0, save_every=0, prompts_per_step=1, max_new_tokens=1,
+                  micro_batch_size=1)
+    for name, bound in {**bounds, **least}.items():
+        if getattr(args, name) < bound:
+            die(f"--{name.replace('_', '-')} must be {'non-negative' if bound == 0 else f'at least {bound}'} "
+                         f"(got {getattr(args, name)})")
+    ks = parse_pass_k(args.pass_k)
+    if args.pass_n > 0 and (not ks or not all(1 <= k <= args.pass_n for k in ks)):
+        die(f"--pass-k {args.pass_k}: each k must be between 1 and --pass-n ({args.pass_n}), the answers "
+                     "sampled per question")
+    if args.temperature <= 0:
+        die(f"--temperature must be positive for on-policy sampling (got {args.temperature})")
+    if args.lora_rank < 0 or (args.lora_rank and args.lora_alpha <= 0):
+        die(f"--lora-rank must be non-negative and --lora-alpha positive (got {args.lora_rank}, {args.lora_alpha})")
+    if args.lora_rank and args.fsdp and world_size() > 1:
+        die("--lora-rank with --fsdp is not supported: LoRA keeps a model on one GPU, so run data parallel "
+                     "(torchrun without --fsdp)")
+    if args.prompts_per_step % world_size():  # torchrun: every rank takes whole questions
+        die(f"--prompts-per-step ({args.prompts_per_step}) must be a multiple of the number of processes "
+                     f"({world_size()})")
+
+
+def parse_pass_k(spec) -> list:
+    """The k of --pass-k ("1,4,16") as ints; a list of ints as it is."""
+    try:
+        return [int(k) for k in (spec.split(",") if isinstance(spec, str) else spec) if str(k).strip()]
+    except ValueError:
+        die(f"--pass-k must be comma-separated integers like 1,4,16 (got '{spec}')")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -205,7 +205,7 @@ def compute_loss(logp, old_logp, ref_logp, advantages, mask, args, n_seqs: int, 
 
 def main():
     args = common.parse_args(Args)
-    common.check_args(args, num_iterations=1)
+    plumbing.check_args(args, num_iterations=1)
     if min(args.kd_coef, args.kd_coef_min, args.kd_anneal_rate) < 0:
         plumbing.die("--kd-coef, --kd-coef-min and --kd-anneal-rate must be non-negative")
     if args.kd_anneal and args.kd_coef_min > args.kd_coef:

@@ -74,13 +74,14 @@ def check_samples(out, eval_steps, n, group_size, columns=(), advantages=(("rewa
     """DIR/samples.jsonl as every script writes it: at each evaluation the greedy answers to the first `n` held-out
     questions, in order and the same each time (each model's, where a script has two), and after step 0 one group
     of `group_size` rollouts with their reward, advantage and the script's `columns`, in which each (reward column,
-    advantage column) of `advantages` is GRPO's group advantage; every row graded as tasks.is_correct grades it.
+    advantage column) of `advantages` is GRPO's group advantage; every row graded as grading.is_correct grades it.
     Returns the rows."""
+    import grading
     import tasks
     rows = read_samples(out)
     for r in rows:
-        assert r["answer"] == tasks.extract_answer(r["completion"]), r
-        assert r["correct"] == tasks.is_correct(r["completion"], r["gold"]), r
+        assert r["answer"] == grading.extract_answer(r["completion"]), r
+        assert r["correct"] == grading.is_correct(r["completion"], r["gold"]), r
     held_out = [(i, q["question"], q["answer"]) for i, q in enumerate(tasks.load_data(dataset, "eval")[:n])]
     models = list(dict.fromkeys(r.get("model") for r in rows if r["kind"] == "eval"))
     for step in eval_steps:

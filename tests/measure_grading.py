@@ -1,4 +1,4 @@
-"""Measure tasks.is_correct on the full public sets (not a test: pytest does not collect it).
+"""Measure grading.is_correct on the full public sets (not a test: pytest does not collect it).
 
 Needs local copies (no download here), each a .jsonl of rows as the hub holds them (the fields
 tasks.BENCHMARKS names), or as github.com/QwenLM/Qwen2.5-Math keeps them in evaluation/data/
@@ -40,6 +40,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grading  # noqa: E402
 import tasks  # noqa: E402
 
 FRAC = re.compile(r"^(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
@@ -134,7 +135,7 @@ def equivalent(gold):
     if m:
         out += [("C for \\text{(C)}", box(m.group(1))), ("(C) for \\text{(C)}", box(f"({m.group(1)})"))]
     parts = [DEGREE.sub("", p).strip() for p in g.split(",")]
-    if (len(parts) >= 2 and not tasks.THOUSANDS.fullmatch(g) and not re.search(r"[()\[\]{}]", DEGREE.sub("", g))
+    if (len(parts) >= 2 and not grading.THOUSANDS.fullmatch(g) and not re.search(r"[()\[\]{}]", DEGREE.sub("", g))
             and all(re.fullmatch(r"-?\d+", p) for p in parts)):
         out.append(("list in another order", box(", ".join(reversed(parts)))))
         if DEGREE.search(g):
@@ -168,7 +169,7 @@ def wrong(gold, other):
                 ("answer: the sum, not its result", f"Answer: {g} + 1 = {plain(fractions.Fraction(g) + 1)}"),
                 ("answer: an equation without a result", f"Final Answer: {g} * 1 =")]
     parts = [DEGREE.sub("", p).strip() for p in g.split(",")]
-    if (len(parts) >= 2 and len(set(parts)) == len(parts) and not tasks.THOUSANDS.fullmatch(g)
+    if (len(parts) >= 2 and len(set(parts)) == len(parts) and not grading.THOUSANDS.fullmatch(g)
             and all(re.fullmatch(r"-?\d+", p) for p in parts)):  # a list is a set: 16,3,1 is 16,3,1,1
         out += [("list digits run together", box("".join(parts))), ("list missing one", box(", ".join(parts[:-1])))]
     if re.fullmatch(r"-?\d*\.\d+", g):
@@ -202,7 +203,7 @@ def wrong(gold, other):
     m = FUNCTION.match(g)
     if m and "," not in g:
         out.append(("another function", box(f"f(x) = {m.group(1)} + 1")))
-    if tasks.tidy_answer(other) != tasks.tidy_answer(g):
+    if grading.tidy_answer(other) != grading.tidy_answer(g):
         out.append(("another problem's answer", box(other)))
     out.append(("empty box", "\\boxed{}"))
     return out
@@ -220,7 +221,7 @@ def read(name, path):
     out = []
     for line in open(path):
         r = json.loads(line)
-        gold = tasks.benchmark_gold(r[b.answer]) if b.answer in r else tasks.last_boxed(r["solution"])
+        gold = tasks.benchmark_gold(r[b.answer]) if b.answer in r else grading.last_boxed(r["solution"])
         solution = r.get("solution") if isinstance(r.get("solution"), str) else None
         out.append((r.get(b.question) or r.get("problem") or r.get("question"), gold, solution))
     return out
@@ -229,10 +230,10 @@ def read(name, path):
 def step_time(golds, rng, when):
     """A step's grading: 256 completions (an equivalent and a wrong rewrite for 128 problems),
     one rewards_for call, math-verify's caches empty (imported before: a run pays that once)."""
-    tasks.is_correct("\\boxed{x}", "y")
+    grading.is_correct("\\boxed{x}", "y")
     picks = [(rng.choice(make)[1], g) for g in rng.sample(golds, 128)
              for make in (equivalent(g), wrong(g, rng.choice(golds)))]
-    tasks._parsed.cache_clear()
+    grading._parsed.cache_clear()
     t, cpu = time.perf_counter(), time.process_time()
     s = tasks.rewards_for([c for c, _ in picks], [g for _, g in picks])
     print(f"rewards_for on 256 MATH-500 completions, {when}: {time.perf_counter() - t:.2f} s "
@@ -258,8 +259,8 @@ def main():
     def grade(c, g):
         t = time.process_time()
         try:
-            v = tasks.is_correct(c, g)
-        except tasks.GradingError:
+            v = grading.is_correct(c, g)
+        except grading.GradingError:
             v, errors[0] = None, errors[0] + 1
         times.append(time.process_time() - t)
         return v
@@ -273,7 +274,7 @@ def main():
         print(f"{name} reference solutions graded correct: " + (f"{len(refs) - len(missed)}/{len(refs)}" if refs else
               "none to grade (its rows hold no solution that states an answer)"))
         for g, s in missed[:a.show]:
-            print("   missed:", repr(g), "from", repr(tasks.extract_answer(s)))
+            print("   missed:", repr(g), "from", repr(grading.extract_answer(s)))
         golds = [g for _, g, _ in rows]
         for what, make, want in (("equivalent rewrites accepted", lambda g, o: equivalent(g), True),
                                  ("wrong rewrites rejected", lambda g, o: wrong(g, o), False)):
@@ -292,7 +293,7 @@ def main():
                 print("   failed:", f)
     if a.gsm8k:
         rows = [json.loads(line) for line in open(a.gsm8k)]
-        bad = [r for r in rows if not grade(r["answer"], tasks.gold_answer(r["answer"]))]
+        bad = [r for r in rows if not grade(r["answer"], grading.gold_answer(r["answer"]))]
         print(f"gsm8k reference solutions graded correct: {len(rows) - len(bad)}/{len(rows)}")
     if a.gsm8k_solutions:
         agree, n, fails = 0, 0, []
@@ -311,7 +312,7 @@ def main():
             print("   disagreed:", f)
     for path in a.labelled:  # the verdicts of Qwen2.5-Math's grader (1e-4 relative tolerance, percent x100 too)
         rows = [json.loads(line) for line in open(path)]
-        differ = [(r["previous_score"][0], r["gt"], tasks.extract_answer(r["reasoning"])) for r in rows
+        differ = [(r["previous_score"][0], r["gt"], grading.extract_answer(r["reasoning"])) for r in rows
                   if grade(r["reasoning"], r["gt"]) != r["previous_score"][0]]
         print(f"{path}: {len(rows) - len(differ)}/{len(rows)} verdicts as labelled "
               f"({sum(r['previous_score'][0] for r in rows)} labelled right)")

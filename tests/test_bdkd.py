@@ -11,6 +11,7 @@ import torch
 
 import bdkd
 import common
+import grading
 import tasks
 from conftest import assert_user_error, check_samples, read_metrics, run_script
 
@@ -136,7 +137,7 @@ def test_evaluate_ece_is_the_binned_confidence_gap(models_and_rollout):
     with torch.no_grad():
         ro = common.sample(small, tok, [tasks.format_prompt(tok, r, instruction="") for r in rows], 1, 8, greedy=True)
         conf = torch.exp((common.token_logprobs(small, ro) * ro.mask).sum(1)).tolist()
-    right = [tasks.is_correct(t, r["answer"]) for t, r in zip(ro.texts, rows)]
+    right = [grading.is_correct(t, r["answer"]) for t, r in zip(ro.texts, rows)]
     bins = {}
     for c, r in zip(conf, right):
         bins.setdefault(min(int(c * 10), 9), []).append(c - r)

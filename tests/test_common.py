@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import grading
 import rundir
 import tasks
 from reference import naive_token_logprobs
@@ -31,7 +32,7 @@ from reference import naive_token_logprobs
     ("-3 is it", "-3"),
 ])
 def test_correct_answers(completion, gold):
-    assert tasks.is_correct(completion, gold)
+    assert grading.is_correct(completion, gold)
 
 
 @pytest.mark.parametrize("completion, gold", [
@@ -42,16 +43,16 @@ def test_correct_answers(completion, gold):
     ("", "0"),
 ])
 def test_wrong_answers(completion, gold):
-    assert not tasks.is_correct(completion, gold)
+    assert not grading.is_correct(completion, gold)
 
 
 def test_gold_answers_of_real_formats():
     gsm8k = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether she sold 48+24 = <<48+24=72>>72.\n#### 1,072"
-    assert tasks.gold_answer(gsm8k) == "1,072"
+    assert grading.gold_answer(gsm8k) == "1,072"
     math_solution = "So $f(2) = \\boxed{\\frac{a^{2}}{b}}$. Earlier we had \\boxed{3}? No: final \\boxed{\\frac{a^{2}}{b}}."
-    assert tasks.last_boxed(math_solution) == "\\frac{a^{2}}{b}"
-    assert tasks.last_boxed("\\boxed{unclosed") is None
-    assert tasks.extract_answer("x \\fbox{7}") == "7"
+    assert grading.last_boxed(math_solution) == "\\frac{a^{2}}{b}"
+    assert grading.last_boxed("\\boxed{unclosed") is None
+    assert grading.extract_answer("x \\fbox{7}") == "7"
 
 
 def test_rewards_and_format_bonus():

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+import grading
 import tasks
 from conftest import ROOT
 
@@ -49,8 +50,8 @@ def test_benchmarks_load_with_their_golds_as_text(fixtures):
 def test_each_benchmark_gold_is_graded_right_when_boxed_and_wrong_when_off_by_one(fixtures):
     for name in tasks.BENCHMARKS:
         for r in tasks.load_data(name, "eval"):
-            assert tasks.is_correct(f"So the answer is $\\boxed{{{r['answer']}}}$.", r["answer"]), (name, r["answer"])
-            assert not tasks.is_correct("\\boxed{3158}", r["answer"]), (name, r["answer"])
+            assert grading.is_correct(f"So the answer is $\\boxed{{{r['answer']}}}$.", r["answer"]), (name, r["answer"])
+            assert not grading.is_correct("\\boxed{3158}", r["answer"]), (name, r["answer"])
 
 
 def test_benchmarks_read_the_hub_copy_named(monkeypatch):
@@ -105,14 +106,14 @@ def test_offline_a_benchmark_not_in_the_cache_fails_in_one_line_naming_it(monkey
 
 def direct_greedy(model, tok, rows, dataset, max_new_tokens):
     """Right greedy answers counted with model.generate, one question at a time (no batch, no padding,
-    no process split), graded by tasks.is_correct: what evaluate.py's table must say."""
+    no process split), graded by grading.is_correct: what evaluate.py's table must say."""
     import torch
     right = 0
     for r in rows:
         ids = tok(tasks.format_prompt(tok, r, instruction=tasks.prompt_instruction(dataset)), return_tensors="pt", add_special_tokens=False).input_ids
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
                              eos_token_id=tasks.eos_ids(model, tok), pad_token_id=tok.pad_token_id)
-        right += tasks.is_correct(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), r["answer"])
+        right += grading.is_correct(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), r["answer"])
     return right
 
 
@@ -144,8 +145,8 @@ def test_toy_table_equals_a_direct_count_and_pass_at_k_the_unbiased_estimator(tm
     assert [(s["question"], s["gold"]) for s in samples] == [(r["question"], r["answer"]) for r in rows]
     for s in samples:
         for a in [s["greedy"], *s["samples"]]:
-            assert a["correct"] == tasks.is_correct(a["completion"], s["gold"])
-            assert a["answer"] == tasks.extract_answer(a["completion"])
+            assert a["correct"] == grading.is_correct(a["completion"], s["gold"])
+            assert a["answer"] == grading.extract_answer(a["completion"])
     verdicts = [[a["correct"] for a in s["samples"]] for s in samples]
     assert all(len(v) == 4 for v in verdicts)
     assert result["mean_accuracy@4"] == pytest.approx(sum(map(sum, verdicts)) / 160, abs=1e-12)

@@ -1,4 +1,4 @@
-"""tasks.is_correct on real answers, the time limit, and where a completion ends.
+"""grading.is_correct on real answers, the time limit, and where a completion ends.
 
 The golds are public: MATH-500 answers (the test split of github.com/openai/prm800k) and GSM8K
 test answers (github.com/openai/grade-school-math); each is paired with completions of every kind
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common
+import grading
 import tasks
 from conftest import ROOT
 
@@ -126,7 +127,7 @@ CASES = [
 
 @pytest.mark.parametrize("gold, completion, verdict, kind", CASES, ids=[f"{i}:{c[3]}" for i, c in enumerate(CASES)])
 def test_real_answers(gold, completion, verdict, kind):
-    assert tasks.is_correct(completion, gold) is verdict
+    assert grading.is_correct(completion, gold) is verdict
 
 
 def test_every_kind_has_right_and_wrong_cases():
@@ -139,10 +140,10 @@ def test_grading_in_another_thread_has_no_time_limit_and_the_same_verdicts():
     got = {}
 
     def work():
-        got["v"] = [tasks.is_correct(c, g) for g, c, _, _ in CASES]
+        got["v"] = [grading.is_correct(c, g) for g, c, _, _ in CASES]
         got["s"] = tasks.rewards_for([c for _, c, _, _ in CASES], [g for g, _, _, _ in CASES])
 
-    tasks._parsed.cache_clear()
+    grading._parsed.cache_clear()
     t = threading.Thread(target=work)
     t.start()
     t.join()
@@ -152,18 +153,18 @@ def test_grading_in_another_thread_has_no_time_limit_and_the_same_verdicts():
 
 def test_a_check_over_the_time_limit_scores_zero_and_is_counted(monkeypatch):
     import signal
-    monkeypatch.setattr(tasks, "GRADE_TIMEOUT_S", 1e-4)  # CPU seconds: any math-verify check takes longer
-    tasks._parsed.cache_clear()
+    monkeypatch.setattr(grading, "GRADE_TIMEOUT_S", 1e-4)  # CPU seconds: any math-verify check takes longer
+    grading._parsed.cache_clear()
     pair = ("\\boxed{(x+1)^9 - 3x^7}", "x^9 + 9x^8 + 33x^7 + 84x^6 + 126x^5 + 126x^4 + 84x^3 + 36x^2 + 9x + 1")
-    with pytest.raises(tasks.GradingError):
-        tasks.is_correct(*pair)
+    with pytest.raises(grading.GradingError):
+        grading.is_correct(*pair)
     assert signal.getitimer(signal.ITIMER_VIRTUAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGVTALRM) in (signal.SIG_DFL, None)  # put back as it was
     s = tasks.rewards_for([pair[0], "\\boxed{4}", "\\boxed{5}"], [pair[1], "4", "4"], format_coef=0.5)
     assert s.grade_errors == 1
     assert s.correct.tolist() == [False, True, False] and s.reward.tolist() == [0.5, 1.5, 0.5]
-    monkeypatch.setattr(tasks, "GRADE_TIMEOUT_S", 5.0)
-    assert tasks.is_correct(*pair) is True  # the same check in time: a verdict ((x+1)^9 - 3x^7 expands to it)
+    monkeypatch.setattr(grading, "GRADE_TIMEOUT_S", 5.0)
+    assert grading.is_correct(*pair) is True  # the same check in time: a verdict ((x+1)^9 - 3x^7 expands to it)
 
 
 def test_a_tower_of_powers_is_a_grading_error_not_a_hang():
@@ -173,9 +174,9 @@ def test_a_tower_of_powers_is_a_grading_error_not_a_hang():
 
 def test_time_limit_under_torchrun():
     """Each torchrun rank is a process whose main thread grades: the limit applies on every rank."""
-    code = ("import os, sys; sys.path.insert(0, os.getcwd()); import tasks\n"
+    code = ("import os, sys; sys.path.insert(0, os.getcwd()); import grading, tasks\n"
             "ok = tasks.rewards_for(['\\\\boxed{14/3}', '\\\\boxed{357}'], ['\\\\frac{14}{3}', '3, 5, 7'])\n"
-            "tasks.GRADE_TIMEOUT_S = 1e-4; tasks._parsed.cache_clear()\n"
+            "grading.GRADE_TIMEOUT_S = 1e-4; grading._parsed.cache_clear()\n"
             "late = tasks.rewards_for(['\\\\boxed{(x+1)^9}'], ['x^9 + 9x^8 + 36x^7'])\n"
             "print('rank', os.environ['RANK'], ok.correct.tolist(), ok.grade_errors, late.grade_errors)\n")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -14,7 +14,8 @@ TOOLS = ["evaluate"]  # scripts that train nothing: readable as the others, impo
 # Who may import whom among the shared modules (the scripts may import all of them).
 ALLOWED = {
     "common": {"tasks", "plumbing", "fastgen"},
-    "tasks": {"plumbing"},
+    "tasks": {"plumbing", "grading"},
+    "grading": set(),
     "rundir": {"plumbing"},
     "fastgen": set(),
     "plumbing": set(),
@@ -38,7 +39,7 @@ def imported(name):
 
 def test_module_sizes():
     assert lines("common") <= 600
-    for name in ["tasks", "plumbing", "rundir", "fastgen"]:
+    for name in ["tasks", "grading", "plumbing", "rundir", "fastgen"]:
         assert lines(name) <= 500, name
     for name in SCRIPTS + TOOLS:
         assert lines(name) <= 400, name

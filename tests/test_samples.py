@@ -1,5 +1,5 @@
 """What the model wrote: the console's sample line at each evaluation, --log-samples 0, and results.py
---samples, which reads samples.jsonl back. The rows themselves (graded as tasks.is_correct grades, the same
+--samples, which reads samples.jsonl back. The rows themselves (graded as grading.is_correct grades, the same
 questions at every evaluation, each script's columns) are checked on every script's end-to-end run
 (conftest.check_samples); a resume in tests/test_grpo.py and tests/test_tracking.py, torchrun in
 tests/test_distributed.py, evaluate's rows in tests/test_common.py."""

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import grading
 import tasks
 from conftest import ROOT, read_metrics, run_main, run_script
 
@@ -229,6 +230,6 @@ def test_evaluation_accuracy_is_a_count_with_model_generate_and_is_correct(loade
         ids = tok(tasks.format_prompt(tok, r, instruction=""), return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(**ids, do_sample=False, max_new_tokens=n, eos_token_id=end, pad_token_id=tok.pad_token_id)
-        right += tasks.is_correct(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True), r["answer"])
+        right += grading.is_correct(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True), r["answer"])
     assert 0 < right < len(rows)  # some right, some wrong: the count can tell a wrong grader
     assert accuracy == right / len(rows)
