@@ -38,11 +38,10 @@ from common import arg
 
 @dataclass
 class Args:
-    small: str = arg("toy-small", "the small model (the only one that generates): hub id, bare Qwen name, local directory, or toy name")
-    large: str = arg("toy-large", "the large model, same tokenizer as --small: hub id, bare Qwen name, local directory, or toy name")
-    dataset: str = arg("math", "gsm8k, math, toy, toy-hard, or a .jsonl path with question/answer fields; a toy model defaults to its own (toy or toy-hard)", toy="toy")
-    eval_dataset: str = arg(None, "held-out questions evaluated during training: anything --dataset accepts, e.g. another "
-                                  ".jsonl file (default: --dataset's eval split)")
+    small: str = arg("toy-small", "the small model, the only one that generates: hub id, bare name, directory or toy model")
+    large: str = arg("toy-large", "the large model, same tokenizer as --small")
+    dataset: str = arg("math", "training questions: gsm8k, math, toy, toy-hard or a .jsonl file", toy="toy")
+    eval_dataset: str = arg(None, "held-out questions: as --dataset, or a benchmark (default: --dataset's eval split)")
     steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
     prompts_per_step: int = arg(32, "questions sampled per step", toy=8)
     group_size: int = arg(8, "completions per question (G), sampled by the small model")
@@ -52,44 +51,44 @@ class Args:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (each model's own)")
     temperature: float = arg(1.0, "sampling temperature (log-probs of both models use the same)")
-    format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
-    instruction: str = arg(None, "text on a new line after each question ('' for none); a .jsonl row's 'prompt' field is the "
-                                 "user message verbatim instead (default: --dataset's own: 'Please reason step by step, and "
-                                 "put your final answer within \\boxed{}.', none for the toy)")
+    format_coef: float = arg(0.0, "reward bonus for an answer in \\boxed{} or after ####")
+    instruction: str = arg(None, "text on a new line after each question ('' for none; default: --dataset's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
-    report_to: str = arg("none", "where the metrics also go as they come: none, tensorboard, wandb, or tensorboard,wandb (each needs its package)")
-    wandb_project: str = arg("", "W&B project of --report-to wandb (default: the script's name; the run is named after --out)")
+    report_to: str = arg("none", "also send the metrics to: none, tensorboard, wandb, or tensorboard,wandb")
+    wandb_project: str = arg("", "W&B project of --report-to wandb (default: the script's name)")
     eval_every: int = arg(50, "evaluate both models every N steps (also at step 0 and after the last step)")
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
-    pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
+    pass_n: int = arg(0, "answers sampled per held-out question for eval/pass@k (0: off)", toy=16)
     pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
-    log_samples: int = arg(4, "held-out questions (the first N) whose greedy answers go to DIR/samples.jsonl at every evaluation, with one group of that step's rollouts (0: off)")
-    save_every: int = arg(50, "checkpoint every N steps and after the last (0: never, nothing to resume)")
+    log_samples: int = arg(4, "held-out questions whose greedy answers go to samples.jsonl (0: off)")
+    save_every: int = arg(50, "checkpoint every N steps and after the last (0: never)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    lora_rank: int = arg(0, "LoRA rank of every trained model: adapters on --lora-target learn, the weights stay frozen (0: full fine-tuning)")
-    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank (LoRA Without Regret's 32)")
-    lora_target: str = arg("all-linear", "modules that get LoRA adapters: all-linear (every linear layer of the decoder blocks) or names, comma-separated")
+    lora_rank: int = arg(0, "LoRA rank of every trained model (0: full fine-tuning)")
+    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank")
+    lora_target: str = arg("all-linear", "modules with LoRA adapters: all-linear or names, comma-separated")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
-    generation: str = arg("auto", "how completions are sampled: auto (fastgen on CUDA, generate elsewhere: the fastest measured), generate (model.generate), static (model.generate on a static KV cache, its decode step compiled on CUDA), fastgen (fastgen.py's loop: a static cache, one step replayed as a CUDA graph); all exact, the same distribution", choices=("auto", "generate", "static", "fastgen"))
-    fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
+    generation: str = arg("auto", "sampler: auto (fastgen on CUDA, else generate), generate, static or fastgen",
+                          choices=("auto", "generate", "static", "fastgen"))
+    fsdp: bool = arg(False, "torchrun: shard weights, gradients and optimizer states over the processes (FSDP2)")
     # Algorithm-specific arguments
-    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
+    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing",
+                             choices=("group", "batch", "none"))
     loss_type: str = arg("grpo", "token aggregation of both losses", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
     num_iterations: int = arg(1, "updates per batch of rollouts (mu), for each model")
     epsilon: float = arg(0.2, "lower clip range of each model's own ratio: ratio >= 1 - epsilon")
     epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
-    kd_coef: float = arg(0.1, "alpha: the coefficient of the small model's balanced divergence to the large model", toy=0.5)
-    is_cap: float = arg(2.0, "C: the large model's importance weights pi_L/pi_S,old are truncated at C")
-    allow_smaller_large: bool = arg(False, "train a --large model with fewer parameters than --small (refused without it: the two are likely swapped)")
-    large_rollouts: int = arg(0, "completions per question the large model also samples itself (0: none)")
-    bdkd_kappa: float = arg(5.0, "sharpness of the balance w = sigmoid(kappa (H(p_S) - H(p_L))) between reverse (w) and forward KL")
-    large_kd_coef: float = arg(0.1, "coefficient of the large model's regulariser KL(p_L||sg p_S) on the small model's rollouts")
+    kd_coef: float = arg(0.1, "alpha: coefficient of the small model's balanced divergence to the large model", toy=0.5)
+    is_cap: float = arg(2.0, "C: the large model's importance weights pi_L/pi_S,old truncated at C")
+    allow_smaller_large: bool = arg(False, "train a --large model smaller than --small (refused without it: likely swapped)")
+    large_rollouts: int = arg(0, "completions per question the large model samples too (0: none)")
+    bdkd_kappa: float = arg(5.0, "sharpness of w = sigmoid(kappa (H(p_S) - H(p_L))), the reverse KL's share")
+    large_kd_coef: float = arg(0.1, "coefficient of the large model's regulariser KL(p_L||sg p_S)")
 
 
 # ALGO LOGIC
@@ -260,14 +259,16 @@ def main():
     common.warn_if_smaller(large, small, args.large, args.small, "--large model",
                            refuse="" if args.allow_smaller_large else "--allow-smaller-large")
     plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
-    trained = {name: [p for p in m.parameters() if p.requires_grad] for name, m in (("small", small), ("large", large))}  # LoRA: the adapters
+    trained = {name: [p for p in m.parameters() if p.requires_grad]  # LoRA: the adapters
+               for name, m in (("small", small), ("large", large))}
     optimizers = dict(small=torch.optim.AdamW(trained["small"], lr=args.small_lr, weight_decay=args.weight_decay, fused=True),
-                      large=torch.optim.AdamW(trained["large"], lr=args.large_lr, weight_decay=args.weight_decay, fused=True))  # fused: one kernel a step
+                      large=torch.optim.AdamW(trained["large"], lr=args.large_lr, weight_decay=args.weight_decay, fused=True))
     start = run.resume(dict(small=small, large=large), optimizers, sampler) if args.resume else 0
 
     def evaluate(step):
         evals = {name: common.evaluate(m, tok, eval_rows, args.max_new_tokens, args.pass_n, args.pass_k, ece_bins=10,
-                                       samples=args.log_samples, instruction=args.instruction, system_prompt=args.system_prompt)
+                                       samples=args.log_samples, instruction=args.instruction,
+                                       system_prompt=args.system_prompt)
                  for name, m in (("small", small), ("large", large))}
         run.log(step, {f"{name}/{k}": v for name, (metrics, _) in evals.items() for k, v in metrics.items()})
         run.log_samples(step, "eval", [dict(model=name, **s) for name, (_, samples) in evals.items() for s in samples])
@@ -326,7 +327,8 @@ def main():
         # 5. log, evaluate, save
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/zero_std_frac": zero_std,
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards),
+            "train/zero_std_frac": zero_std,
             "train/grade_errors": scores.grade_errors + (own_scores.grade_errors if n else 0),
             "train/completion_len": rollout.lengths.float().mean(),
             "train/tokens": plumbing.all_sum(2 * rollout.mask.sum() + (own.mask.sum() if n else 0)),  # S's (both), L's own

@@ -273,7 +273,8 @@ def profile_update(model_path: str, batch: int = 64, prompt_tokens: int = 150, n
                 torch.cuda.reset_peak_memory_stats()
             with plumbing.Timer() as t:
                 update(**v)
-            print(json.dumps(dict(variant=name, update_s=round(t.seconds, 3), trained_tok_s=round(batch * new_tokens / t.seconds),
+            print(json.dumps(dict(variant=name, update_s=round(t.seconds, 3),
+                                  trained_tok_s=round(batch * new_tokens / t.seconds),
                                   peak_mem_gib=round(peak_memory_gib(), 2))), flush=True)
         except Exception as e:  # an out-of-memory variant must not cost the others
             print(json.dumps(dict(variant=name, failed=f"{type(e).__name__}: {str(e)[:300]}")), flush=True)
@@ -305,7 +306,8 @@ def generation_check(model_path: str, data: str, prompts: int, group: int, new_t
 
     device = plumbing.init_distributed("auto")
     model, tok = common.load_model(model_path, device)
-    texts = [tasks.format_prompt(tok, r, instruction=tasks.BOXED_INSTRUCTION) for r in tasks.load_data(data, "train")[:prompts]]
+    rows = tasks.load_data(data, "train")[:prompts]
+    texts = [tasks.format_prompt(tok, r, instruction=tasks.BOXED_INSTRUCTION) for r in rows]
     greedy = {}
     for mode in ("generate", "static", "fastgen"):  # generate first: the others' greedy rows are compared with its
         model.generation = mode
@@ -494,7 +496,9 @@ def gpu_check(opts):
             rows.append(dict(script=name, models="", failed="skipped (--check-budget)"))
             continue
         model_flags = [x for k, v in sizes.items() for x in (f"--{k}", models[v])]
-        limit = opts.check_timeout if not opts.check_budget else max(30.0, min(opts.check_timeout, opts.check_budget - elapsed))
+        limit = opts.check_timeout
+        if opts.check_budget:  # no row runs past the budget (30 s at least, to say something)
+            limit = max(30.0, min(opts.check_timeout, opts.check_budget - elapsed))
         say(f"{name} ... ({elapsed:.0f} s in)")
         t0 = time.perf_counter()
         if script == "generation":
@@ -513,7 +517,8 @@ def gpu_check(opts):
             continue
         if script == "update":
             code, out, err = run_row([sys.executable, os.path.abspath(__file__), "--profile-update", models["0.5B"],
-                                      "--update-variants", opts.update_variants or ",".join(UPDATE_VARIANTS), *check_sizes(opts)], limit)
+                                      "--update-variants", opts.update_variants or ",".join(UPDATE_VARIANTS),
+                                      *check_sizes(opts)], limit)
             for line in out.splitlines():
                 if line.startswith('{"variant"'):
                     say(f"  {line}")
@@ -536,7 +541,8 @@ def gpu_check(opts):
         warmup = min(opts.warmup, steps - 1)
         code, out, err = run_row([sys.executable, os.path.abspath(__file__), *which, "--warmup", str(warmup), "--", *flags],
                                  limit)
-        row = dict(script="TRL GRPOTrainer" if script == "trl" else f"{script}.py" + (f" {' '.join(VARIANTS[variant])}" if variant else ""),
+        label = f"{script}.py" + (f" {' '.join(VARIANTS[variant])}" if variant else "")
+        row = dict(script="TRL GRPOTrainer" if script == "trl" else label,
                    models=" + ".join(f"{v}" for v in sizes.values()))
         if code != 0:  # one failure must not cost the other rows (a GPU lease is short)
             say(f"{name} failed after {time.perf_counter() - t0:.0f} s:\n{err[-3000:]}")
@@ -556,7 +562,8 @@ def gpu_check(opts):
         f", cut to {opts.check_layers or 'all'} layers, hidden {opts.check_hidden or 'real'}"
     print(f"{dev}; random-weight Qwen2.5{cut}; {opts.check_prompts} questions x {opts.check_group} completions of "
           f"up to {opts.check_new_tokens} tokens, prompts ~{opts.check_prompt_tokens} tokens; means of steps "
-          f"{opts.warmup + 1}-{opts.check_steps}; peak memory: {'max allocated' if torch.cuda.is_available() else 'resident set'}; "
+          f"{opts.warmup + 1}-{opts.check_steps}; peak memory: "
+          f"{'max allocated' if torch.cuda.is_available() else 'resident set'}; "
           f"{time.perf_counter() - t_start:.0f} s in all\n")
     print("| script | models | step (s) | generate (s) | update (s) | generated tok/s | trained tok/s | peak memory (GiB) | "
           "first step (s): compile included |")
@@ -566,14 +573,16 @@ def gpu_check(opts):
         if r.get("failed"):
             print(f"| {r['script']} | {r['models']} | {r['failed']} | | | | | | |")
         elif r["script"].startswith("generation"):
-            print(f"| {r['script']} | {r['models']} | - | {r['seconds']:.2f} | - | {r['tok_s']:,.0f} | - | {r['peak_mem_gib']:.1f} | "
+            print(f"| {r['script']} | {r['models']} | - | {r['seconds']:.2f} | - | {r['tok_s']:,.0f} | - | "
+                  f"{r['peak_mem_gib']:.1f} | "
                   f"{r['first_call_s']:.1f} |")
         else:
             print(f"| {r['script']} | {r['models']} | {r['step_s']:.2f} | {fmt(r, 'generate_s', '.2f')} | "
                   f"{fmt(r, 'update_s', '.2f')} | {fmt(r, 'generated_tok_s', ',.0f')} | {fmt(r, 'trained_tok_s', ',.0f')} | "
                   f"{r['peak_gib']:.1f} | {fmt(r, 'first_step_s', '.1f')} |")
     if profile is not None:
-        print(f"\none update of grpo.py's shape (0.5B, {opts.check_prompts * opts.check_group} completions), profiled:\n{profile}")
+        n = opts.check_prompts * opts.check_group
+        print(f"\none update of grpo.py's shape (0.5B, {n} completions), profiled:\n{profile}")
     return rows
 
 
@@ -584,7 +593,8 @@ def check_sizes(opts) -> list:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--script", default="grpo", choices=("grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl"))
+    p.add_argument("--script", default="grpo",
+                   choices=("grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl"))
     p.add_argument("--random-model", default=None, help="'H,L': a random-weight Qwen2 as --model")
     p.add_argument("--trl", action="store_true", help="time TRL's GRPOTrainer instead of grpo.py")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the means (default 2; --gpu-check: 1)")
@@ -598,9 +608,10 @@ def main():
     p.add_argument("--hidden", type=int, default=128, help="--logprob-memory: hidden size of the random model")
     p.add_argument("--chunk", type=int, default=1024, help="--logprob-memory: positions per chunk (--logprob-chunk)")
     p.add_argument("--gpu-check", action="store_true", help="every script on random-weight Qwen2.5-0.5B/1.5B, offline")
-    p.add_argument("--memory-table", action="store_true", help="the README's memory table (full fine-tuning and LoRA), counted")
-    p.add_argument("--profile-update", metavar="MODEL", help="one grpo.py-shaped update of MODEL (a directory) under torch.profiler")
-    p.add_argument("--check-scripts", default=CHECK_DEFAULT, help=f"--gpu-check: scripts[+variant], comma-separated (default: {CHECK_DEFAULT})")
+    p.add_argument("--memory-table", action="store_true", help="the memory table (full fine-tuning and LoRA), counted")
+    p.add_argument("--profile-update", metavar="MODEL", help="one grpo.py-shaped update of MODEL (a directory), profiled")
+    p.add_argument("--check-scripts", default=CHECK_DEFAULT,
+                   help=f"--gpu-check: rows, scripts[+variant], comma-separated (default: {CHECK_DEFAULT})")
     p.add_argument("--check-steps", type=int, default=2, help="--gpu-check: steps per script (the first --warmup left out)")
     p.add_argument("--check-prompts", type=int, default=8, help="--gpu-check: questions per step")
     p.add_argument("--check-group", type=int, default=8, help="--gpu-check: completions per question")
@@ -613,10 +624,11 @@ def main():
     p.add_argument("--check-budget", type=float, default=0,
                    help="--gpu-check: seconds for all rows; a row is not started past it, and none runs past it (0: no limit)")
     p.add_argument("--check-data", help=argparse.SUPPRESS)
-    p.add_argument("--update-variants", default="", help="--profile-update: names of UPDATE_VARIANTS to time first, comma-separated (--gpu-check: all)")
-    p.add_argument("--generation-check", metavar="MODEL", help="every --generation mode on MODEL (a directory), timed, greedy compared")
+    p.add_argument("--update-variants", default="",
+                   help="--profile-update: names of UPDATE_VARIANTS to time first, comma-separated (--gpu-check: all)")
+    p.add_argument("--generation-check", metavar="MODEL", help="every --generation mode on MODEL, timed, greedy compared")
     p.add_argument("--check-layers", type=int, default=None, help="--gpu-check: cut the models to this depth (CPU)")
-    p.add_argument("--check-hidden", type=int, default=None, help="--gpu-check: this hidden size instead of the real one (CPU)")
+    p.add_argument("--check-hidden", type=int, default=None, help="--gpu-check: this hidden size, not the real one (CPU)")
     argv = sys.argv[1:]
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     opts = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -630,7 +642,8 @@ def main():
         return
     opts.warmup = 2 if opts.warmup is None else opts.warmup
     if opts.profile_update:
-        profile_update(opts.profile_update, opts.check_prompts * opts.check_group, opts.check_prompt_tokens, opts.check_new_tokens,
+        profile_update(opts.profile_update, opts.check_prompts * opts.check_group, opts.check_prompt_tokens,
+                       opts.check_new_tokens,
                        variants=[v for v in opts.update_variants.split(",") if v])
         return
     if opts.generation_check:
@@ -657,7 +670,8 @@ def main():
         if torch.distributed.get_rank() != 0:
             return
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(json.dumps(dict(which="trl" if opts.trl else f"{opts.script}.py", device=dev, flags=" ".join(flags), **res), indent=1))
+    which = "trl" if opts.trl else f"{opts.script}.py"
+    print(json.dumps(dict(which=which, device=dev, flags=" ".join(flags), **res), indent=1))
 
 
 if __name__ == "__main__":

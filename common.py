@@ -306,8 +306,9 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
         num_beams=1, use_cache=True, cache_implementation="static" if how == "static" else None)
     with plumbing.generating(model):  # autocast; FSDP: each layer gathered once for the batch, ranks in step
         if how == "fastgen":
-            completion_ids = fastgen.generate(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id, temperature,
-                                              greedy, compile=device.type == "cuda", shadow=plumbing.uses_bf16(device))  # (B, T)
+            completion_ids = fastgen.generate(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id,
+                                              temperature, greedy, compile=device.type == "cuda",
+                                              shadow=plumbing.uses_bf16(device))  # (B, T)
         else:
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
             completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
@@ -323,7 +324,7 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
 
 
 def _lm_head(h, w, temperature: float, vocab: Optional[int]):
-    with torch.autocast(h.device.type, enabled=False):  # fp32 under autocast too: bf16 logits are off by up to 2^-9 of their size
+    with torch.autocast(h.device.type, enabled=False):  # fp32 under autocast too: bf16 logits are off by up to 2^-9
         logits = h.float() @ w.T  # (n, V) w is fp32 (completion_states)
     if vocab is not None:
         logits = logits[:, :vocab]

@@ -31,10 +31,9 @@ from common import arg
 
 @dataclass
 class Args:
-    model: str = arg("toy-small", "policy to train: hub id, bare Qwen name (Qwen2.5-0.5B-Instruct), local directory, or a toy model (toy-small, toy-large, toy-hard-small, toy-hard-large)")
-    dataset: str = arg("gsm8k", "gsm8k, math, toy, toy-hard, or a .jsonl path with question/answer fields; a toy model defaults to its own (toy or toy-hard)", toy="toy")
-    eval_dataset: str = arg(None, "held-out questions evaluated during training: anything --dataset accepts, e.g. another "
-                                  ".jsonl file (default: --dataset's eval split)")
+    model: str = arg("toy-small", "policy to train: hub id, bare name (Qwen2.5-0.5B), local directory or toy model")
+    dataset: str = arg("gsm8k", "training questions: gsm8k, math, toy, toy-hard or a .jsonl file", toy="toy")
+    eval_dataset: str = arg(None, "held-out questions: as --dataset, or a benchmark (default: --dataset's eval split)")
     steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
     prompts_per_step: int = arg(16, "questions sampled per step", toy=8)
     group_size: int = arg(8, "completions per question (G)")
@@ -43,45 +42,47 @@ class Args:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     temperature: float = arg(1.0, "sampling temperature (log-probs use the same)")
-    format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
-    instruction: str = arg(None, "text on a new line after each question ('' for none); a .jsonl row's 'prompt' field is the "
-                                 "user message verbatim instead (default: --dataset's own: 'Please reason step by step, and "
-                                 "put your final answer within \\boxed{}.', none for the toy)")
+    format_coef: float = arg(0.0, "reward bonus for an answer in \\boxed{} or after ####")
+    instruction: str = arg(None, "text on a new line after each question ('' for none; default: --dataset's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
-    report_to: str = arg("none", "where the metrics also go as they come: none, tensorboard, wandb, or tensorboard,wandb (each needs its package)")
-    wandb_project: str = arg("", "W&B project of --report-to wandb (default: the script's name; the run is named after --out)")
+    report_to: str = arg("none", "also send the metrics to: none, tensorboard, wandb, or tensorboard,wandb")
+    wandb_project: str = arg("", "W&B project of --report-to wandb (default: the script's name)")
     eval_every: int = arg(50, "evaluate every N steps (also at step 0 and after the last step)")
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
-    pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
+    pass_n: int = arg(0, "answers sampled per held-out question for eval/pass@k (0: off)", toy=16)
     pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
-    log_samples: int = arg(4, "held-out questions (the first N) whose greedy answers go to DIR/samples.jsonl at every evaluation, with one group of that step's rollouts (0: off)")
-    save_every: int = arg(50, "checkpoint every N steps and after the last (0: never, nothing to resume)")
+    log_samples: int = arg(4, "held-out questions whose greedy answers go to samples.jsonl (0: off)")
+    save_every: int = arg(50, "checkpoint every N steps and after the last (0: never)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    lora_rank: int = arg(0, "LoRA rank of every trained model: adapters on --lora-target learn, the weights stay frozen (0: full fine-tuning)")
-    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank (LoRA Without Regret's 32)")
-    lora_target: str = arg("all-linear", "modules that get LoRA adapters: all-linear (every linear layer of the decoder blocks) or names, comma-separated")
+    lora_rank: int = arg(0, "LoRA rank of every trained model (0: full fine-tuning)")
+    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank")
+    lora_target: str = arg("all-linear", "modules with LoRA adapters: all-linear or names, comma-separated")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
-    generation: str = arg("auto", "how completions are sampled: auto (fastgen on CUDA, generate elsewhere: the fastest measured), generate (model.generate), static (model.generate on a static KV cache, its decode step compiled on CUDA), fastgen (fastgen.py's loop: a static cache, one step replayed as a CUDA graph); all exact, the same distribution", choices=("auto", "generate", "static", "fastgen"))
-    fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
+    generation: str = arg("auto", "sampler: auto (fastgen on CUDA, else generate), generate, static or fastgen",
+                          choices=("auto", "generate", "static", "fastgen"))
+    fsdp: bool = arg(False, "torchrun: shard weights, gradients and optimizer states over the processes (FSDP2)")
     # Algorithm-specific arguments
-    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
-    loss_type: str = arg("dapo", "token aggregation of the D_exp loss (official: token-mean, i.e. dapo)", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing",
+                             choices=("group", "batch", "none"))
+    loss_type: str = arg("dapo", "token aggregation of the D_exp loss (official: token mean, dapo)",
+                         choices=("grpo", "bnpo", "dr_grpo", "dapo"))
     num_iterations: int = arg(1, "updates per batch of rollouts (mu); >1 computes old log-probs once")
     epsilon: float = arg(0.2, "lower clip range: ratio >= 1 - epsilon")
     epsilon_high: float = arg(0.28, "upper clip range: ratio <= 1 + epsilon_high (official: 0.28, DAPO's)")
-    divergence: str = arg("forward", "f of the D_pef term: forward (u - 1 - log u), js (2 JS generator), alpha", choices=("forward", "js", "alpha"))
-    eta: float = arg(0.01, "coefficient of the D_pef divergence term (official ranges: forward 0.01-0.05, js 0.05-0.2, alpha 0.01-0.05)")
+    divergence: str = arg("forward", "f of the D_pef term: forward (u - 1 - log u), js (2 JS generator), alpha",
+                          choices=("forward", "js", "alpha"))
+    eta: float = arg(0.01, "coefficient of the D_pef divergence term (official: forward 0.01-0.05, js 0.05-0.2)")
     alpha: float = arg(0.2, "alpha of --divergence alpha, in (0, 1)")
-    presample_k: int = arg(8, "completions the initial policy samples per training question before training (k)")
-    pef_threshold: int = arg(0, "a question solved at least this many of k times goes to D_pef (0: k, the paper's k of k)")
+    presample_k: int = arg(8, "completions per question the initial policy samples before training (k)")
+    pef_threshold: int = arg(0, "a question solved at least this many of k times goes to D_pef (0: k of k)")
     pef_batch: int = arg(16, "stored D_pef completions in each step's divergence term", toy=8)
-    presample_size: int = arg(0, "training questions pre-sampled and trained on, a seeded subset (0: the whole train split)", toy=2000)
+    presample_size: int = arg(0, "training questions pre-sampled and trained on, a seeded subset (0: all)", toy=2000)
 
 
 # ALGO LOGIC
@@ -159,7 +160,8 @@ def presample(model, tok, rows: list, args):
     if not kept:
         return n_correct, None, None
     store = common.Rollout.cat([ro for _, ro, _ in kept], tok.pad_token_id)
-    return n_correct, store, torch.cat([torch.nn.functional.pad(lp, (0, store.mask.shape[1] - lp.shape[1])) for _, _, lp in kept])
+    T = store.mask.shape[1]
+    return n_correct, store, torch.cat([torch.nn.functional.pad(lp, (0, T - lp.shape[1])) for _, _, lp in kept])
 
 
 def main():
@@ -184,7 +186,7 @@ def main():
 
     start_from = run.checkpoint_dir("policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp,
-                                   lora=common.lora_config(args), generation=args.generation)  # LoRA: frozen weights, fp32 adapters
+                                   lora=common.lora_config(args), generation=args.generation)  # LoRA: fp32 adapters
     plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
     trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters alone
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # fused: one kernel a step
@@ -204,8 +206,8 @@ def main():
     # the question of each stored completion: a D_pef question's correct ones, in question order (for samples)
     pef_rows = [r for r, n, p in zip(train_rows, n_correct.tolist(), is_pef.tolist()) if p for _ in range(n)]
     if plumbing.rank() == 0:
-        print(f"pre-sampling: {len(train_rows)} questions x {args.presample_k}: {int(is_pef.sum())} solved at least {threshold} "
-              f"times (D_pef, {n_pef} completions kept), {len(exp_rows)} to explore (D_exp)")
+        print(f"pre-sampling: {len(train_rows)} questions x {args.presample_k}: {int(is_pef.sum())} solved at least "
+              f"{threshold} times (D_pef, {n_pef} completions kept), {len(exp_rows)} to explore (D_exp)")
     sampler = tasks.PromptSampler(exp_rows, args.seed)
     start = run.resume(dict(policy=model), dict(policy=optimizer), sampler) if args.resume else 0
 
@@ -217,7 +219,8 @@ def main():
         run.log_samples(step, "eval", samples)  # DIR/samples.jsonl, and the first on the console
         return metrics["eval/accuracy"]
 
-    acc0, acc = [evaluate(0)] * 2 if start == 0 else (run.first("eval/accuracy"), run.last("eval/accuracy"))  # resumed: step 0's, the latest
+    # resumed: the accuracy at step 0 and the latest, as logged
+    acc0, acc = [evaluate(0)] * 2 if start == 0 else (run.first("eval/accuracy"), run.last("eval/accuracy"))
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=plumbing.rank() != 0)
     for step in bar:
@@ -282,7 +285,8 @@ def main():
         per_token = n_tokens * args.num_iterations
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards),
+            "train/grade_errors": scores.grade_errors,
             "train/loss": plumbing.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
             "train/truncated_frac": rollout.truncated.float().mean(),

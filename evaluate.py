@@ -44,21 +44,22 @@ PAPERS_SUITE = ",".join(tasks.BENCHMARKS)
 
 @dataclass
 class Args:
-    model: str = arg("toy-small", "model to evaluate: a run's final/ (any save_pretrained directory), a LoRA adapter directory (a checkpoint's, or final/adapter), hub id, bare Qwen name, or a toy model")
-    benchmarks: str = arg("", f"comma-separated: {', '.join(tasks.BENCHMARKS)}; a training dataset's eval split (math, toy, toy-hard); or a .jsonl path with question/answer fields (default: all seven; a toy model: its own toy set)")
+    model: str = arg("toy-small", "a run's final/, any saved model or LoRA adapter, hub id, bare name or toy model")
+    benchmarks: str = arg("", "comma-separated benchmarks, math, toy, toy-hard or .jsonl files (default: the papers' seven)")
     limit: int = arg(0, "the first N questions of each benchmark (0: all)")
     pass_n: int = arg(0, "answers sampled per question for the mean accuracy and pass@k (0: greedy only)", toy=16)
-    pass_k: str = arg("", "the k of pass@k, comma-separated, each at most --pass-n (default: --pass-n; pass@1 is the mean accuracy)")
+    pass_k: str = arg("", "the k of pass@k, comma-separated, each at most --pass-n (default: --pass-n)")
     temperature: float = arg(1.0, "sampling temperature of the --pass-n answers (the greedy answer takes the argmax)")
     max_new_tokens: int = arg(4096, "completion length limit", toy=8)
     batch_size: int = arg(64, "questions per generation call (of the sampled answers: --batch-size / --pass-n questions)")
-    out: str = arg("", "the table as JSON, the completions in <out without .json>.samples.jsonl (default: runs/evaluate-<time>.json)")
+    out: str = arg("", "the table as JSON; the completions beside it in .samples.jsonl (default: runs/evaluate-<time>.json)")
     seed: int = arg(1, "random seed of the sampled answers")
     device: str = arg("auto", "cuda, cpu, or auto")
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
-    instruction: str = arg(None, "text on a new line after each question, as the training scripts' --instruction ('' for none; default: each benchmark's own, the \\boxed{} request for real data)")
-    system_prompt: str = arg(None, "system message of the chat template, as the training scripts' (default: the template's own)")
-    generation: str = arg("auto", "how completions are generated: auto (fastgen on CUDA, generate elsewhere), generate (model.generate), static (on a static KV cache), fastgen (fastgen.py's loop); all exact", choices=("auto", "generate", "static", "fastgen"))
+    instruction: str = arg(None, "text on a new line after each question ('' for none; default: each benchmark's own)")
+    system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
+    generation: str = arg("auto", "sampler: auto (fastgen on CUDA, else generate), generate, static or fastgen",
+                          choices=("auto", "generate", "static", "fastgen"))
 
 
 def load(name: str, device: torch.device, generation: str):

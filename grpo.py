@@ -34,10 +34,9 @@ from common import arg
 
 @dataclass
 class Args:
-    model: str = arg("toy-small", "policy to train: hub id, bare Qwen name (Qwen2.5-0.5B-Instruct), local directory, or a toy model (toy-small, toy-large, toy-hard-small, toy-hard-large)")
-    dataset: str = arg("gsm8k", "gsm8k, math, toy, toy-hard, or a .jsonl path with question/answer fields; a toy model defaults to its own (toy or toy-hard)", toy="toy")
-    eval_dataset: str = arg(None, "held-out questions evaluated during training: anything --dataset accepts, e.g. another "
-                                  ".jsonl file (default: --dataset's eval split)")
+    model: str = arg("toy-small", "policy to train: hub id, bare name (Qwen2.5-0.5B), local directory or toy model")
+    dataset: str = arg("gsm8k", "training questions: gsm8k, math, toy, toy-hard or a .jsonl file", toy="toy")
+    eval_dataset: str = arg(None, "held-out questions: as --dataset, or a benchmark (default: --dataset's eval split)")
     steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
     prompts_per_step: int = arg(16, "questions sampled per step", toy=8)
     group_size: int = arg(8, "completions per question (G)")
@@ -46,34 +45,34 @@ class Args:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     temperature: float = arg(1.0, "sampling temperature (log-probs use the same)")
-    format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
-    instruction: str = arg(None, "text on a new line after each question ('' for none); a .jsonl row's 'prompt' field is the "
-                                 "user message verbatim instead (default: --dataset's own: 'Please reason step by step, and "
-                                 "put your final answer within \\boxed{}.', none for the toy)")
+    format_coef: float = arg(0.0, "reward bonus for an answer in \\boxed{} or after ####")
+    instruction: str = arg(None, "text on a new line after each question ('' for none; default: --dataset's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
-    report_to: str = arg("none", "where the metrics also go as they come: none, tensorboard, wandb, or tensorboard,wandb (each needs its package)")
-    wandb_project: str = arg("", "W&B project of --report-to wandb (default: the script's name; the run is named after --out)")
+    report_to: str = arg("none", "also send the metrics to: none, tensorboard, wandb, or tensorboard,wandb")
+    wandb_project: str = arg("", "W&B project of --report-to wandb (default: the script's name)")
     eval_every: int = arg(50, "evaluate every N steps (also at step 0 and after the last step)")
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
-    pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
+    pass_n: int = arg(0, "answers sampled per held-out question for eval/pass@k (0: off)", toy=16)
     pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
-    log_samples: int = arg(4, "held-out questions (the first N) whose greedy answers go to DIR/samples.jsonl at every evaluation, with one group of that step's rollouts (0: off)")
-    save_every: int = arg(50, "checkpoint every N steps and after the last (0: never, nothing to resume)")
+    log_samples: int = arg(4, "held-out questions whose greedy answers go to samples.jsonl (0: off)")
+    save_every: int = arg(50, "checkpoint every N steps and after the last (0: never)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    lora_rank: int = arg(0, "LoRA rank of every trained model: adapters on --lora-target learn, the weights stay frozen (0: full fine-tuning)")
-    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank (LoRA Without Regret's 32)")
-    lora_target: str = arg("all-linear", "modules that get LoRA adapters: all-linear (every linear layer of the decoder blocks) or names, comma-separated")
+    lora_rank: int = arg(0, "LoRA rank of every trained model (0: full fine-tuning)")
+    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank")
+    lora_target: str = arg("all-linear", "modules with LoRA adapters: all-linear or names, comma-separated")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
-    generation: str = arg("auto", "how completions are sampled: auto (fastgen on CUDA, generate elsewhere: the fastest measured), generate (model.generate), static (model.generate on a static KV cache, its decode step compiled on CUDA), fastgen (fastgen.py's loop: a static cache, one step replayed as a CUDA graph); all exact, the same distribution", choices=("auto", "generate", "static", "fastgen"))
-    fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
+    generation: str = arg("auto", "sampler: auto (fastgen on CUDA, else generate), generate, static or fastgen",
+                          choices=("auto", "generate", "static", "fastgen"))
+    fsdp: bool = arg(False, "torchrun: shard weights, gradients and optimizer states over the processes (FSDP2)")
     # Algorithm-specific arguments
-    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
+    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing",
+                             choices=("group", "batch", "none"))
     loss_type: str = arg("grpo", "token aggregation of the loss", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
     num_iterations: int = arg(1, "updates per batch of rollouts (mu); >1 computes old log-probs once")
     beta: float = arg(0.04, "coefficient of the k3 penalty to the initial policy (0: no reference model)")
@@ -135,7 +134,7 @@ def main():
 
     start_from = run.checkpoint_dir("policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp,
-                                   lora=common.lora_config(args), generation=args.generation)  # LoRA: frozen weights, fp32 adapters
+                                   lora=common.lora_config(args), generation=args.generation)  # LoRA: fp32 adapters
     ref = common.reference(model, args.model, device, args) if args.beta > 0 else None  # LoRA: the adapters off
     plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different completions
     trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters alone
@@ -150,7 +149,8 @@ def main():
         run.log_samples(step, "eval", samples)  # DIR/samples.jsonl, and the first on the console
         return metrics["eval/accuracy"]
 
-    acc0, acc = [evaluate(0)] * 2 if start == 0 else (run.first("eval/accuracy"), run.last("eval/accuracy"))  # resumed: step 0's, the latest
+    # resumed: the accuracy at step 0 and the latest, as logged
+    acc0, acc = [evaluate(0)] * 2 if start == 0 else (run.first("eval/accuracy"), run.last("eval/accuracy"))
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=plumbing.rank() != 0)
     for step in bar:
@@ -203,7 +203,8 @@ def main():
         per_token = n_tokens * args.num_iterations
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards),
+            "train/grade_errors": scores.grade_errors,
             "train/loss": plumbing.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
             "train/truncated_frac": rollout.truncated.float().mean(),

@@ -351,7 +351,8 @@ def check_offline(hub_models: dict, datasets: dict, dataset_repos: dict, toy_mod
     if not models and not data:
         return
     names, toys, is_are = " and ".join(f"'{m}'" for m in models), ", ".join(toy_models), "is" if len(data) == 1 else "are"
-    where = f"the local Hugging Face cache (HF_HOME={constants.HF_HOME}), and the hub is unreachable (HF_HUB_OFFLINE=1 or no network)."
+    where = (f"the local Hugging Face cache (HF_HOME={constants.HF_HOME}), and the hub is unreachable "
+             "(HF_HUB_OFFLINE=1 or no network).")
     said = ([f"model {names} is not a local directory, not a toy model ({toys}) and not in {where}" if len(models) == 1 else
              f"models {names} are not local directories, not toy models ({toys}) and not in {where}"] if models else
             [f"{' and '.join(data)} {is_are} not in {where}"])

@@ -60,7 +60,8 @@ ROWS = [
     ("KDRL SinKD", "sinkd.py", [], "SinKD (BERT on GLUE, T0, GPT-Neo): beats KL, RKL and JS KD"),
     ("GRPO large", "grpo.py", ["--model", "{large}"], "the baseline of CoDistill's large model"),
     ("GRPO G=16", "grpo.py", ["--group-size", "16"], "(CPPO's setting: G = 16)"),
-    ("CPPO G=16 P=0.875", "cppo.py", ["--group-size", "16", "--prune-rate", "0.875"], "k = 2 of 16: 4.89x faster (vLLM on its own GPU)"),
+    ("CPPO G=16 P=0.875", "cppo.py", ["--group-size", "16", "--prune-rate", "0.875"],
+     "k = 2 of 16: 4.89x faster (vLLM on its own GPU)"),
 ]
 # CPPO's speed settings (its claim is about time) run on the toy regime only: on toy-hard they
 # would cost a quarter of the run and repeat what the toy regime shows
@@ -69,7 +70,8 @@ CODISTILL_CLAIMS = {"small": "+6.0 over GRPO (Minerva, 1.5B)", "large": "nearly 
 MODEL_FLAGS = {  # each script's models in a regime (a row's own --model comes later and wins)
     "grpo.py": ["--model", "{small}"], "cppo.py": ["--model", "{small}"],
     "kdrl.py": ["--model", "{small}", "--teacher", "{large}"], "sinkd.py": ["--model", "{small}", "--teacher", "{large}"],
-    "opd_plus.py": ["--model", "{small}", "--teacher", "{large}"], "codistill.py": ["--small", "{small}", "--large", "{large}"],
+    "opd_plus.py": ["--model", "{small}", "--teacher", "{large}"],
+    "codistill.py": ["--small", "{small}", "--large", "{large}"],
     "bdkd.py": ["--small", "{small}", "--large", "{large}"], "dph_rl.py": ["--model", "{small}"],
 }
 # regime: its models, its dataset, the accuracy whose time-to-reach the table reports
@@ -133,8 +135,8 @@ def mean_std(xs, fmt="{:.3f}"):
 
 
 def table(results, target):
-    lines = [f"| algorithm | eval accuracy | pass@1 / pass@16 | train time (s) | generate / update (s) | time to {target} (s) | "
-             "peak memory (GiB) | trained tokens/s | grad norm | paper reports |",
+    lines = [f"| algorithm | eval accuracy | pass@1 / pass@16 | train time (s) | generate / update (s) | "
+             f"time to {target} (s) | peak memory (GiB) | trained tokens/s | grad norm | paper reports |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs, claim in results:
         reached = [next((t for _, t, a in r["curve"] if a >= target), None) for r in runs]
@@ -157,7 +159,8 @@ def labels():
     """Every label a figure can draw, in the order of ROWS (codistill.py and bdkd.py rows as a small and
     a large line): the order fixes each one's style."""
     return [f"{name} {size}" if script in ("codistill.py", "bdkd.py") else name
-            for name, script, _, _ in ROWS for size in (("small", "large") if script in ("codistill.py", "bdkd.py") else ("",))]
+            for name, script, _, _ in ROWS
+            for size in (("small", "large") if script in ("codistill.py", "bdkd.py") else ("",))]
 
 
 def style(label, order):
@@ -315,7 +318,8 @@ def parser():
                "rows (--only takes the name or the word):\n" + "\n".join(f"  {slug(r[0]):28} {r[0]}" for r in ROWS))
     p.add_argument("--regime", nargs="+", default=list(REGIMES), choices=list(REGIMES), help="toy regimes (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of every row (default: 1 2 3)")
-    p.add_argument("--only", nargs="+", default=None, help="rows to run, by name (quoted) or by word, see below (default: all)")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="rows to run, by name (quoted) or by word, see below (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each (default: 2)")
     p.add_argument("--eval-every", type=int, default=20, help="evaluation interval of each run, for the curves; each "
                    "evaluation samples pass@k (default: 20)")

@@ -73,7 +73,8 @@ class Run:
             plumbing.die(f"'{out}' already holds a run: pass --resume to continue it, or choose another --out")
         config = os.path.join(out, "config.json")
         old = json.load(open(config)) if args.resume and os.path.isfile(config) else {}
-        changed = [k for k in ("model", "small", "large", "lora_rank", "lora_target") if k in old and old[k] != getattr(args, k)]
+        changed = [k for k in ("model", "small", "large", "lora_rank", "lora_target")
+                   if k in old and old[k] != getattr(args, k)]
         if changed:  # the checkpoint's models would not load as these
             plumbing.die(f"--resume: '{out}' was made with " + ", ".join(f"--{k.replace('_', '-')} {old[k]}" for k in changed)
                          + ": resume with the same")
@@ -199,7 +200,8 @@ class Run:
             self.trackers.sent = ({(r["step"], k) for r in rows for k in r}  # before the interruption too
                                   | {(r["step"], f"samples/{r['kind']}") for r in samples})
             rows = [r for r in rows if r["step"] <= step]
-            self.firsts, self.lasts = {k: v for r in reversed(rows) for k, v in r.items()}, {k: v for r in rows for k, v in r.items()}
+            self.firsts = {k: v for r in reversed(rows) for k, v in r.items()}
+            self.lasts = {k: v for r in rows for k, v in r.items()}
         return step
 
     def _drop_after(self, name: str, step: int) -> list:
@@ -265,7 +267,8 @@ class Run:
             else:
                 argv = [a for prev, a in zip(sys.argv, sys.argv[1:])  # the same command, then --out DIR --resume
                         if prev != "--out" and a not in ("--out", "--resume", "--no-resume") and not a.startswith("--out=")]
-                launcher = ["python"] if plumbing.world_size() == 1 else ["torchrun", f"--nproc_per_node={plumbing.world_size()}"]
+                n = plumbing.world_size()
+                launcher = ["python"] if n == 1 else ["torchrun", f"--nproc_per_node={n}"]
                 cmd = shlex.join(launcher + [sys.argv[0], *argv, "--out", self.out, "--resume"])
                 msg = (f"interrupted{at}; the last checkpoint (step {self.checkpoint}) is in '{self.out}/checkpoint'. "
                        f"Resume with: {cmd}")

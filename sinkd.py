@@ -36,10 +36,9 @@ from common import arg
 
 @dataclass
 class Args:
-    model: str = arg("toy-small", "policy to train: hub id, bare Qwen name (Qwen2.5-0.5B-Instruct), local directory, or a toy model (toy-small, toy-large, toy-hard-small, toy-hard-large)")
-    dataset: str = arg("gsm8k", "gsm8k, math, toy, toy-hard, or a .jsonl path with question/answer fields; a toy model defaults to its own (toy or toy-hard)", toy="toy")
-    eval_dataset: str = arg(None, "held-out questions evaluated during training: anything --dataset accepts, e.g. another "
-                                  ".jsonl file (default: --dataset's eval split)")
+    model: str = arg("toy-small", "policy to train: hub id, bare name (Qwen2.5-0.5B), local directory or toy model")
+    dataset: str = arg("gsm8k", "training questions: gsm8k, math, toy, toy-hard or a .jsonl file", toy="toy")
+    eval_dataset: str = arg(None, "held-out questions: as --dataset, or a benchmark (default: --dataset's eval split)")
     steps: int = arg(500, "training steps (one batch of rollouts each)", toy=200)
     prompts_per_step: int = arg(16, "questions sampled per step", toy=8)
     group_size: int = arg(8, "completions per question (G)")
@@ -48,49 +47,50 @@ class Args:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     temperature: float = arg(1.0, "sampling temperature (log-probs use the same)")
-    format_coef: float = arg(0.0, "reward bonus for giving the answer in \\boxed{} or after ####")
-    instruction: str = arg(None, "text on a new line after each question ('' for none); a .jsonl row's 'prompt' field is the "
-                                 "user message verbatim instead (default: --dataset's own: 'Please reason step by step, and "
-                                 "put your final answer within \\boxed{}.', none for the toy)")
+    format_coef: float = arg(0.0, "reward bonus for an answer in \\boxed{} or after ####")
+    instruction: str = arg(None, "text on a new line after each question ('' for none; default: --dataset's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
-    report_to: str = arg("none", "where the metrics also go as they come: none, tensorboard, wandb, or tensorboard,wandb (each needs its package)")
-    wandb_project: str = arg("", "W&B project of --report-to wandb (default: the script's name; the run is named after --out)")
+    report_to: str = arg("none", "also send the metrics to: none, tensorboard, wandb, or tensorboard,wandb")
+    wandb_project: str = arg("", "W&B project of --report-to wandb (default: the script's name)")
     eval_every: int = arg(50, "evaluate every N steps (also at step 0 and after the last step)")
     eval_size: int = arg(500, "held-out questions for greedy pass@1")
-    pass_n: int = arg(0, "answers sampled at temperature 1 per held-out question for eval/pass@k (0: off; evaluation then costs about n times more)", toy=16)
+    pass_n: int = arg(0, "answers sampled per held-out question for eval/pass@k (0: off)", toy=16)
     pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
-    log_samples: int = arg(4, "held-out questions (the first N) whose greedy answers go to DIR/samples.jsonl at every evaluation, with one group of that step's rollouts (0: off)")
-    save_every: int = arg(50, "checkpoint every N steps and after the last (0: never, nothing to resume)")
+    log_samples: int = arg(4, "held-out questions whose greedy answers go to samples.jsonl (0: off)")
+    save_every: int = arg(50, "checkpoint every N steps and after the last (0: never)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    lora_rank: int = arg(0, "LoRA rank of every trained model: adapters on --lora-target learn, the weights stay frozen (0: full fine-tuning)")
-    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank (LoRA Without Regret's 32)")
-    lora_target: str = arg("all-linear", "modules that get LoRA adapters: all-linear (every linear layer of the decoder blocks) or names, comma-separated")
+    lora_rank: int = arg(0, "LoRA rank of every trained model (0: full fine-tuning)")
+    lora_alpha: float = arg(32.0, "LoRA alpha: the adapters' update is scaled by alpha / rank")
+    lora_target: str = arg("all-linear", "modules with LoRA adapters: all-linear or names, comma-separated")
     logprob_chunk: int = arg(1024, "positions per chunk of the LM head in the log-prob pass")
-    generation: str = arg("auto", "how completions are sampled: auto (fastgen on CUDA, generate elsewhere: the fastest measured), generate (model.generate), static (model.generate on a static KV cache, its decode step compiled on CUDA), fastgen (fastgen.py's loop: a static cache, one step replayed as a CUDA graph); all exact, the same distribution", choices=("auto", "generate", "static", "fastgen"))
-    fsdp: bool = arg(False, "torchrun: shard parameters, gradients and AdamW states over the processes (FSDP2), for models that do not fit one GPU; no effect in one process")
+    generation: str = arg("auto", "sampler: auto (fastgen on CUDA, else generate), generate, static or fastgen",
+                          choices=("auto", "generate", "static", "fastgen"))
+    fsdp: bool = arg(False, "torchrun: shard weights, gradients and optimizer states over the processes (FSDP2)")
     # Algorithm-specific arguments
-    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing", choices=("group", "batch", "none"))
+    scale_rewards: str = arg("group", "divide centred rewards by the group std, the batch std, or nothing",
+                             choices=("group", "batch", "none"))
     loss_type: str = arg("grpo", "token aggregation of the loss", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
     num_iterations: int = arg(1, "updates per batch of rollouts (mu); >1 computes old log-probs once")
     beta: float = arg(0.04, "coefficient of the k3 penalty to the initial policy (0: no reference model)")
     epsilon: float = arg(0.2, "lower clip range: ratio >= 1 - epsilon")
     epsilon_high: float = arg(0.2, "upper clip range: ratio <= 1 + epsilon_high (DAPO: 0.28)")
-    teacher: str = arg("toy-large", "frozen teacher, same tokenizer as --model: hub id, bare Qwen name, local directory, or toy name")
-    kd_coef: float = arg(2e-3, "coefficient beta of the KD term (beta_0 with --kd-anneal; reported 5e-3 then)", toy=1.0)
-    kd_anneal: bool = arg(False, "anneal the KD coefficient: beta_t = max(kd_coef - kd_anneal_rate * t, kd_coef_min)")
+    teacher: str = arg("toy-large", "frozen teacher, same tokenizer as --model")
+    kd_coef: float = arg(2e-3, "coefficient beta of the KD term (beta_0 with --kd-anneal)", toy=1.0)
+    kd_anneal: bool = arg(False, "anneal: beta_t = max(kd_coef - kd_anneal_rate * t, kd_coef_min)")
     kd_coef_min: float = arg(1e-3, "floor of the annealed KD coefficient", toy=0.2)
-    kd_anneal_rate: float = arg(5e-5, "decrease of the KD coefficient per training step (batch of rollouts) when annealing", toy=0.01)
-    kd_mask: str = arg("none", "reward-guided KD: none, response (skip correct completions), group (only prompts with no correct completion)", choices=("none", "response", "group"))
+    kd_anneal_rate: float = arg(5e-5, "decrease of the KD coefficient per step when annealing", toy=0.01)
+    kd_mask: str = arg("none", "reward-guided KD: none, response (skip right completions), group (prompts with none right)",
+                       choices=("none", "response", "group"))
     sinkhorn_temperature: float = arg(2.0, "SinKD: softmax temperature of both distributions")
     sinkhorn_eps: float = arg(0.1, "SinKD: entropic regularisation eps of the kernel exp(-W / eps)")
     sinkhorn_iters: int = arg(20, "SinKD: Sinkhorn iterations (each normalises rows, then columns)")
-    sinkhorn_topk: int = arg(512, "SinKD: vocabulary entries kept per chunk (the k with the most teacher mass over its positions, plus one bucket for the rest)")
+    sinkhorn_topk: int = arg(512, "SinKD: vocabulary entries kept per chunk (plus one bucket for the rest)")
 
 
 # ALGO LOGIC
@@ -225,7 +225,7 @@ def main():
 
     start_from = run.checkpoint_dir("policy") if args.resume else args.model
     model, tok = common.load_model(start_from, device, args.gradient_checkpointing, fsdp=args.fsdp,
-                                   lora=common.lora_config(args), generation=args.generation)  # LoRA: frozen weights, fp32 adapters
+                                   lora=common.lora_config(args), generation=args.generation)  # LoRA: fp32 adapters
     ref = common.reference(model, args.model, device, args) if args.beta > 0 else None  # LoRA: the adapters off
     teacher, teacher_tok = common.load_model(args.teacher, device, frozen=True, fsdp=args.fsdp)  # KDRL
     vocab = common.shared_vocab(model, tok, teacher, teacher_tok, args.model, args.teacher)  # the student's rows
@@ -243,7 +243,8 @@ def main():
         run.log_samples(step, "eval", samples)  # DIR/samples.jsonl, and the first on the console
         return metrics["eval/accuracy"]
 
-    acc0, acc = [evaluate(0)] * 2 if start == 0 else (run.first("eval/accuracy"), run.last("eval/accuracy"))  # resumed: step 0's, the latest
+    # resumed: the accuracy at step 0 and the latest, as logged
+    acc0, acc = [evaluate(0)] * 2 if start == 0 else (run.first("eval/accuracy"), run.last("eval/accuracy"))
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, dynamic_ncols=True,
                disable=plumbing.rank() != 0)
     for step in bar:
@@ -311,7 +312,8 @@ def main():
         per_token = n_tokens * args.num_iterations
         zero_std = (rewards.view(-1, G).std(1) == 0).float().mean()
         metrics = {
-            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards), "train/grade_errors": scores.grade_errors,
+            "train/reward": rewards.mean(), "train/reward_std": plumbing.std_over_ranks(rewards),
+            "train/grade_errors": scores.grade_errors,
             "train/loss": plumbing.all_sum(sums["loss"]) / args.num_iterations, "train/clip_frac": sums["clipped"] / per_token,
             "train/zero_std_frac": zero_std, "train/completion_len": rollout.lengths.float().mean(),
             "train/truncated_frac": rollout.truncated.float().mean(),

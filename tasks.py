@@ -29,7 +29,7 @@ from grading import extract_answer, gold_answer, is_correct, last_boxed
 # models are loaded like any local directory, so every machine starts from the same weights;
 # toy/build.py is the recipe that made them (and rebuilds and compares).
 
-TOY_MODELS = {"toy-small": "toy", "toy-large": "toy", "toy-hard-small": "toy-hard", "toy-hard-large": "toy-hard"}  # name: its dataset
+TOY_MODELS = {"toy-small": "toy", "toy-large": "toy", "toy-hard-small": "toy-hard", "toy-hard-large": "toy-hard"}
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")
 TOY_EVAL_PAIRS = 500
 
