@@ -3,6 +3,7 @@ base loaded on its own), checkpoints hold the adapters alone and resume exactly,
 loads without peft, lr defaults are 10x, every script runs with it, and the memory count the README's
 table uses is the bytes the parameters, gradients and AdamW states take."""
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,31 @@ QUICK = ["--eval-size", "50", "--eval-every", "100", "--pass-n", "0"]
 def lora_args(rank=4, **kw):
     import grpo
     return common.parse_args(grpo.Args, ["--lora-rank", str(rank), *[x for k, v in kw.items() for x in (f"--{k}", str(v))]])
+
+
+def assert_final_is_the_base_plus_the_adapters_update(final, base_dir):
+    """final/ is the base's W + (alpha / r) B A on every adapted weight (in fp32) and the base's W elsewhere,
+    exactly as the adapter beside it says, and every lora_B has moved off its zero start."""
+    from safetensors.torch import load_file
+    base = {k: w.float() for k, w in load_file(os.path.join(base_dir, "model.safetensors")).items()}
+    merged = load_file(os.path.join(final, "model.safetensors"))
+    adapter = load_file(os.path.join(final, "adapter", "adapter_model.safetensors"))
+    config = json.load(open(os.path.join(final, "adapter", "adapter_config.json")))
+    scale, updates = config["lora_alpha"] / config["r"], {}
+    for k, a in adapter.items():
+        if ".lora_A." in k:
+            b = adapter[k.replace(".lora_A.", ".lora_B.")]
+            assert b.abs().max() > 0, f"{k}: lora_B never moved"
+            updates[k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")] = (b @ a) * scale  # peft's order
+    assert updates and set(updates) <= set(base) and set(merged) == set(base)
+    assert {w.dtype for w in merged.values()} == {torch.float32}
+    for k, w in base.items():
+        if k in updates:
+            ulp = torch.finfo(torch.float32).eps * w.abs().max().item()
+            assert (merged[k] - w).abs().max() > 1000 * ulp, k  # a real update, not rounding
+            torch.testing.assert_close(merged[k], w + updates[k], rtol=0, atol=4 * ulp)
+        else:
+            assert torch.equal(merged[k], w), k
 
 
 def rollout_of(model, tok):
@@ -108,15 +134,16 @@ def test_final_is_merged_loads_without_peft_and_the_adapter_is_beside_it(tmp_pat
         torch.testing.assert_close(merged, logits, rtol=1e-4, atol=1e-5)  # the merge is the adapted model
         plain = common.load_model("toy-small", CPU)[0](torch.tensor([[3, 4, 10, 5, 6, 11]])).logits[0, -1]
         assert (logits - plain).abs().max() > 1e-4  # (peft wrapped `base` in place: a fresh copy for the base)
+    assert_final_is_the_base_plus_the_adapters_update(out / "final", tasks.toy_path("toy-small"))
 
 
 @pytest.mark.parametrize("script", ["grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl"])
 def test_every_script_trains_adapters(script, tmp_path):
     flags = ["--presample-size", "16"] if script == "dph_rl" else []
     run_main(f"{script}.py", "--steps", 1, "--lora-rank", "2", "--eval-size", "8", "--pass-n", "0", "--out", tmp_path, *flags)
-    finals = ["final/small", "final/large"] if script in ("codistill", "bdkd") else ["final"]
-    for f in finals:
-        assert (tmp_path / f / "model.safetensors").exists() and (tmp_path / f / "adapter" / "adapter_model.safetensors").exists()
+    finals = dict(small="toy-small", large="toy-large") if script in ("codistill", "bdkd") else {"": "toy-small"}
+    for f, base in finals.items():
+        assert_final_is_the_base_plus_the_adapters_update(tmp_path / "final" / f, tasks.toy_path(base))
 
 
 def test_lora_with_fsdp_is_refused_in_one_line(monkeypatch, tmp_path):
