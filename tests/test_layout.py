@@ -18,6 +18,8 @@ ALLOWED = {
     "fastgen": set(),
     "plumbing": set(),
 }
+TOOLS = {"bench", "results"}  # they run the scripts and may import anything; nothing imports them
+MODULES = {p.stem for p in ROOT.glob("*.py")}  # every top-level module, found: a new one cannot escape the checks
 
 
 def lines(name):
@@ -43,12 +45,23 @@ def test_module_sizes():
         assert lines(name) <= 400, name
 
 
+def test_every_top_level_module_has_a_place():
+    """A new module at the top level is a script, a shared module or a tool: its place says what it may import
+    and what may import it."""
+    assert MODULES == set(SCRIPTS) | set(ALLOWED) | TOOLS, "place it in SCRIPTS, ALLOWED or TOOLS"
+
+
 def test_imports_go_one_way():
-    ours = set(ALLOWED) | set(SCRIPTS)
-    for name, allowed in ALLOWED.items():
-        assert imported(name) & ours <= allowed, name
-    for name in SCRIPTS:
-        assert not imported(name) & set(SCRIPTS), f"{name} imports another script"
+    """Shared modules import only the shared modules ALLOWED says, scripts no script and no tool, and no module any
+    tool; every module at the top level is checked, against every other (ours: all of them)."""
+    ours = MODULES | set(SCRIPTS) | set(ALLOWED) | TOOLS
+    for name in MODULES - TOOLS:
+        found = imported(name) & ours
+        assert not found & TOOLS, f"{name} imports {found & TOOLS}"
+        if name in ALLOWED:
+            assert found <= ALLOWED[name], f"{name} imports {found - ALLOWED[name]}"
+        else:
+            assert not found & set(SCRIPTS), f"{name} imports another script"
 
 
 @pytest.mark.skipif(shutil.which("diff") is None, reason="needs diff(1)")
