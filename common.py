@@ -104,6 +104,10 @@ def check_args(args, **least):
     if args.lora_rank and args.fsdp and plumbing.world_size() > 1:
         plumbing.die("--lora-rank with --fsdp is not supported: LoRA keeps a model on one GPU, so run data parallel "
                      "(torchrun without --fsdp)")
+    for flag in [f for f in MODEL_FIELDS if hasattr(args, f)]:  # base + adapter: --lora-* unused, the reference the base
+        if os.path.isfile(os.path.join(getattr(args, flag), "adapter_config.json")):
+            plumbing.die(f"--{flag} {getattr(args, flag)} is a LoRA adapter, not a model: to train from its policy, pass "
+                         "the merged model (a run's final/.../adapter/: the directory above); to go on with its run, --resume")
     if args.prompts_per_step % plumbing.world_size():  # torchrun: every rank takes whole questions
         plumbing.die(f"--prompts-per-step ({args.prompts_per_step}) must be a multiple of the number of processes "
                      f"({plumbing.world_size()})")
@@ -216,11 +220,8 @@ class AdaptersOff:
 
 
 def reference(model, name: str, device: torch.device, args):
-    """The initial policy, frozen (a KL penalty's reference): under LoRA the model with its adapters off, else
-    a frozen copy of `name` (bf16 on CUDA)."""
-    if args.lora_rank:
-        return AdaptersOff(model)
-    return load_model(name, device, frozen=True, fsdp=args.fsdp)[0]
+    """The initial policy, frozen (a KL penalty's reference): LoRA's adapters off, else a frozen copy of `name`."""
+    return AdaptersOff(model) if args.lora_rank else load_model(name, device, frozen=True, fsdp=args.fsdp)[0]  # bf16 on CUDA
 
 
 def shared_vocab(model, tok, other, other_tok, name: str, other_name: str) -> int:

@@ -1,7 +1,8 @@
 """--lora-rank: only the adapters learn, the reference is the model with its adapters off (equal to the
-base loaded on its own), checkpoints hold the adapters alone and resume exactly, final/ is merged and
-loads without peft, lr defaults are 10x, every script runs with it, and the memory count the README's
-table uses is the bytes the parameters, gradients and AdamW states take."""
+base loaded on its own), checkpoints hold the adapters alone and resume exactly, final/ is merged (the base
+plus the adapters' update, in fp32 also over a bf16 base) and loads without peft, an adapter is refused as a
+model, lr defaults are 10x, every script runs with it, and the memory count the README's table uses is the
+bytes the parameters, gradients and AdamW states take."""
 
 import json
 import os
@@ -135,6 +136,22 @@ def test_final_is_merged_loads_without_peft_and_the_adapter_is_beside_it(tmp_pat
         plain = common.load_model("toy-small", CPU)[0](torch.tensor([[3, 4, 10, 5, 6, 11]])).logits[0, -1]
         assert (logits - plain).abs().max() > 1e-4  # (peft wrapped `base` in place: a fresh copy for the base)
     assert_final_is_the_base_plus_the_adapters_update(out / "final", tasks.toy_path("toy-small"))
+
+
+def test_an_adapter_is_refused_as_a_model_in_one_line(tmp_path):
+    """Started from without --resume, an adapter directory would train its base + it, with --lora-* unused and a
+    reference (the adapters off) that is the bare base, not the initial policy: it is refused, naming the merged
+    model (final/, beside final/adapter/), whose reference is the policy it holds. A teacher likewise."""
+    model, tok = common.load_model("toy-small", CPU, lora=common.lora_config(lora_args(4)))
+    adapter = tmp_path / "final" / "adapter"
+    model.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    for script, flags in (("grpo.py", ["--model", adapter, "--lora-rank", "8"]), ("grpo.py", ["--model", adapter]),
+                          ("kdrl.py", ["--teacher", adapter]), ("codistill.py", ["--large", adapter, "--lora-rank", "4"])):
+        quick = ["--dataset", "toy", "--steps", 1, "--max-new-tokens", 8, "--eval-size", 8, "--pass-n", 0]  # it trained before
+        line = assert_user_error(script, *flags, *quick, "--out", tmp_path / "o", message=" is a LoRA adapter, not a model: ")
+        assert f"--{flags[0].lstrip('-')} {adapter} " in line and "the merged model" in line and "--resume" in line
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("script", ["grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl"])
