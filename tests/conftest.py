@@ -58,6 +58,16 @@ def read_metrics(out):
         return [json.loads(line) for line in f]
 
 
+def bf16_published_toy(path) -> str:
+    """toy-small saved in bf16 (config.dtype too): a model published in bf16, as Qwen2.5 is, that trains on the toy."""
+    import torch
+    import common
+    model, tok = common.load_model("toy-small", torch.device("cpu"))
+    model.to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def other_tokenizer(tmp_path):
     """A copy of toy-small whose tokenizer has one token more: a partner that must be refused."""

@@ -17,7 +17,7 @@ import bench
 import common
 import plumbing
 import tasks
-from conftest import ROOT, assert_user_error, read_metrics, run_main
+from conftest import ROOT, assert_user_error, bf16_published_toy, read_metrics, run_main
 from qwen_like import QWEN25_CONFIGS, qwen_like_model
 
 pytest.importorskip("peft")
@@ -136,6 +136,17 @@ def test_final_is_merged_loads_without_peft_and_the_adapter_is_beside_it(tmp_pat
         plain = common.load_model("toy-small", CPU)[0](torch.tensor([[3, 4, 10, 5, 6, 11]])).logits[0, -1]
         assert (logits - plain).abs().max() > 1e-4  # (peft wrapped `base` in place: a fresh copy for the base)
     assert_final_is_the_base_plus_the_adapters_update(out / "final", tasks.toy_path("toy-small"))
+
+
+def test_a_bf16_base_is_merged_in_fp32(monkeypatch, tmp_path):
+    """On CUDA the base is bf16: merged there, an update of LoRA's size at a real lr (1e-5) would mostly round
+    away. final/ holds W + (alpha / r) B A in fp32 (the base's bf16 values are exact in it)."""
+    monkeypatch.setattr(plumbing, "BF16_DEVICES", ("cuda", "cpu"))  # the base in bf16, as on CUDA
+    base = bf16_published_toy(tmp_path / "bf16")
+    run_main("grpo.py", "--model", base, "--dataset", "toy", "--steps", 2, "--lora-rank", "4", "--max-new-tokens", 8,
+             "--prompts-per-step", 8, "--micro-batch-size", 64, *QUICK, "--out", tmp_path / "run")  # lr: LoRA's 1e-5
+    assert_final_is_the_base_plus_the_adapters_update(tmp_path / "run" / "final", base)
+    assert json.load(open(tmp_path / "run" / "final" / "config.json"))["dtype"] == "float32"
 
 
 def test_an_adapter_is_refused_as_a_model_in_one_line(tmp_path):
