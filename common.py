@@ -181,11 +181,8 @@ class AdaptersOff:
 
 
 def reference(model, name: str, device: torch.device, args):
-    """The initial policy, frozen (a KL penalty's reference): under LoRA the model with its adapters off, else
-    a frozen copy of `name` (bf16 on CUDA)."""
-    if args.lora_rank:
-        return AdaptersOff(model)
-    return load_model(name, device, frozen=True, fsdp=args.fsdp)[0]
+    """The initial policy, frozen (a KL penalty's reference): LoRA's adapters off, else a frozen copy of `name`."""
+    return AdaptersOff(model) if args.lora_rank else load_model(name, device, frozen=True, fsdp=args.fsdp)[0]  # bf16 on CUDA
 
 
 def shared_vocab(model, tok, other, other_tok, name: str, other_name: str) -> int:

@@ -76,6 +76,10 @@ def check_args(args, **least):
     if args.lora_rank and args.fsdp and world_size() > 1:
         die("--lora-rank with --fsdp is not supported: LoRA keeps a model on one GPU, so run data parallel "
                      "(torchrun without --fsdp)")
+    for flag in [f for f in ("model", "teacher", "small", "large") if hasattr(args, f)]:  # an adapter is not a model
+        if os.path.isfile(os.path.join(getattr(args, flag), "adapter_config.json")):
+            die(f"--{flag} {getattr(args, flag)} is a LoRA adapter, not a model: to train from its policy, pass the "
+                "merged model (a run's final/.../adapter/: the directory above); to go on with its run, --resume")
     if args.prompts_per_step % world_size():  # torchrun: every rank takes whole questions
         die(f"--prompts-per-step ({args.prompts_per_step}) must be a multiple of the number of processes "
                      f"({world_size()})")

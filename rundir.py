@@ -2,9 +2,10 @@
 
 `Run` is DIR = --out and what a run writes there: config.json, metrics.jsonl (line by line),
 samples.jsonl (what the model wrote: Run.log_samples), checkpoint/ (what --resume needs: every model,
-optimizer, sampler and RNG state), final/ (the trained models in their published dtype), and what a
-stage computed once (Run.once). It also knows what Ctrl-C and a NaN stop must say: the last step
-logged and the last checkpoint. `Trackers` sends the same numbers and samples to --report-to.
+optimizer, sampler and RNG state), final/ (the trained models, in fp32 unless their published dtype
+loses nothing), and what a stage computed once (Run.once). It also knows what Ctrl-C and a NaN stop
+must say: the last step logged and the last checkpoint. `Trackers` sends the same numbers and samples
+to --report-to.
 """
 
 import dataclasses
@@ -234,13 +235,17 @@ class Run:
         return value
 
     def save_final(self, models: dict):
-        """DIR/final (one model, name "") or DIR/final/<name>, in the dtype each was published in (every rank
-        calls it). A LoRA model is saved merged, loadable without peft, with its adapter in final/.../adapter."""
+        """DIR/final (one model, name "") or DIR/final/<name>: in the dtype each was published in when that
+        loses nothing, else in fp32 (save_pretrained; every rank calls it). A LoRA model is saved merged in fp32,
+        loadable without peft, with its adapter (exact, fp32) in final/.../adapter. The model is spent after."""
         for name, (model, tok) in models.items():
             path = os.path.join(self.out, "final", name) if name else os.path.join(self.out, "final")
             if hasattr(model, "merge_and_unload"):  # peft
                 save_pretrained(model, tok, os.path.join(path, "adapter"))
-                model = model.merge_and_unload()  # W + (alpha / r) B A, in the base's dtype
+                if plumbing.rank() != 0:  # no FSDP with LoRA: rank 0 holds the whole model and writes it
+                    continue
+                # W + (alpha / r) B A in fp32, on the host: merged into a bf16 base (CUDA) most of it rounds away
+                model = model.to("cpu", torch.float32).merge_and_unload()
             save_pretrained(model, tok, path, published=True)
 
     # stops
@@ -366,9 +371,11 @@ def markdown_table(columns: list, rows: list) -> str:
 
 
 def save_pretrained(model, tok, path: str, published: bool = False):
-    """`save_pretrained` of a model and its tokenizer. `published`: the weights in the dtype the model
-    was published in (bf16 for Qwen2.5), else as they are (a checkpoint's fp32 master weights); the
-    config records the published dtype either way. Every rank calls it: FSDP gathers the shards."""
+    """`save_pretrained` of a model and its tokenizer. `published`: the weights in the dtype the model was
+    published in (bf16 for Qwen2.5) if they are all exact in it (an untrained model), else as they are: a
+    trained model's fp32 weights, since bf16 would round away most of an update of RL's size (docs/precision.md);
+    the config then says fp32. Not `published` (a checkpoint): as they are (fp32 master weights), the config
+    recording the published dtype. Every rank calls it: FSDP gathers the shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     plumbing.reshard(model)  # FSDP: the model holds its shards again (the root stays gathered after a forward)
@@ -385,6 +392,8 @@ def save_pretrained(model, tok, path: str, published: bool = False):
             if first.setdefault(id(p), name) != name:
                 state.pop(name, None)
     if plumbing.rank() == 0:
+        if cast and not all(torch.equal(v.to(dtype).to(v.dtype), v) for v in state.values()):
+            dtype, cast = next(model.parameters()).dtype, False  # the cast would lose part of the training
         if cast:
             state = {k: v.to("cpu", dtype) for k, v in state.items()}  # one tensor at a time to the host
         model.save_pretrained(path, state_dict=state)

@@ -101,6 +101,16 @@ def check_samples(out, eval_steps, n, group_size, columns=(), advantages=(("rewa
     return rows
 
 
+def bf16_published_toy(path) -> str:
+    """toy-small saved in bf16 (config.dtype too): a model published in bf16, as Qwen2.5 is, that trains on the toy."""
+    import torch
+    import common
+    model, tok = common.load_model("toy-small", torch.device("cpu"))
+    model.to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def other_tokenizer(tmp_path):
     """A copy of toy-small whose tokenizer has one token more: a partner that must be refused."""

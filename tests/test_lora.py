@@ -1,8 +1,10 @@
 """--lora-rank: only the adapters learn, the reference is the model with its adapters off (equal to the
-base loaded on its own), checkpoints hold the adapters alone and resume exactly, final/ is merged and
-loads without peft, lr defaults are 10x, every script runs with it, and the memory count the README's
-table uses is the bytes the parameters, gradients and AdamW states take."""
+base loaded on its own), checkpoints hold the adapters alone and resume exactly, final/ is merged (the base
+plus the adapters' update, in fp32 also over a bf16 base) and loads without peft, an adapter is refused as a
+model, lr defaults are 10x, every script runs with it, and the memory count the README's table uses is the
+bytes the parameters, gradients and AdamW states take."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import bench
 import common
 import plumbing
 import tasks
-from conftest import ROOT, assert_user_error, read_metrics, run_main
+from conftest import ROOT, assert_user_error, bf16_published_toy, read_metrics, run_main
 from qwen_like import QWEN25_CONFIGS, qwen_like_model
 
 pytest.importorskip("peft")
@@ -26,6 +28,31 @@ QUICK = ["--eval-size", "50", "--eval-every", "100", "--pass-n", "0"]
 def lora_args(rank=4, **kw):
     import grpo
     return common.parse_args(grpo.Args, ["--lora-rank", str(rank), *[x for k, v in kw.items() for x in (f"--{k}", str(v))]])
+
+
+def assert_final_is_the_base_plus_the_adapters_update(final, base_dir):
+    """final/ is the base's W + (alpha / r) B A on every adapted weight (in fp32) and the base's W elsewhere,
+    exactly as the adapter beside it says, and every lora_B has moved off its zero start."""
+    from safetensors.torch import load_file
+    base = {k: w.float() for k, w in load_file(os.path.join(base_dir, "model.safetensors")).items()}
+    merged = load_file(os.path.join(final, "model.safetensors"))
+    adapter = load_file(os.path.join(final, "adapter", "adapter_model.safetensors"))
+    config = json.load(open(os.path.join(final, "adapter", "adapter_config.json")))
+    scale, updates = config["lora_alpha"] / config["r"], {}
+    for k, a in adapter.items():
+        if ".lora_A." in k:
+            b = adapter[k.replace(".lora_A.", ".lora_B.")]
+            assert b.abs().max() > 0, f"{k}: lora_B never moved"
+            updates[k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")] = (b @ a) * scale  # peft's order
+    assert updates and set(updates) <= set(base) and set(merged) == set(base)
+    assert {w.dtype for w in merged.values()} == {torch.float32}
+    for k, w in base.items():
+        if k in updates:
+            ulp = torch.finfo(torch.float32).eps * w.abs().max().item()
+            assert (merged[k] - w).abs().max() > 1000 * ulp, k  # a real update, not rounding
+            torch.testing.assert_close(merged[k], w + updates[k], rtol=0, atol=4 * ulp)
+        else:
+            assert torch.equal(merged[k], w), k
 
 
 def rollout_of(model, tok):
@@ -108,15 +135,43 @@ def test_final_is_merged_loads_without_peft_and_the_adapter_is_beside_it(tmp_pat
         torch.testing.assert_close(merged, logits, rtol=1e-4, atol=1e-5)  # the merge is the adapted model
         plain = common.load_model("toy-small", CPU)[0](torch.tensor([[3, 4, 10, 5, 6, 11]])).logits[0, -1]
         assert (logits - plain).abs().max() > 1e-4  # (peft wrapped `base` in place: a fresh copy for the base)
+    assert_final_is_the_base_plus_the_adapters_update(out / "final", tasks.toy_path("toy-small"))
+
+
+def test_a_bf16_base_is_merged_in_fp32(monkeypatch, tmp_path):
+    """On CUDA the base is bf16: merged there, an update of LoRA's size at a real lr (1e-5) would mostly round
+    away. final/ holds W + (alpha / r) B A in fp32 (the base's bf16 values are exact in it)."""
+    monkeypatch.setattr(plumbing, "BF16_DEVICES", ("cuda", "cpu"))  # the base in bf16, as on CUDA
+    base = bf16_published_toy(tmp_path / "bf16")
+    run_main("grpo.py", "--model", base, "--dataset", "toy", "--steps", 2, "--lora-rank", "4", "--max-new-tokens", 8,
+             "--prompts-per-step", 8, "--micro-batch-size", 64, *QUICK, "--out", tmp_path / "run")  # lr: LoRA's 1e-5
+    assert_final_is_the_base_plus_the_adapters_update(tmp_path / "run" / "final", base)
+    assert json.load(open(tmp_path / "run" / "final" / "config.json"))["dtype"] == "float32"
+
+
+def test_an_adapter_is_refused_as_a_model_in_one_line(tmp_path):
+    """Started from without --resume, an adapter directory would train its base + it, with --lora-* unused and a
+    reference (the adapters off) that is the bare base, not the initial policy: it is refused, naming the merged
+    model (final/, beside final/adapter/), whose reference is the policy it holds. A teacher likewise."""
+    model, tok = common.load_model("toy-small", CPU, lora=common.lora_config(lora_args(4)))
+    adapter = tmp_path / "final" / "adapter"
+    model.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    for script, flags in (("grpo.py", ["--model", adapter, "--lora-rank", "8"]), ("grpo.py", ["--model", adapter]),
+                          ("kdrl.py", ["--teacher", adapter]), ("codistill.py", ["--large", adapter, "--lora-rank", "4"])):
+        quick = ["--dataset", "toy", "--steps", 1, "--max-new-tokens", 8, "--eval-size", 8, "--pass-n", 0]  # it trained before
+        line = assert_user_error(script, *flags, *quick, "--out", tmp_path / "o", message=" is a LoRA adapter, not a model: ")
+        assert f"--{flags[0].lstrip('-')} {adapter} " in line and "the merged model" in line and "--resume" in line
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("script", ["grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl"])
 def test_every_script_trains_adapters(script, tmp_path):
     flags = ["--presample-size", "16"] if script == "dph_rl" else []
     run_main(f"{script}.py", "--steps", 1, "--lora-rank", "2", "--eval-size", "8", "--pass-n", "0", "--out", tmp_path, *flags)
-    finals = ["final/small", "final/large"] if script in ("codistill", "bdkd") else ["final"]
-    for f in finals:
-        assert (tmp_path / f / "model.safetensors").exists() and (tmp_path / f / "adapter" / "adapter_model.safetensors").exists()
+    finals = dict(small="toy-small", large="toy-large") if script in ("codistill", "bdkd") else {"": "toy-small"}
+    for f, base in finals.items():
+        assert_final_is_the_base_plus_the_adapters_update(tmp_path / "final" / f, tasks.toy_path(base))
 
 
 def test_lora_with_fsdp_is_refused_in_one_line(monkeypatch, tmp_path):

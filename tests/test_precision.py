@@ -11,6 +11,8 @@ from safetensors import safe_open
 import common
 import plumbing
 import rundir
+import tasks
+from conftest import bf16_published_toy, read_metrics, run_main
 from qwen_like import QWEN_VOCAB_ROWS, qwen_like_model
 
 CPU = torch.device("cpu")
@@ -120,30 +122,51 @@ def dtypes(path):
         return {f.get_slice(k).get_dtype() for k in f.keys()}
 
 
-def test_final_model_is_saved_in_its_published_dtype_and_the_checkpoint_in_fp32(tmp_path):
-    """A model published in bf16 trains in fp32 and is saved in bf16 (half the size); the checkpoint
-    keeps the fp32 master weights that resume needs, and both configs keep the published dtype."""
+def test_final_model_keeps_the_training_and_is_in_its_published_dtype_when_that_loses_nothing(tmp_path):
+    """A model published in bf16 trains in fp32. Rounded to bf16, an update of 1e-5 (an RL step at lr 1e-5) leaves
+    most entries where they were, so final/ keeps the fp32 weights (its config says fp32), exactly; a model that
+    bf16 holds exactly (untrained) is saved in bf16, half the size. The checkpoint keeps the fp32 master weights
+    that resume needs and records the published dtype."""
     src = qwen_like_model(str(tmp_path / "src"), "0.5B", layers=1, hidden_size=64, intermediate_size=128,
                           num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
     model, tok = common.load_model(src, CPU)
     assert {p.dtype for p in model.parameters()} == {torch.float32} and model.published_dtype == torch.bfloat16
+    rundir.save_pretrained(model, tok, str(tmp_path / "untrained"), published=True)
+    before = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(1e-3 * torch.randn_like(p))  # a trained model: no longer bf16 values
+            p.add_(1e-5 * torch.randn_like(p))  # a trained model: no longer bf16 values
+    unmoved = sum((p.to(torch.bfloat16).float() == b).sum().item() for p, b in zip(model.parameters(), before))
+    assert unmoved > 0.8 * sum(b.numel() for b in before)  # what bf16 would keep of the update: under a fifth
     rundir.save_pretrained(model, tok, str(tmp_path / "final"), published=True)
     rundir.save_pretrained(model, tok, str(tmp_path / "ckpt"))
-    final, ckpt = tmp_path / "final", tmp_path / "ckpt"
-    assert dtypes(final) == {"BF16"} and dtypes(ckpt) == {"F32"}
-    for d in (final, ckpt):
-        assert json.load(open(d / "config.json"))["dtype"] == "bfloat16"
-    assert os.path.getsize(final / "model.safetensors") < 0.55 * os.path.getsize(ckpt / "model.safetensors")
-    resumed, _ = common.load_model(str(ckpt), CPU)  # exact: fp32 master weights, published dtype kept
-    assert resumed.published_dtype == torch.bfloat16
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-    reloaded, _ = common.load_model(str(final), CPU)
-    for a, b in zip(model.parameters(), reloaded.parameters()):
-        torch.testing.assert_close(a.to(torch.bfloat16).float(), b, atol=0, rtol=0)
+    untrained, final, ckpt = tmp_path / "untrained", tmp_path / "final", tmp_path / "ckpt"
+    assert dtypes(untrained) == {"BF16"} and dtypes(final) == dtypes(ckpt) == {"F32"}
+    configs = [json.load(open(d / "config.json"))["dtype"] for d in (untrained, final, ckpt)]
+    assert configs == ["bfloat16", "float32", "bfloat16"]
+    assert os.path.getsize(untrained / "model.safetensors") < 0.55 * os.path.getsize(final / "model.safetensors")
+    for d in (final, ckpt):  # exact: the trained weights
+        for a, b in zip(model.parameters(), common.load_model(str(d), CPU)[0].parameters()):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert common.load_model(str(ckpt), CPU)[0].published_dtype == torch.bfloat16  # a resume saves its final/ alike
     toy, toy_tok = common.load_model("toy-small", CPU)  # published in fp32: saved in fp32
     rundir.save_pretrained(toy, toy_tok, str(tmp_path / "toy" / "final"), published=True)
     assert dtypes(tmp_path / "toy" / "final") == {"F32"}
+
+
+def test_a_run_of_a_bf16_published_model_saves_what_it_trained(tmp_path):
+    """grpo.py on toy-small published in bf16, at a real lr (1e-5): final/, as loaded from disk, is the run's fp32
+    policy (the checkpoint's) and answers the held-out questions as the run's last evaluation did."""
+    base, out = bf16_published_toy(tmp_path / "bf16"), tmp_path / "run"
+    run_main("grpo.py", "--model", base, "--dataset", "toy", "--steps", 2, "--lr", "1e-5", "--max-new-tokens", 8,
+             "--prompts-per-step", 8, "--micro-batch-size", 64, "--eval-size", 100, "--eval-every", 2, "--pass-n", 0,
+             "--save-every", 2, "--out", out)
+    final, tok = common.load_model(str(out / "final"), CPU)
+    trained, _ = common.load_model(str(out / "checkpoint" / "policy"), CPU)
+    moved = 0
+    for (name, a), b, w in zip(final.named_parameters(), trained.parameters(), common.load_model(base, CPU)[0].parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+        moved += (a != w).sum().item()
+    assert moved > 0.5 * sum(p.numel() for p in final.parameters())  # (the run did train)
+    last = [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r][-1]
+    assert common.evaluate(final, tok, tasks.load_data("toy", "eval")[:100], 8, instruction="")[0]["eval/accuracy"] == last

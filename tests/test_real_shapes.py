@@ -10,6 +10,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from conftest import read_metrics, run_main
@@ -56,12 +57,12 @@ def test_script_runs_at_real_qwen_shapes(qwen, tmp_path, script):
     run_main(f"{script}.py", *model_flags, "--dataset", qwen["data"], *SMALL, *flags, "--out", out)
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "time/step" in r] == [1, 2]
-    for final in finals:  # saved in bf16, as published, and loadable; the checkpoint keeps fp32
-        path = out / final
-        assert json.load(open(path / "config.json"))["dtype"] == "bfloat16"
-        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
-            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-    ckpt = out / "checkpoint" / ("small" if script == "codistill" else "policy")
-    with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    for final in finals:  # the trained weights: in bf16, as published, only if that loses nothing; the checkpoint's fp32
+        ckpt = out / "checkpoint" / {"final": "policy", "final/small": "small", "final/large": "large"}[final]
+        with safe_open(os.path.join(out / final, "model.safetensors"), "pt") as f, \
+                safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as g:
+            (dtype,) = {f.get_slice(k).get_dtype() for k in f.keys()}
+            assert {g.get_slice(k).get_dtype() for k in g.keys()} == {"F32"} and set(f.keys()) == set(g.keys())
+            assert all(torch.equal(f.get_tensor(k).float(), g.get_tensor(k)) for k in f.keys())
+        assert json.load(open(out / final / "config.json"))["dtype"] == {"BF16": "bfloat16", "F32": "float32"}[dtype]
     shutil.rmtree(out)  # 2-5 GB of checkpoint, that pytest would keep for three sessions (kept if a check fails)

@@ -76,7 +76,7 @@ def test_tensorboard_holds_metrics_jsonl_and_a_resume_writes_no_step_twice(tmp_p
                 texts[key] = markdown_rows(e.tensor_proto.string_val[0].decode())
     assert set(got) == set(expected)
     for key, v in expected.items():
-        assert got[key] == pytest.approx(v, rel=1e-6, abs=1e-6), key  # event files keep float32
+        assert got[key] == pytest.approx(v, rel=1e-7, abs=0), key  # event files keep float32: 6e-8 of the value
     assert set(texts) == set(tables)
     for key, (header, *rows) in tables.items():  # samples.jsonl's rows, every cell's text as it is
         assert texts[key] == [header] + [["" if v is None else str(v) for v in r] for r in rows], key
@@ -143,8 +143,12 @@ def test_a_tracker_that_is_not_installed_is_one_line(monkeypatch, tmp_path):
                       message="--report-to mlflow: unknown mlflow; use none, tensorboard, wandb or tensorboard,wandb")
 
 
-def test_plot_draws_any_runs(tmp_path):
+def test_plot_draws_any_runs(tmp_path, monkeypatch):
+    """--plot draws one panel per metric and one line per run, each line the run's logged values against its step
+    or its summed step times (read back from the figure that is saved), with the runs in the legend."""
     pytest.importorskip("matplotlib")
+    import matplotlib.figure
+    import results
     for name, lr in (("a", "2e-5"), ("b", "3e-4")):
         run_main("grpo.py", "--steps", 3, "--lr", lr, "--out", tmp_path / name, *QUICK)
     png = tmp_path / "plot.png"
@@ -153,6 +157,28 @@ def test_plot_draws_any_runs(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and f"wrote {png}" in p.stdout, p.stderr
     assert png.stat().st_size > 10_000
+    saved, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: (saved.append(fig), savefig(fig, *a, **kw)))
+    metrics, runs = ["eval/accuracy", "train/reward", "train/kl"], [str(tmp_path / "a"), str(tmp_path / "b")]
+    for x in ("step", "time"):
+        assert results.plot_runs(runs, metrics, x, str(tmp_path / f"{x}.png"))
+        fig = saved.pop()
+        panels = [ax for ax in fig.axes if ax.get_title()]
+        assert [ax.get_title() for ax in panels] == metrics
+        for ax, m in zip(panels, metrics):
+            assert ax.get_xlabel() == ("step" if x == "step" else "training time (s, generation + update)")
+            assert [line.get_label() for line in ax.get_lines()] == runs
+            for line, run in zip(ax.get_lines(), runs):
+                rows, t, at = read_metrics(run), 0.0, {}
+                for r in rows:
+                    t += r.get("time/step", 0.0)
+                    at[r["step"]] = t
+                want = [(r["step"] if x == "step" else at[r["step"]], r[m]) for r in rows if m in r]
+                assert len(want) == 3  # evaluations at steps 0, 2, 3; train/... at 1, 2, 3
+                assert list(zip(line.get_xdata(), line.get_ydata())) == want, (x, m, run)
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == runs
+    assert results.plot_runs(runs[:1], ["eval/accuracy"], "step", str(tmp_path / "one.png"))
+    assert [len(ax.get_lines()) for ax in saved.pop().axes if ax.get_title()] == [1]
     bad = subprocess.run([sys.executable, "results.py", "--plot", str(tmp_path / "nothing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "no metrics.jsonl in" in bad.stderr
