@@ -12,7 +12,8 @@ from conftest import ROOT
 def test_gpu_check_runs_tiny_on_cpu():
     # cppo.py refuses G 4 at its default prune rate (it would keep no completion): its row says it failed,
     # the other rows are still measured, and the exit code reports the failure
-    p = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--check-scripts", "generation,update,grpo,trl,cppo,codistill",
+    p = subprocess.run([sys.executable, "bench.py", "--gpu-check",
+                        "--check-scripts", "generation,update,grpo,trl,cppo,codistill",
                         "--update-variants", "default,no entropy", "--check-layers", "1", "--check-hidden", "64",
                         "--check-steps", "2", "--check-prompts", "1", "--check-group", "4", "--check-new-tokens", "4",
                         "--check-prompt-tokens", "20"], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -51,8 +52,9 @@ def test_gpu_check_runs_tiny_on_cpu():
 
 
 def test_a_row_past_the_budget_is_skipped_and_said():
-    p = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--check-scripts", "grpo,codistill", "--check-budget", "0.001",
-                        "--check-layers", "1", "--check-hidden", "64", "--check-steps", "2", "--check-prompts", "1",
+    p = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--check-scripts", "grpo,codistill",
+                        "--check-budget", "0.001", "--check-layers", "1", "--check-hidden", "64", "--check-steps", "2",
+                        "--check-prompts", "1",
                         "--check-group", "2", "--check-new-tokens", "2", "--check-prompt-tokens", "10"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "| grpo | | skipped (--check-budget) |" in p.stdout.replace("|  |", "| |"), p.stdout

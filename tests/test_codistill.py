@@ -169,7 +169,10 @@ def test_large_rollouts_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = []
     real = common.sample
-    monkeypatch.setattr(common, "sample", lambda m, tok, prompts, g, *a, **k: calls.append((len(prompts), g, k.get("greedy", False))) or real(m, tok, prompts, g, *a, **k))
+    def sample(m, tok, prompts, g, *a, **k):
+        calls.append((len(prompts), g, k.get("greedy", False)))
+        return real(m, tok, prompts, g, *a, **k)
+    monkeypatch.setattr(common, "sample", sample)
     run_main("codistill.py", "--steps", 2, "--eval-size", 10, "--prompts-per-step", 3, "--large-rollouts", 2,
              "--num-iterations", 2, "--micro-batch-size", 5, "--out", out)
     assert calls.count((3, 8, False)) == 2 and calls.count((3, 2, False)) == 2  # S: G = 8, L: n = 2, each step

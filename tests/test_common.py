@@ -268,7 +268,8 @@ def test_unknown_model_is_one_clear_line(monkeypatch, capsys):
         common.load_model("no-such-org/no-such-model", torch.device("cpu"))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: model 'no-such-org/no-such-model' is not a local directory, not a toy model") and "\n" not in err
+    assert err.startswith("error: model 'no-such-org/no-such-model' is not a local directory, not a toy model")
+    assert "\n" not in err
     assert "unreachable" in err
 
 

@@ -92,8 +92,8 @@ CASES = {  # script[:variant]: its flags, {final model directory: where it start
 }
 
 
-PAIRS = [("grpo", "dp"), ("grpo:batch-std", "dp"), ("grpo:lora", "dp"), ("codistill", "dp"), ("grpo", "fsdp"), ("cppo", "fsdp"), ("kdrl", "fsdp"),
-         ("opd_plus", "fsdp"), ("codistill", "fsdp"), ("dph_rl", "fsdp")]
+PAIRS = [("grpo", "dp"), ("grpo:batch-std", "dp"), ("grpo:lora", "dp"), ("codistill", "dp"), ("grpo", "fsdp"),
+         ("cppo", "fsdp"), ("kdrl", "fsdp"), ("opd_plus", "fsdp"), ("codistill", "fsdp"), ("dph_rl", "fsdp")]
 RESUME = ["--prompts-per-step", "4", "--eval-size", "21", "--eval-every", "100", "--save-every", "1", "--loss-type", "dapo",
           "--lr", "3e-4"]
 

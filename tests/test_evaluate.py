@@ -110,7 +110,8 @@ def direct_greedy(model, tok, rows, dataset, max_new_tokens):
     import torch
     right = 0
     for r in rows:
-        ids = tok(tasks.format_prompt(tok, r, instruction=tasks.prompt_instruction(dataset)), return_tensors="pt", add_special_tokens=False).input_ids
+        prompt = tasks.format_prompt(tok, r, instruction=tasks.prompt_instruction(dataset))
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
                              eos_token_id=tasks.eos_ids(model, tok), pad_token_id=tok.pad_token_id)
         right += grading.is_correct(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), r["answer"])
@@ -165,7 +166,8 @@ def answers_27(tmp_path_factory):
     from test_grading import bigram_qwen
     tok = qwen_tokenizer(instruct=True)
     ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
-    chain = [ids(tasks.format_prompt(tok, "Q", instruction=tasks.prompt_instruction("amc23")))[-1], *ids("\\boxed{27}"), tok.convert_tokens_to_ids("<|im_end|>")]
+    prompt = tasks.format_prompt(tok, "Q", instruction=tasks.prompt_instruction("amc23"))
+    chain = [ids(prompt)[-1], *ids("\\boxed{27}"), tok.convert_tokens_to_ids("<|im_end|>")]
     assert len(set(chain)) == len(chain)
     path = tmp_path_factory.mktemp("answers-27")
     bigram_qwen(tok, chain).save_pretrained(path)

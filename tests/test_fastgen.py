@@ -44,7 +44,8 @@ def test_greedy_completions_are_generates_on_qwen_shapes_with_rows_that_stop_ear
     its EOS, so the stop tokens are taken from its own greedy completions, which makes rows stop at
     different steps (one early, one later, the others not at all)."""
     path = qwen_like_model(str(tmp_path / "m"), "0.5B", layers=2, hidden_size=64, intermediate_size=128,
-                           num_attention_heads=4, num_key_value_heads=2, instruct=True, initializer_range=0.3)  # not one token over and over
+                           num_attention_heads=4, num_key_value_heads=2, instruct=True,
+                           initializer_range=0.3)  # not one token over and over
     model, tok = common.load_model(path, CPU)
     questions = ("What is 2 + 3?", "A longer question, with more words in it?", "Hi", "Sums: 17 + 25 = ?")
     prompts = [tasks.format_prompt(tok, q, instruction=tasks.BOXED_INSTRUCTION) for q in questions]

@@ -72,3 +72,13 @@ def test_diff_against_grpo_is_the_algorithm(script, share):
     out = subprocess.run(["diff", "grpo.py", f"{script}.py"], cwd=ROOT, capture_output=True, text=True).stdout
     new = sum(line.startswith(">") for line in out.splitlines())
     assert new <= share * lines(script), f"{new} new lines of {lines(script)}"
+
+
+def test_no_source_line_over_127_characters():
+    """Every script's first screen reads as CleanRL's do: the help strings are short phrases (docs/usage.md has the
+    rest) and no line of any Python file here runs past 127 characters."""
+    files = [p for p in ROOT.glob("**/*.py")  # ours: not a virtual environment (.ci-venv) nor a run's directory
+             if not any(part.startswith(".") or part == "runs" for part in p.relative_to(ROOT).parts)]
+    long = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+            if len(line) > 127]
+    assert not long, long

@@ -106,7 +106,8 @@ def test_checkpoint_holds_the_adapters_and_resume_is_exact(tmp_path):
     full_size = 16 * sum(p.numel() for p in common.load_model("toy-small", CPU)[0].parameters())
     assert size < 0.5 * full_size  # (a 0.5B checkpoint: 7.4 GiB full, megabytes under LoRA)
     run_main("grpo.py", "--steps", 4, "--out", tmp_path / "part", *flags, "--resume")
-    train = lambda out: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics(out) if "train/loss" in r]
+    train = lambda out: [{k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
+                         for r in read_metrics(out) if "train/loss" in r]
     assert train(tmp_path / "full") == train(tmp_path / "part") and len(train(tmp_path / "full")) == 4  # exact
     last_eval = lambda out: [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r][-1]
     assert last_eval(tmp_path / "full") == last_eval(tmp_path / "part")
@@ -200,7 +201,8 @@ def test_the_memory_count_is_the_bytes_parameters_gradients_and_adamw_states_tak
         held += sum(p.grad.numel() * p.grad.element_size() for p in trained)
         held += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if t.ndim > 0)
         assert held == bench.trained_bytes(cfg, rank), rank
-        assert sum(p.numel() for p in model.parameters()) == bench.model_params(cfg) + (bench.lora_params(cfg, rank) if rank else 0)
+        adapters = bench.lora_params(cfg, rank) if rank else 0
+        assert sum(p.numel() for p in model.parameters()) == bench.model_params(cfg) + adapters
         del model, opt
 
 

@@ -155,7 +155,8 @@ def test_offline_cached_model_and_dataset_count_as_available(tmp_path):
     bad = subprocess.run([sys.executable, "-c", code.format(["Qwen2.5-0.5B", "Qwen2.5-7B"], "math")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "model 'Qwen/Qwen2.5-7B' is not a local directory" in bad.stderr
-    assert "--dataset math (DigitalLearningGmbH/MATH-lighteval, HuggingFaceH4/MATH-500) is not in the datasets cache" in bad.stderr, bad.stderr
+    said = "--dataset math (DigitalLearningGmbH/MATH-lighteval, HuggingFaceH4/MATH-500) is not in the datasets cache"
+    assert said in bad.stderr, bad.stderr
     assert "Qwen2.5-0.5B" not in bad.stderr  # the cached one is not named
 
 

@@ -237,7 +237,8 @@ def test_resume_continues_at_its_step_and_matches_an_uninterrupted_run(tmp_path)
     common_args = ["--eval-size", "20", "--eval-every", "100", "--save-every", "2", "--prompts-per-step", "4",
                    "--divergence", "fkl"]
     full, part = tmp_path / "full", tmp_path / "part"
-    for argv in (["--steps", "3", "--out", full], ["--steps", "2", "--out", part], ["--steps", "3", "--out", part, "--resume"]):
+    for argv in (["--steps", "3", "--out", full], ["--steps", "2", "--out", part],
+                 ["--steps", "3", "--out", part, "--resume"]):
         run_main("opd_plus.py", *argv, *common_args)
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b if "train/reward" in r] == [1, 2, 3]
