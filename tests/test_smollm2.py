@@ -235,3 +235,31 @@ def test_evaluation_accuracy_is_a_count_with_model_generate_and_is_correct(loade
         right += grading.is_correct(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True), r["answer"])
     assert 0 < right < len(rows)  # some right, some wrong: the count can tell a wrong grader
     assert accuracy == right / len(rows)
+
+
+# ---------------------------------------------------------------- evaluate.py
+
+
+def test_evaluate_tables_a_direct_count_on_the_sums_and_reads_a_benchmark(smol, tmp_path, monkeypatch):
+    """evaluate.py on SmolLM2: the held-out sums as a .jsonl benchmark, whose greedy accuracy is the count of
+    model.generate's answers (one question at a time) that grading.is_correct accepts, with pass@k from the
+    sampled answers' verdicts; and the GSM8K fixture rows read as the benchmark, in its real format."""
+    from test_evaluate import FIXTURES, direct_greedy, pass_at_k_by_counting
+    from test_evaluate import read_samples as read_answers
+    monkeypatch.setenv(tasks.BENCHMARK_DIR, FIXTURES)
+    sums = os.path.join(ROOT, "data", "sums-1digit-eval.jsonl")
+    out = tmp_path / "smol.json"
+    printed = run_main("evaluate.py", "--model", smol, "--benchmarks", f"{sums},gsm8k", "--limit", 8, "--pass-n", 2,
+                       "--pass-k", "1,2", "--max-new-tokens", 16, "--instruction", "", "--out", out)
+    results = json.load(open(out))["results"]
+    model, tok = common.load_model(smol, CPU)
+    rows = tasks.load_data(sums, "eval")[:8]
+    right = sum(direct_greedy(model, tok, [r], "toy", max_new_tokens=16) for r in rows)  # "toy": no instruction
+    assert 0 < right < 8 and results[sums]["greedy_accuracy"] == right / 8
+    answers = read_answers(out)
+    verdicts = [[a["correct"] for a in s["samples"]] for s in answers if s["benchmark"] == sums]
+    for k in (1, 2):
+        assert results[sums][f"pass@{k}"] == pytest.approx(sum(pass_at_k_by_counting(v, k) for v in verdicts) / 8)
+    gsm8k = [s for s in answers if s["benchmark"] == "gsm8k"]
+    assert [s["gold"] for s in gsm8k] == [r["answer"] for r in tasks.load_data("gsm8k", "eval")[:len(gsm8k)]]
+    assert results["gsm8k"]["questions"] == len(gsm8k) > 0 and "| gsm8k |" in printed
