@@ -82,3 +82,14 @@ def test_no_source_line_over_127_characters():
     long = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
             if len(line) > 127]
     assert not long, long
+
+
+@pytest.mark.skipif(shutil.which("diff") is None, reason="needs diff(1)")
+def test_the_readme_diff_table_is_today_s():
+    """README's "Reading a diff" table says how many lines each diff adds: the numbers are diff(1)'s now."""
+    import re
+    rows = re.findall(r"\| `diff (\w+)\.py (\w+)\.py` \| [^|]+ \| (\d+) of (\d+)", (ROOT / "README.md").read_text())
+    assert len(rows) == 7
+    for a, b, new, of in rows:
+        out = subprocess.run(["diff", f"{a}.py", f"{b}.py"], cwd=ROOT, capture_output=True, text=True).stdout
+        assert (int(new), int(of)) == (sum(line.startswith(">") for line in out.splitlines()), lines(b)), (a, b)
