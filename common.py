@@ -204,7 +204,8 @@ def warn_if_smaller(teacher, student, teacher_name: str, student_name: str, role
     """A teacher with fewer parameters than its student runs (a weak teacher is a legitimate
     experiment), with one warning line, since swapped flags are the likelier cause. `refuse`: a flag
     without which such a pair is refused in one line instead (codistill: the small model generates)."""
-    n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
+    n_teacher, n_student = (sum(p.numel() for name, p in m.named_parameters() if "lora_" not in name)  # the adapter's
+                            for m in (teacher, student))  # are not the model's: a LoRA student of its own teacher
     if n_teacher < n_student:
         msg = (f"the {role} '{teacher_name}' has fewer parameters than '{student_name}' "
                f"({n_teacher / 1e6:.2f}M < {n_student / 1e6:.2f}M); were the two swapped?")

@@ -178,7 +178,8 @@ def test_time_limit_under_torchrun():
             "ok = tasks.rewards_for(['\\\\boxed{14/3}', '\\\\boxed{357}'], ['\\\\frac{14}{3}', '3, 5, 7'])\n"
             "grading.GRADE_TIMEOUT_S = 1e-4; grading._parsed.cache_clear()\n"
             "late = tasks.rewards_for(['\\\\boxed{(x+1)^9}'], ['x^9 + 9x^8 + 36x^7'])\n"
-            "print('rank', os.environ['RANK'], ok.correct.tolist(), ok.grade_errors, late.grade_errors)\n")
+            "line = f\"rank {os.environ['RANK']} {ok.correct.tolist()} {ok.grade_errors} {late.grade_errors}\\n\"\n"
+            "os.write(1, line.encode())\n")  # one write: both ranks' lines share the pipe, print() could interleave them
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "--no-python", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))

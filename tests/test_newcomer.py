@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -306,3 +307,14 @@ def test_teacher_larger_than_student_does_not_warn(capsys):
     assert capsys.readouterr().err == ""
     common.warn_if_smaller(small, large, "toy-small", "toy-large", role="--large model")
     assert capsys.readouterr().err.startswith("warning: the --large model 'toy-small' has fewer parameters")
+
+
+def test_a_lora_student_of_its_own_model_does_not_warn(capsys):
+    """The adapter's parameters are not the model's: the same model as the teacher of its LoRA student
+    is no smaller (the count with them warned on every run of kdrl.py or opd_plus.py with --lora-rank)."""
+    student, _ = common.load_model("toy-small", torch.device("cpu"), lora=common.lora_config(
+        types.SimpleNamespace(lora_rank=8, lora_alpha=16, lora_target="all-linear", seed=0)))
+    teacher, _ = common.load_model("toy-small", torch.device("cpu"))
+    assert sum(p.numel() for p in student.parameters()) > sum(p.numel() for p in teacher.parameters())
+    common.warn_if_smaller(teacher, student, "toy-small", "toy-small")
+    assert capsys.readouterr().err == ""
