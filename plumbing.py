@@ -12,6 +12,7 @@ whole batch (docs/distributed.md). With --fsdp every forward is a collective.
 
 import atexit
 import contextlib
+import functools
 import os
 import random
 import sys
@@ -22,8 +23,13 @@ import torch
 import torch.distributed as dist
 
 
+_failed = False  # this process is ending on an error: it leaves the process group without waiting for the others
+
+
 def die(msg: str):
     """A mistake the user can fix: one clear line and exit code 2, no traceback."""
+    global _failed
+    _failed = True
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -122,8 +128,24 @@ def init_distributed(name: str = "auto", threads: int = 0) -> torch.device:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(dist.destroy_process_group)
+    sys.excepthook = functools.partial(_failing, sys.excepthook)
+    atexit.register(_leave)
     return device
+
+
+def _failing(excepthook, *exc):
+    global _failed
+    _failed = True
+    excepthook(*exc)
+
+
+def _leave():
+    """At exit: every rank waits for the others, then leaves the group. A gloo rank that left while another
+    still finished its part (rank 0 writing the results) could abort (SIGABRT, "terminate called without an
+    active exception"). A rank that failed leaves at once: torchrun stops the others."""
+    if not _failed:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def shard(rows: list) -> list:

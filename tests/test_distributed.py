@@ -194,3 +194,27 @@ def test_torchrun_writes_each_sample_once(runs):
     assert steps == [(0, "eval")] * 4 + [(2, "eval")] * 4 + [(2, "train")] * 8 + [(3, "eval")] * 4 + [(3, "train")] * 8
     what = lambda rows: [(r["kind"], r["question"], r["completion"], r["correct"]) for r in rows if r["step"] == 3]
     assert what(resumed) == what(straight)
+
+
+def test_ranks_leave_together_and_a_failed_rank_at_once():
+    """At exit every rank waits for the others before it leaves the process group (a gloo rank that left while
+    rank 0 still wrote its files could abort); a rank that failed leaves at once, so the launch ends with its
+    error instead of hanging where the other waits in a collective."""
+    code = ("import os, sys, time; sys.path.insert(0, os.getcwd()); import plumbing\n"
+            "plumbing.init_distributed('cpu', 1)\n"
+            "assert plumbing.all_gather(plumbing.rank()) == [0, 1]\n"
+            "if 'FAIL' in os.environ:\n"
+            "    if plumbing.rank() == 1:\n"
+            "        raise RuntimeError('rank 1 failed')\n"
+            "    plumbing.all_gather(None)  # waits for rank 1\n"
+            "elif plumbing.rank() == 0:\n"
+            "    time.sleep(2)  # rank 1 is at the exit long before\n"
+            "    os.write(1, b'rank 0 wrote\\n')\n")
+    for fail in (False, True):
+        env = dict(os.environ, OMP_NUM_THREADS="1", **({"FAIL": "1"} if fail else {}))
+        p = subprocess.run([*TORCHRUN, "--no-python", sys.executable, "-c", code], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        if fail:
+            assert p.returncode != 0 and "RuntimeError: rank 1 failed" in p.stderr, p.stderr[-2000:]
+        else:
+            assert p.returncode == 0 and p.stdout.count("rank 0 wrote") == 1, p.stderr[-2000:]
