@@ -245,7 +245,8 @@ def plot_runs(dirs, metrics, x, path):
     drawn = {m: lines for m, lines in panels.items() if lines}
     if not drawn:
         sys.exit(f"error: no run logged {', '.join(metrics)}: nothing to plot")
-    return draw([(m, xlabel, m, lines) for m, lines in drawn.items()], path, f"{len(dirs)} run{'s' * (len(dirs) > 1)}", len(drawn))
+    title = f"{len(dirs)} run{'s' * (len(dirs) > 1)}"
+    return draw([(m, xlabel, m, lines) for m, lines in drawn.items()], path, title, len(drawn))
 
 
 def read_samples(run):
