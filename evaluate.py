@@ -133,15 +133,12 @@ def main():
     args = common.parse_args(Args)
     suite = args.benchmarks or tasks.TOY_MODELS.get(args.model) or PAPERS_SUITE  # a toy model: toy or toy-hard
     names = list(dict.fromkeys(b.strip() for b in suite.split(",") if b.strip()))
-    ks = plumbing.parse_pass_k(args.pass_k or str(args.pass_n)) if args.pass_n else []
+    ks = plumbing.parse_pass_k(args.pass_k or str(args.pass_n), args.pass_n) if args.pass_n > 0 else []
     for flag, bound in (("limit", 0), ("pass_n", 0), ("max_new_tokens", 1), ("batch_size", 1)):
         if getattr(args, flag) < bound:
             plumbing.die(f"--{flag.replace('_', '-')} must be at least {bound} (got {getattr(args, flag)})")
     if not names or args.temperature <= 0:
         plumbing.die(f"--benchmarks must name a benchmark and --temperature be positive (got '{suite}', {args.temperature})")
-    if not all(1 <= k <= args.pass_n for k in ks):
-        plumbing.die(f"--pass-k {args.pass_k}: each k must be between 1 and --pass-n ({args.pass_n}), the answers sampled "
-                     "per question")
     out = args.out = args.out or os.path.join("runs", f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}.json")
     samples_path = (out[:-len(".json")] if out.endswith(".json") else out) + ".samples.jsonl"
     common.check_available([args.model], "")  # offline: the model must be local or cached, or one line says so

@@ -64,39 +64,40 @@ def check_args(args, **least):
     (name=bound: num_iterations=1 says --num-iterations must be at least 1)."""
     if args.group_size < 2:
         die(f"--group-size must be at least 2 (got {args.group_size}): "
-                     "group-relative advantages need two completions to compare")
+            "group-relative advantages need two completions to compare")
     bounds = dict(steps=0, eval_size=0, pass_n=0, log_samples=0, threads=0, save_every=0, prompts_per_step=1, max_new_tokens=1,
                   micro_batch_size=1)
     for name, bound in {**bounds, **least}.items():
         if getattr(args, name) < bound:
             die(f"--{name.replace('_', '-')} must be {'non-negative' if bound == 0 else f'at least {bound}'} "
-                         f"(got {getattr(args, name)})")
-    ks = parse_pass_k(args.pass_k)
-    if args.pass_n > 0 and (not ks or not all(1 <= k <= args.pass_n for k in ks)):
-        die(f"--pass-k {args.pass_k}: each k must be between 1 and --pass-n ({args.pass_n}), the answers "
-                     "sampled per question")
+                f"(got {getattr(args, name)})")
+    parse_pass_k(args.pass_k, args.pass_n)
     if args.temperature <= 0:
         die(f"--temperature must be positive for on-policy sampling (got {args.temperature})")
     if args.lora_rank < 0 or (args.lora_rank and args.lora_alpha <= 0):
         die(f"--lora-rank must be non-negative and --lora-alpha positive (got {args.lora_rank}, {args.lora_alpha})")
     if args.lora_rank and args.fsdp and world_size() > 1:
         die("--lora-rank with --fsdp is not supported: LoRA keeps a model on one GPU, so run data parallel "
-                     "(torchrun without --fsdp)")
+            "(torchrun without --fsdp)")
     for flag in [f for f in ("model", "teacher", "small", "large") if hasattr(args, f)]:  # an adapter is not a model
         if os.path.isfile(os.path.join(getattr(args, flag), "adapter_config.json")):
             die(f"--{flag} {getattr(args, flag)} is a LoRA adapter, not a model: to train from its policy, pass the "
                 "merged model (a run's final/.../adapter/: the directory above); to go on with its run, --resume")
     if args.prompts_per_step % world_size():  # torchrun: every rank takes whole questions
         die(f"--prompts-per-step ({args.prompts_per_step}) must be a multiple of the number of processes "
-                     f"({world_size()})")
+            f"({world_size()})")
 
 
-def parse_pass_k(spec) -> list:
-    """The k of --pass-k ("1,4,16") as ints; a list of ints as it is."""
+def parse_pass_k(spec, pass_n: int = 0) -> list:
+    """The k of --pass-k ("1,4,16") as ints; a list of ints as it is. `pass_n` > 0 (--pass-n, the answers sampled
+    per question): at least one k, each between 1 and pass_n."""
     try:
-        return [int(k) for k in (spec.split(",") if isinstance(spec, str) else spec) if str(k).strip()]
+        ks = [int(k) for k in (spec.split(",") if isinstance(spec, str) else spec) if str(k).strip()]
     except ValueError:
         die(f"--pass-k must be comma-separated integers like 1,4,16 (got '{spec}')")
+    if pass_n > 0 and (not ks or not all(1 <= k <= pass_n for k in ks)):
+        die(f"--pass-k {spec}: each k must be between 1 and --pass-n ({pass_n}), the answers sampled per question")
+    return ks
 
 
 # ----------------------------------------------------------------------------------------------

@@ -212,9 +212,10 @@ class Run:
             return []
         with open(path) as f:
             lines = [line for line in f if line.strip()]
+        rows = [json.loads(line) for line in lines]
         with open(path, "w") as f:
-            f.writelines(line for line in lines if json.loads(line)["step"] <= step)
-        return [json.loads(line) for line in lines]
+            f.writelines(line for line, r in zip(lines, rows) if r["step"] <= step)
+        return rows
 
     def once(self, name: str, what: str, settings: dict, make):
         """make(), computed once per run and kept in DIR/<name>.pt with the `settings` (flag: value) it was
