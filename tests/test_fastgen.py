@@ -127,7 +127,7 @@ def test_the_cache_is_made_once_per_batch_size_and_reused(tmp_path):
                                 batch_bucket=4)
 
     run(["05+68", "9+1", "57+68"])  # 3 rows, bucketed to 4
-    (length, cache), = model._fastgen_caches.values()
+    (length, cache, *_), = model._fastgen_caches.values()
     keys = cache.layers[0].keys
     assert list(model._fastgen_caches) == [4] and length % fastgen.CACHE_GROWS_BY == 0
     run(["417+817", "1+1", "99+99", "12+34"])  # 4 rows, another prompt length: the same cache, its tensors in place
@@ -147,7 +147,7 @@ def test_keys_land_at_the_slots_the_mask_opens():
               add_special_tokens=False)
     P, n = enc.input_ids.shape[1], 6
     fastgen.generate(model, enc.input_ids, enc.attention_mask, n + 1, [], tok.pad_token_id, greedy=True)  # no stop token
-    (_, cache), = model._fastgen_caches.values()
+    (_, cache, *_), = model._fastgen_caches.values()
     assert fastgen._written(cache) == P + n
     for layer in cache.layers:
         written = layer.keys.abs().sum((0, 1, 3)) != 0  # (L,) slots holding a key
