@@ -399,7 +399,7 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad
             n = min(L, -(-(P + t) // sw.kv_bucket) * sw.kv_bucket) if sw.grouped else None  # slots read: P + t filled
             args = (net, cache_kw, cache, s, n) + ((temperature, greedy, pad_id) if sw.sample_in_step else ())
             step = lambda: fn(*args)
-            key = (n, temperature, greedy, sw.sample_in_step)
+            key = (n, temperature, greedy, sw)  # a graph per number of slots read: its shapes are fixed
             captured = sw.capture and device.type in CAPTURE_DEVICES
             logits = _run_captured(graphs, key, step, device) if captured else step()
             if not sw.sample_in_step:
