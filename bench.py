@@ -348,7 +348,8 @@ def fastgen_check(model_path: str, data: str, prompts: int, group: int, new_toke
     device = plumbing.init_distributed("auto")
     cuda = device.type == "cuda"
     model, tok = common.load_model(model_path, device, generation="fastgen")
-    texts = [tasks.format_prompt(tok, r, instruction=tasks.BOXED_INSTRUCTION) for r in tasks.load_data(data, "train")[:prompts]]
+    rows = tasks.load_data(data, "train")[:prompts]
+    texts = [tasks.format_prompt(tok, r, instruction=tasks.BOXED_INSTRUCTION) for r in rows]
     names, before = [n for n in ladder.split(",") if n], None
     for i in range(len(names) + 1):
         on = names[:i]
@@ -390,7 +391,8 @@ def fastgen_check(model_path: str, data: str, prompts: int, group: int, new_toke
             same = float((greedy == before).all(1).float().mean()) if greedy.shape == before.shape else 0.0
         before, tokens = greedy, int(ro.lengths.sum())
         print(json.dumps(dict(mode=f"fastgen {label}", switches=",".join(on), rows=len(ro.lengths), tokens=tokens,
-                              seconds=round(t.seconds, 3), tok_s=round(tokens / t.seconds), first_call_s=round(first.seconds, 1),
+                              seconds=round(t.seconds, 3), tok_s=round(tokens / t.seconds),
+                              first_call_s=round(first.seconds, 1),
                               ms_per_token_step=round(1000 * t.seconds / steps, 2),
                               gpu_ms_per_step=round(gpu_ms, 3) if gpu_ms is not None else None,
                               host_us_per_step=round(host_us), kernels_per_step=round(kernels, 1) if kernels else None,
@@ -585,7 +587,8 @@ def gpu_check(opts):
             continue
         if script == "fastgen":
             code, out, err = run_row([sys.executable, os.path.abspath(__file__), "--fastgen-check", models["0.5B"],
-                                      "--check-data", data, "--fastgen-ladder", opts.fastgen_ladder, *check_sizes(opts)], limit)
+                                      "--check-data", data, "--fastgen-ladder", opts.fastgen_ladder, *check_sizes(opts)],
+                                     limit)
             rungs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
             for m in rungs:
                 say(f"  {json.dumps(m)}")
@@ -710,7 +713,7 @@ def main():
     p.add_argument("--update-variants", default="",
                    help="--profile-update: names of UPDATE_VARIANTS to time first, comma-separated (--gpu-check: all)")
     p.add_argument("--generation-check", metavar="MODEL", help="every --generation mode on MODEL, timed, greedy compared")
-    p.add_argument("--fastgen-check", metavar="MODEL", help="fastgen's switches on MODEL, cumulatively, timed, greedy compared")
+    p.add_argument("--fastgen-check", metavar="MODEL", help="fastgen's switches on MODEL, one by one, timed, greedy compared")
     p.add_argument("--fastgen-ladder", default=",".join(fastgen_ladder()),
                    help="--fastgen-check (and its --gpu-check row): switches to add one by one, comma-separated")
     p.add_argument("--check-layers", type=int, default=None, help="--gpu-check: cut the models to this depth (CPU)")

@@ -241,7 +241,8 @@ def ladder(kv_bucket=4):
     """(name, Switches): today's step, then each switch of fastgen.LADDER added to the ones before."""
     rungs = [("default", fastgen.Switches())]
     for i in range(len(fastgen.LADDER)):
-        rungs.append(("+" + fastgen.LADDER[i], fastgen.Switches(kv_bucket=kv_bucket, **{n: True for n in fastgen.LADDER[:i + 1]})))
+        on = {n: True for n in fastgen.LADDER[:i + 1]}
+        rungs.append(("+" + fastgen.LADDER[i], fastgen.Switches(kv_bucket=kv_bucket, **on)))
     return rungs
 
 
@@ -374,7 +375,8 @@ def test_a_bf16_head_and_fused_projections_in_the_copy_compute_what_autocast_com
     assert both() != before and model._bf16_shadow is shadow
     monkeypatch.setattr(fastgen, "SWITCHES", fastgen.Switches())  # other switches: a copy of their own
     both()
-    assert model._bf16_shadow is not shadow and model._bf16_shadow.lm_head.weight is model._bf16_shadow.model.embed_tokens.weight
+    new = model._bf16_shadow
+    assert new is not shadow and new.lm_head.weight is new.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("switches", [fastgen.Switches(sample_in_step=True),
