@@ -331,6 +331,75 @@ def generation_check(model_path: str, data: str, prompts: int, group: int, new_t
                               greedy_rows_equal_to_generate=same, peak_mem_gib=round(peak_memory_gib(), 2))), flush=True)
 
 
+def fastgen_check(model_path: str, data: str, prompts: int, group: int, new_tokens: int, ladder: str):
+    """fastgen's switches (fastgen.Switches) on one model in one process, as grpo.py holds it, cumulatively: today's
+    step, then the names of `ladder` switched on one by one. Per rung, after torch._dynamo.reset() and a new
+    bf16 copy, cache and graphs: a first call of the full shape (compile and capture: its seconds), a timed
+    sampled call (tokens a second; GPU ms a step by CUDA events over it), a short greedy call under
+    torch.profiler (kernels a step, host microseconds a step: the CPU time of the ops, without the waits for
+    the GPU), the graphs dynamo compiled, the peak memory, and the greedy rows equal to the rung before's.
+    One JSON line a rung, printed as it comes."""
+    import common
+    import fastgen
+    import plumbing
+    import tasks
+    from torch.profiler import ProfilerActivity, profile
+
+    device = plumbing.init_distributed("auto")
+    cuda = device.type == "cuda"
+    model, tok = common.load_model(model_path, device, generation="fastgen")
+    rows = tasks.load_data(data, "train")[:prompts]
+    texts = [tasks.format_prompt(tok, r, instruction=tasks.BOXED_INSTRUCTION) for r in rows]
+    names, before = [n for n in ladder.split(",") if n], None
+    for i in range(len(names) + 1):
+        on = names[:i]
+        fastgen.SWITCHES = fastgen.Switches(**{n: True for n in on})
+        label = "default" if not on else "+" + on[-1]
+        torch._dynamo.reset()
+        fastgen._COMPILED.clear()
+        for net in (model, getattr(model, "_bf16_shadow", None)):  # a rung starts with no cache, graph or copy
+            if net is not None:
+                net.__dict__.pop("_fastgen_caches", None)
+        model.__dict__.pop("_bf16_shadow", None)
+        torch._dynamo.utils.counters.clear()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            with plumbing.Timer() as first:
+                common.sample(model, tok, texts, group, new_tokens)
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if cuda else (None, None)
+            with plumbing.Timer() as t:
+                start.record() if cuda else None
+                ro = common.sample(model, tok, texts, group, new_tokens)
+                end.record() if cuda else None
+            steps = int(ro.lengths.max())
+            gpu_ms = start.elapsed_time(end) / steps if cuda else None
+            greedy = common.sample(model, tok, texts, group, new_tokens, greedy=True).completion_ids.cpu()
+            short = min(new_tokens, 64)
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                common.sample(model, tok, texts, group, short, greedy=True)
+            events = prof.key_averages()
+            waits = ("Synchronize", "_local_scalar_dense", "item", "is_nonzero")  # the host waiting, not working
+            host_us = sum(e.self_cpu_time_total for e in events if not any(w in e.key for w in waits)) / short
+            kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / short if cuda else None
+        except Exception as e:  # a rung that fails on this machine must not cost the others
+            print(json.dumps(dict(mode=f"fastgen {label}", failed=f"{type(e).__name__}: {str(e)[:400]}")), flush=True)
+            continue
+        same = None
+        if before is not None:
+            same = float((greedy == before).all(1).float().mean()) if greedy.shape == before.shape else 0.0
+        before, tokens = greedy, int(ro.lengths.sum())
+        print(json.dumps(dict(mode=f"fastgen {label}", switches=",".join(on), rows=len(ro.lengths), tokens=tokens,
+                              seconds=round(t.seconds, 3), tok_s=round(tokens / t.seconds),
+                              first_call_s=round(first.seconds, 1),
+                              ms_per_token_step=round(1000 * t.seconds / steps, 2),
+                              gpu_ms_per_step=round(gpu_ms, 3) if gpu_ms is not None else None,
+                              host_us_per_step=round(host_us), kernels_per_step=round(kernels, 1) if kernels else None,
+                              graphs_compiled=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+                              greedy_rows_equal_to_rung_before=same, peak_mem_gib=round(peak_memory_gib(), 2))), flush=True)
+
+
 LOGPROB_MODES = ("naive", "chunked", "bdkd", "sinkhorn")
 
 
@@ -349,6 +418,7 @@ def logprob_memory(opts):
 
 CHECK_RUNS = {  # row: its models (Qwen2.5 sizes); a script row runs at the script's GPU defaults otherwise
     "generation": dict(model="0.5B"),  # every --generation mode, one process (bench.py --generation-check)
+    "fastgen": dict(model="0.5B"),  # fastgen's switches, cumulatively (bench.py --fastgen-check)
     "update": dict(model="0.5B"),  # the update's variants and profile (bench.py --profile-update)
     "grpo": dict(model="0.5B"),
     "trl": dict(model="0.5B"),  # TRL's GRPOTrainer on grpo.py's row
@@ -367,7 +437,7 @@ CHECK_RUNS = {  # row: its models (Qwen2.5 sizes); a script row runs at the scri
 VARIANTS = {"lora": ["--lora-rank", "16"], "static": ["--generation", "static"], "fastgen": ["--generation", "fastgen"],
             "generate": ["--generation", "generate"], "headline": ["--lora-rank", "16", "--gradient-checkpointing"]}
 EXTRA = {"dph_rl": ["--presample-size", "16"]}  # its pre-sampling covers 16 questions, not the whole prompt file
-CHECK_DEFAULT = "generation,update,grpo,trl,codistill+headline,opd_plus,dph_rl,codistill,grpo+lora,kdrl,cppo"
+CHECK_DEFAULT = "generation,fastgen,update,grpo,trl,codistill+headline,opd_plus,dph_rl,codistill,grpo+lora,kdrl,cppo"
 
 
 def model_params(cfg: dict) -> int:
@@ -515,6 +585,17 @@ def gpu_check(opts):
             if code != 0:
                 say(f"generation failed:\n{err[-3000:]}")
             continue
+        if script == "fastgen":
+            code, out, err = run_row([sys.executable, os.path.abspath(__file__), "--fastgen-check", models["0.5B"],
+                                      "--check-data", data, "--fastgen-ladder", opts.fastgen_ladder, *check_sizes(opts)],
+                                     limit)
+            rungs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            for m in rungs:
+                say(f"  {json.dumps(m)}")
+            rows.extend(dict(script=f"generation: {m['mode']}", models="0.5B", **m) for m in rungs)
+            if code != 0:
+                say(f"fastgen failed:\n{err[-3000:]}")
+            continue
         if script == "update":
             code, out, err = run_row([sys.executable, os.path.abspath(__file__), "--profile-update", models["0.5B"],
                                       "--update-variants", opts.update_variants or ",".join(UPDATE_VARIANTS),
@@ -586,6 +667,11 @@ def gpu_check(opts):
     return rows
 
 
+def fastgen_ladder() -> list:
+    import fastgen
+    return fastgen.LADDER
+
+
 def check_sizes(opts) -> list:
     return [x for k in ("prompts", "group", "new_tokens", "prompt_tokens") for x in (f"--check-{k.replace('_', '-')}",
                                                                                       str(getattr(opts, f"check_{k}")))]
@@ -627,6 +713,9 @@ def main():
     p.add_argument("--update-variants", default="",
                    help="--profile-update: names of UPDATE_VARIANTS to time first, comma-separated (--gpu-check: all)")
     p.add_argument("--generation-check", metavar="MODEL", help="every --generation mode on MODEL, timed, greedy compared")
+    p.add_argument("--fastgen-check", metavar="MODEL", help="fastgen's switches on MODEL, one by one, timed, greedy compared")
+    p.add_argument("--fastgen-ladder", default=",".join(fastgen_ladder()),
+                   help="--fastgen-check (and its --gpu-check row): switches to add one by one, comma-separated")
     p.add_argument("--check-layers", type=int, default=None, help="--gpu-check: cut the models to this depth (CPU)")
     p.add_argument("--check-hidden", type=int, default=None, help="--gpu-check: this hidden size, not the real one (CPU)")
     argv = sys.argv[1:]
@@ -645,6 +734,10 @@ def main():
         profile_update(opts.profile_update, opts.check_prompts * opts.check_group, opts.check_prompt_tokens,
                        opts.check_new_tokens,
                        variants=[v for v in opts.update_variants.split(",") if v])
+        return
+    if opts.fastgen_check:
+        fastgen_check(opts.fastgen_check, opts.check_data, opts.check_prompts, opts.check_group, opts.check_new_tokens,
+                      opts.fastgen_ladder)
         return
     if opts.generation_check:
         generation_check(opts.generation_check, opts.check_data, opts.check_prompts, opts.check_group, opts.check_new_tokens)

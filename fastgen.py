@@ -8,10 +8,10 @@ graphs (torch.compile, mode "reduce-overhead": the whole step replays as one gra
 stop bookkeeping on the GPU and asks the host whether every row has stopped only every CHECK_EVERY
 tokens. On a CPU it runs the same steps eagerly and looks every token.
 
-A captured graph reads its tensors at fixed addresses, so the cache is made once per batch size and
-reset before each call (a new one would make the graph record again), at a length that only grows;
-on CUDA the batch is padded to a multiple of BATCH_BUCKET rows. Training, evaluation and pass@k
-then share one cache and one graph.
+A captured graph reads its tensors at fixed addresses, so the cache and the step's inputs (_Buffers)
+are made once per batch size and reset before each call (new ones would make the graph record again),
+at a length that only grows; on CUDA the batch is padded to a multiple of BATCH_BUCKET rows. Training,
+evaluation and pass@k then share one cache and one graph.
 
 It samples what model.generate samples: the next token is drawn from softmax(logits / T), with the
 logits in fp32, by the Gumbel-max trick (argmax of logits / T + Gumbel noise, which picks token v
@@ -24,9 +24,15 @@ softmax by their frequencies.
 Under bf16 autocast (CUDA) the loop runs a copy of an fp32 model whose linear layers hold the bf16
 weights autocast would cast them to at every step, refreshed in place before each call: the same
 numbers, a third of the bytes read.
+
+Switches (below) change how the step runs, not what it computes; each is off until a GPU's
+measurement (bench.py --fastgen-check, docs/gpu.md) says it pays.
 """
 
+import copy
+import dataclasses
 import inspect
+import sys
 
 import torch
 
@@ -34,6 +40,35 @@ CHECK_EVERY = 32  # decode steps between the host's looks at "has every row stop
 BUCKET = 64  # --generation static on CUDA: prompts left-padded to a multiple of this, so that few shapes compile
 BATCH_BUCKET = 16  # fastgen on CUDA: rows padded to a multiple of this (one graph for 52 and 64 rows)
 CACHE_GROWS_BY = 256  # the cache's length is a multiple of this: a longer prompt grows it rarely
+MAX_STOP_TOKENS = 16  # the stop tokens sit in a buffer of this size (a graph reads it at its address)
+WARMUP_STEPS = 2  # capture: real steps of a shape before its graph is recorded (compilation, cuBLAS's choices)
+CAPTURE_DEVICES = ("cuda",)  # where the capture switch records graphs (tests add "cpu", with a stand-in _Graph)
+
+
+@dataclasses.dataclass(frozen=True)
+class Switches:
+    """How the decode step runs. Every switch computes the same tokens (tests/test_fastgen.py); they differ in
+    the bytes a step moves, the kernels it launches and the host's work between two steps."""
+    grouped: bool = False  # decode attention: each KV head read once by the query heads it serves, no repeat_kv copy
+    kv_bucket: int = 64  # grouped: attention reads the filled slots rounded up to a multiple of this, not the cache
+    bf16_head: bool = False  # the bf16 copy gets its own bf16 LM head: a tied fp32 head is cast by autocast every step
+    sample_in_step: bool = False  # the Gumbel draw and the stop bookkeeping inside the compiled step
+    capture: bool = False  # CUDA: the step recorded by hand as one CUDA graph and replayed: no guards, no graph trees
+    fused: bool = False  # the bf16 copy computes q/k/v and gate/up as one matmul each
+
+    @classmethod
+    def parse(cls, names: str) -> "Switches":
+        """'grouped,bf16_head,...' (names of the boolean fields, comma-separated) as Switches."""
+        known = [f.name for f in dataclasses.fields(cls) if f.type in (bool, "bool")]
+        wanted = [n for n in names.split(",") if n]
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise ValueError(f"unknown fastgen switch {', '.join(unknown)}; known: {', '.join(known)}")
+        return cls(**{n: True for n in wanted})
+
+
+SWITCHES = Switches()  # what --generation fastgen runs (bench.py sets others to compare them)
+LADDER = ["grouped", "bf16_head", "sample_in_step", "capture", "fused"]  # bench.py: switched on one by one, in order
 
 
 def prompt_bucket(how: str, device: torch.device):
@@ -42,28 +77,141 @@ def prompt_bucket(how: str, device: torch.device):
     return BUCKET if how == "static" and device.type == "cuda" else None
 
 
-def _shadow(model):
+def _shadow(model, switches: Switches = SWITCHES):
     """The model generation runs under bf16 autocast: for a model whose weights are fp32, a copy whose linear
     layers hold bf16 weights and biases, the values autocast would cast them to at every step (three bytes read
     per byte used), refreshed in place from the model now (the optimizer has stepped since the last call).
-    Embeddings and norms stay fp32 and a tied head stays the embedding, so the numbers are autocast's on the
-    model itself; a peft model (bf16 base, fp32 adapters) or a bf16 one is used as it is."""
+    Embeddings and norms stay fp32 and a tied head stays the embedding (with `bf16_head`, a bf16 copy of it),
+    so the numbers are autocast's on the model itself; a peft model (bf16 base, fp32 adapters) or a bf16 one
+    is used as it is. Made again when the switches that shape it change."""
     p = next(model.parameters())
     if p.dtype != torch.float32 or hasattr(model, "peft_config"):
         return model
+    key = (switches.bf16_head, switches.fused)
     shadow = getattr(model, "_bf16_shadow", None)
-    if shadow is None:
-        import copy
-        shadow = copy.deepcopy(model).eval().requires_grad_(False)
-        tied = {id(m.weight) for m in shadow.modules() if isinstance(m, torch.nn.Embedding)}
-        for m in shadow.modules():
-            if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied:
-                m.to(torch.bfloat16)
+    if shadow is None or shadow._fastgen_key != key:
+        model.__dict__.pop("_bf16_shadow", None)  # the old copy (and its caches and graphs) goes, not into the new one
+        shadow = _make_shadow(model, *key)
         object.__setattr__(model, "_bf16_shadow", shadow)  # not a submodule: no parameters of the model
     with torch.no_grad():
-        for s, w in zip(shadow.parameters(), model.parameters()):
-            s.copy_(w)
+        for copy_to, source in shadow._fastgen_sources:
+            copy_to.copy_(source)
     return shadow
+
+
+def _make_shadow(model, bf16_head: bool, fused: bool):
+    """The bf16 copy, and the (its tensor, the model's tensor) pairs that refresh it."""
+    skip = {id(v): None for k, v in model.__dict__.items() if k == "_fastgen_caches"}  # the model's own caches
+    shadow = copy.deepcopy(model, memo=skip).eval().requires_grad_(False)
+    shadow.__dict__.pop("_fastgen_caches", None)
+    tied = {id(m.weight) for m in shadow.modules() if isinstance(m, torch.nn.Embedding)}
+    for m in shadow.modules():
+        if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied:
+            m.to(torch.bfloat16)
+    names = dict(model.named_parameters())
+    sources = [(s, names[n]) for n, s in shadow.named_parameters()]
+    head = shadow.get_output_embeddings()
+    if bf16_head and id(head.weight) in tied:  # untied in the copy alone: the embedding lookup keeps fp32 rows
+        head.weight = torch.nn.Parameter(head.weight.detach().to(torch.bfloat16), requires_grad=False)
+        sources.append((head.weight, model.get_output_embeddings().weight))
+    if fused:
+        sources = _fuse(shadow, sources)
+    shadow._fastgen_key, shadow._fastgen_sources = (bf16_head, fused), sources
+    return shadow
+
+
+def _fuse(shadow, sources):
+    """Each attention's q/k/v and each MLP's gate/up projections as one Linear (rows stacked): one matmul, one
+    read of the layer's input. The refresh pairs of the parts then point at row slices of the fused weights."""
+    parts = {}  # id(a part's parameter) -> the fused parameter's rows that replace it
+    for layer in shadow.model.layers:
+        for owner, names, wrap in ((layer, "self_attn", _FusedAttention), (layer, "mlp", _FusedMLP)):
+            module = getattr(owner, names)
+            fused = wrap(module)
+            for part, rows in fused.parts:
+                parts[id(part)] = rows
+            setattr(owner, names, fused)
+    return [(parts.get(id(s), s), source) for s, source in sources]
+
+
+def _stack(*linears):
+    """One Linear whose output is the linears' outputs side by side, and (a part's parameter, its rows) pairs."""
+    out = torch.nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=linears[0].bias is not None,
+                          dtype=linears[0].weight.dtype, device=linears[0].weight.device).requires_grad_(False)
+    parts, start = [], 0
+    for m in linears:
+        rows = slice(start, start + m.out_features)
+        parts += [(m.weight, out.weight[rows])] + ([(m.bias, out.bias[rows])] if m.bias is not None else [])
+        start += m.out_features
+    with torch.no_grad():
+        for part, rows in parts:
+            rows.copy_(part)
+    return out, parts
+
+
+class _FusedMLP(torch.nn.Module):
+    """The gated MLP (Llama's, Qwen2's): down(act(gate(x)) * up(x)) with gate and up as one matmul."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_up, self.parts = _stack(mlp.gate_proj, mlp.up_proj)
+        self.down_proj, self.act_fn = mlp.down_proj, mlp.act_fn
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, -1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class _FusedAttention(torch.nn.Module):
+    """The model's attention (Llama's, Qwen2's) with q, k and v as one matmul; the rest is its own code: its
+    rotary embedding, the cache's update, the attention function its config names, its o_proj."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.qkv, self.parts = _stack(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        self.inner = attn  # o_proj, layer_idx, head_dim, scaling, ... (its forward is not called)
+        self.code = sys.modules[type(attn).__module__]  # the model file's apply_rotary_pos_emb, eager_attention_forward
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, past_key_values=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        a, cache = self.inner, cache if cache is not None else past_key_values
+        shape = (*hidden_states.shape[:-1], -1, a.head_dim)
+        q, k, v = (x.view(shape).transpose(1, 2) for x in self.qkv(hidden_states).split(self.sizes, -1))  # (B, h, S, d)
+        q, k = self.code.apply_rotary_pos_emb(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, a.layer_idx)
+        how = a.config._attn_implementation
+        attention = self.code.eager_attention_forward if how == "eager" else ALL_ATTENTION_FUNCTIONS[how]
+        out, weights = attention(a, q, k, v, attention_mask, dropout=0.0, scaling=a.scaling,
+                                 sliding_window=getattr(a, "sliding_window", None), **kwargs)
+        return a.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def _grouped_attention(module, query, key, value, attention_mask, scaling, **kwargs):
+    """Decode attention on the static cache: the G query heads that share a KV head read it together (no copy
+    of K and V per query head, as repeat_kv makes), over the first n slots, n the mask's length (the filled
+    ones, bucketed). The G heads go where a longer query would: one SDPA call over the KV heads, with its fp32
+    sums. attention_mask: (B, 1, 1, n) bool."""
+    B, H, S, D = query.shape  # S = 1: one new token a row
+    kv_heads, n = key.shape[1], attention_mask.shape[-1]
+    q = query.reshape(B, kv_heads, H // kv_heads * S, D)  # (B, K, G, D): heads k*G..k*G+G-1 read KV head k
+    out = torch.nn.functional.scaled_dot_product_attention(q, key[:, :, :n], value[:, :, :n], attn_mask=attention_mask,
+                                                           scale=scaling)  # (B, K, G, D)
+    return out.reshape(B, H, S, D).transpose(1, 2), None  # (B, S, H, D), as transformers' attention functions
+
+
+GROUPED = "fastgen_grouped"  # its name among transformers' attention functions
+
+
+def _register_grouped():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(GROUPED, _grouped_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED, sdpa_mask)  # not used: the decode step passes its own 4D mask
 
 
 def _cache_kwarg(model) -> str:
@@ -73,10 +221,23 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
-def _cache(net, batch: int, length: int):
-    """(cache, its length): the model's StaticCache for `batch` rows, reset, at least `length` positions long,
-    made again only for a new batch size or a longer length, so that a compiled step finds its tensors where
-    it recorded them."""
+@dataclasses.dataclass
+class _Buffers:
+    """The decode step's inputs and outputs, at fixed addresses (a graph reads and writes them there)."""
+    token: torch.Tensor  # (B,) the token each row feeds next
+    position: torch.Tensor  # (B,) its position id (left padding shifts them)
+    cache_position: torch.Tensor  # (1,) the cache slot its key lands in
+    mask: torch.Tensor  # (B, L) 1 where a slot is written and attended to
+    done: torch.Tensor  # (B,) rows that have stopped
+    tokens: torch.Tensor  # (B, L) the completions so far
+    t: torch.Tensor  # (1,) the next column of tokens
+    eos: torch.Tensor  # (MAX_STOP_TOKENS,) the stop tokens, -1 after them
+
+
+def _cache(net, batch: int, length: int, mask_dtype, device):
+    """(cache, its length, _Buffers, graphs): the model's StaticCache for `batch` rows, reset, at least `length`
+    positions long, with the step's buffers and the graphs recorded on them, made again only for a new batch
+    size or a longer length, so that a compiled step finds its tensors where it recorded them."""
     from transformers import StaticCache
 
     caches = getattr(net, "_fastgen_caches", None)
@@ -86,10 +247,16 @@ def _cache(net, batch: int, length: int):
     if batch not in caches or caches[batch][0] < length:
         caches.pop(batch, None)  # its memory, before the longer one takes its own
         length = -(-length // CACHE_GROWS_BY) * CACHE_GROWS_BY
-        caches[batch] = length, StaticCache(config=net.config, max_cache_len=length)
-    length, cache = caches[batch]
+        new = lambda dtype, *shape: torch.zeros(*shape, dtype=dtype, device=device)
+        buffers = _Buffers(new(torch.long, batch), new(torch.long, batch), new(torch.long, 1), new(mask_dtype, batch, length),
+                           new(torch.bool, batch), new(torch.long, batch, length), new(torch.long, 1),
+                           new(torch.long, MAX_STOP_TOKENS))
+        for t in dataclasses.astuple(buffers):
+            torch._dynamo.mark_static_address(t)  # mutated by a compiled step: kept in place, not copied, by its graph
+        caches[batch] = length, StaticCache(config=net.config, max_cache_len=length), buffers, {}
+    length, cache, buffers, graphs = caches[batch]
     cache.reset()  # keys and values zeroed, the write position back to 0
-    return cache, length
+    return cache, length, buffers, graphs
 
 
 def _written(cache) -> int:
@@ -98,22 +265,78 @@ def _written(cache) -> int:
     return int(cache.get_seq_length())
 
 
-def _decode_step(model, cache_kw, cache, token, attention_mask, position, cache_position):
-    """One token per row through the model, its next-token logits (B, V) in fp32. Every argument keeps its
-    shape and address from step to step: what a CUDA graph needs."""
-    out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position[:, None],
-                cache_position=cache_position, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+def _forward(net, cache_kw, cache, s: _Buffers, n):
+    """One token per row through the model, its next-token logits (B, V) in fp32. It reads the buffers `s`,
+    whose shapes and addresses stay from step to step: what a CUDA graph needs. n: with grouped attention, the
+    slots it reads (a (B, 1, 1, n) mask goes in, which transformers passes on as it is); None: the model's own
+    attention over the whole cache, with the (B, L) padding mask."""
+    mask = s.mask if n is None else s.mask[:, None, None, :n].bool()
+    out = net(input_ids=s.token[:, None], attention_mask=mask, position_ids=s.position[:, None],
+              cache_position=s.cache_position, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
     return out.logits[:, -1].float()
 
 
-_COMPILED = []
+def _advance(s: _Buffers, logits, temperature: float, greedy: bool, pad_id: int):
+    """After a forward: each row's next token from its logits (B, V), recorded, the stopped rows' kept at pad,
+    and the buffers moved on to the next forward's position."""
+    token = torch.where(s.done, pad_id, pick(logits, temperature, greedy))  # (B,) a stopped row writes pad
+    s.token.copy_(token)
+    s.tokens.index_copy_(1, s.t, token[:, None])
+    s.done |= torch.isin(token, s.eos)
+    s.t += 1
+    s.position += 1
+    s.cache_position += 1
+    s.mask.index_fill_(1, s.cache_position, 1)  # generate's: every row attends to its new position
 
 
-def _compiled():
-    """_decode_step compiled once per process, with CUDA graphs (each new shape is captured once)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_decode_step, mode="reduce-overhead"))
-    return _COMPILED[0]
+def _step(net, cache_kw, cache, s, n, temperature, greedy, pad_id):
+    """_forward and _advance: a whole decode step, sampling included (switch sample_in_step)."""
+    _advance(s, _forward(net, cache_kw, cache, s, n), temperature, greedy, pad_id)
+
+
+_COMPILED = {}
+
+
+def _compiled(fn, mode: str):
+    """fn compiled once per process: "reduce-overhead" with CUDA graphs (each new shape is captured once),
+    "default" for a step that is captured by hand."""
+    if (fn, mode) not in _COMPILED:
+        _COMPILED[fn, mode] = torch.compile(fn, mode=mode)
+    return _COMPILED[fn, mode]
+
+
+class _Graph:
+    """fn recorded once as a CUDA graph (it runs nothing then) and replayed: one launch a step, no Python of the
+    model's, no guard checks. It reads and writes the tensors it recorded: the buffers, the cache, the weights;
+    what fn returned (the logits) is rewritten in place by each replay."""
+
+    def __init__(self, fn):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn()
+
+    def replay(self):
+        self.graph.replay()
+        return self.out
+
+
+def _run_captured(graphs: dict, key, fn, device):
+    """One decode step by fn, captured by hand: its first WARMUP_STEPS steps of each key (each shape) run it for
+    real (compilation and lazy initialisation happen outside the capture), then a _Graph of it replays."""
+    seen = graphs.get(key, 0)
+    if isinstance(seen, int) and seen < WARMUP_STEPS:
+        graphs[key] = seen + 1
+        if device.type != "cuda":
+            return fn()
+        stream = torch.cuda.Stream()  # warm-ups on a side stream, as torch.cuda.graph asks
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        return out
+    if isinstance(seen, int):
+        graphs[key] = _Graph(fn)
+    return graphs[key].replay()
 
 
 def pick(logits, temperature: float, greedy: bool, noise=None):
@@ -129,12 +352,16 @@ def pick(logits, temperature: float, greedy: bool, noise=None):
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad_id: int, temperature: float = 1.0,
-             greedy: bool = False, compile: bool = False, batch_bucket: int = 0, shadow: bool = False):
+             greedy: bool = False, compile: bool = False, batch_bucket: int = 0, shadow: bool = False,
+             switches: Switches = None):
     """Completions (B, T) of left-padded prompts (B, P): T is the longest completion (its stop token
     included), padded with `pad_id` after each row's stop, as model.generate returns them. `compile`:
     the decode step compiled with CUDA graphs (CUDA only), the batch padded to a multiple of `batch_bucket`
     (default: BATCH_BUCKET when compiled, else none). `shadow`: run a bf16 copy of an fp32 model's linear layers
-    (the caller's autocast is bf16)."""
+    (the caller's autocast is bf16). `switches`: how the step runs (default SWITCHES)."""
+    sw = switches or SWITCHES
+    if len(eos) > MAX_STOP_TOKENS:
+        raise ValueError(f"fastgen takes at most {MAX_STOP_TOKENS} stop tokens, not {len(eos)}")
     device, rows = prompt_ids.device, prompt_ids.shape[0]
     batch_bucket = batch_bucket or (BATCH_BUCKET if compile else 1)
     if -rows % batch_bucket:  # copies of the last row, dropped at the end: one graph for every size
@@ -142,38 +369,49 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad
         prompt_ids = torch.cat([prompt_ids, prompt_ids[-1:].expand(extra, -1)])
         prompt_mask = torch.cat([prompt_mask, prompt_mask[-1:].expand(extra, -1)])
     B, P = prompt_ids.shape
-    net = _shadow(model) if shadow else model
+    net = _shadow(model, sw) if shadow else model
     cache_kw = _cache_kwarg(net)
-    cache, L = _cache(net, B, P + max_new_tokens)
-    attention_mask = torch.zeros(B, L, dtype=prompt_mask.dtype, device=device)  # (B, L) 0 where nothing is written
-    attention_mask[:, :P] = prompt_mask
+    cache, L, s, graphs = _cache(net, B, P + max_new_tokens, prompt_mask.dtype, device)
+    s.mask.zero_()[:, :P] = prompt_mask  # 0 where nothing is written
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, P) left padding shifts positions
-    out = net(input_ids=prompt_ids, attention_mask=attention_mask[:, :P], position_ids=positions, use_cache=True,
+    out = net(input_ids=prompt_ids, attention_mask=s.mask[:, :P], position_ids=positions, use_cache=True,
               cache_position=torch.arange(P, device=device), logits_to_keep=1, **{cache_kw: cache})  # the prompt, eager
-    logits = out.logits[:, -1].float()  # (B, V)
-    step = _compiled() if compile and device.type == "cuda" else _decode_step
-    eos = torch.tensor(eos, device=device)
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=prompt_ids.dtype, device=device)  # (B, N)
-    done = torch.arange(B, device=device) >= rows  # (B,) the padding rows count as stopped
-    position = positions[:, -1].clone()  # (B,)
-    cache_position = torch.tensor([P], device=device)  # (1,) where this step's key lands: the cache's count
+    s.tokens.fill_(pad_id)
+    s.done.copy_(torch.arange(B, device=device) >= rows)  # the padding rows count as stopped
+    s.eos.fill_(-1)[:len(eos)] = torch.tensor(eos, dtype=torch.long)
+    s.position.copy_(positions[:, -1])
+    s.cache_position.fill_(P - 1)  # _advance moves both on to the first decode step's
+    s.t.zero_()
+    _advance(s, out.logits[:, -1].float(), temperature, greedy, pad_id)  # the first token, from the prompt's logits
+    cuda_compiled = compile and device.type == "cuda"
+    fn = _step if sw.sample_in_step else _forward
+    if cuda_compiled:
+        fn = _compiled(fn, "default" if sw.capture else "reduce-overhead")
     every = CHECK_EVERY if device.type == "cuda" else 1  # a CPU's look costs nothing
     forwards = 0
-    for t in range(max_new_tokens):
-        token = torch.where(done, pad_id, pick(logits, temperature, greedy))  # (B,) a stopped row writes pad
-        tokens[:, t] = token
-        done |= torch.isin(token, eos)
-        if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
-            break
-        attention_mask[:, P + t] = 1  # generate's: every row attends to its new position
-        position += 1
-        cache_position.fill_(P + t)  # in place: the compiled step reads it at its address
-        logits = step(net, cache_kw, cache, token, attention_mask, position, cache_position)
-        forwards += 1
+    try:
+        if sw.grouped:
+            _register_grouped()
+            implementation, net.config._attn_implementation = net.config._attn_implementation, GROUPED
+        for t in range(1, max_new_tokens):  # token t: the forward of token t - 1, then the draw
+            if (t - 1) % every == every - 1 and bool(s.done.all()):
+                break
+            n = min(L, -(-(P + t) // sw.kv_bucket) * sw.kv_bucket) if sw.grouped else None  # slots read: P + t filled
+            args = (net, cache_kw, cache, s, n) + ((temperature, greedy, pad_id) if sw.sample_in_step else ())
+            step = lambda: fn(*args)
+            key = (n, temperature, greedy, sw)  # a graph per number of slots read: its shapes are fixed
+            captured = sw.capture and device.type in CAPTURE_DEVICES
+            logits = _run_captured(graphs, key, step, device) if captured else step()
+            if not sw.sample_in_step:
+                _advance(s, logits, temperature, greedy, pad_id)
+            forwards += 1
+    finally:
+        if sw.grouped:
+            net.config._attn_implementation = implementation
     if _written(cache) != P + forwards:  # the layers' own count went elsewhere: keys would sit at the wrong slots
         raise RuntimeError(f"fastgen: the KV cache holds {_written(cache)} positions after a prompt of {P} and {forwards} "
                            "decode steps; this transformers version's StaticCache writes elsewhere: use --generation generate")
-    tokens = tokens[:rows]
-    is_eos = torch.isin(tokens, eos)  # (rows, N)
+    tokens = s.tokens[:rows, :max_new_tokens]
+    is_eos = torch.isin(tokens, s.eos)  # (rows, N)
     lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, max_new_tokens)  # (rows,)
-    return tokens[:, :int(lengths.max())]  # (rows, T)
+    return tokens[:, :int(lengths.max())].clone()  # (rows, T), not a view of the buffer the next call overwrites

@@ -59,3 +59,17 @@ def test_a_row_past_the_budget_is_skipped_and_said():
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "| grpo | | skipped (--check-budget) |" in p.stdout.replace("|  |", "| |"), p.stdout
     assert "codistill: skipped" in p.stderr and p.returncode == 1
+
+
+def test_fastgen_check_prints_a_row_a_rung_each_agreeing_with_the_one_before():
+    import fastgen
+    import tasks
+    p = subprocess.run([sys.executable, "bench.py", "--fastgen-check", tasks.toy_path("toy-small"), "--check-data", "toy",
+                        "--check-prompts", "2", "--check-group", "2", "--check-new-tokens", "6"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rungs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rungs] == ["fastgen default"] + [f"fastgen +{n}" for n in fastgen.LADDER]
+    assert rungs[-1]["switches"] == ",".join(fastgen.LADDER)
+    assert all(r["tok_s"] > 0 and r["host_us_per_step"] > 0 and r["first_call_s"] >= 0 for r in rungs)
+    assert [r["greedy_rows_equal_to_rung_before"] for r in rungs] == [None] + [1.0] * len(fastgen.LADDER)
