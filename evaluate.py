@@ -4,8 +4,8 @@ The benchmarks that CoDistill-GRPO, KDRL and DPH-RL report (MATH-500, Minerva-Ma
 AMC 2023, AIME 2024 and 2025, GSM8K), read from the hub copies their evaluation code reads
 (tasks.BENCHMARKS), asked with the training scripts' prompt (tasks.format_prompt: the chat template,
 then "... put your final answer within \\boxed{}") and graded by grading.is_correct. Any model the
-scripts load: a run's final/, a LoRA adapter directory (merged into its base), a hub id, a toy
-model; generation is the scripts' (common.answers, --generation), and under torchrun each process
+scripts load, read as a run holds its policy (fp32 weights; a LoRA adapter unmerged on its base): a
+run's final/, a LoRA adapter directory, a hub id, a toy model; generation is the scripts' (common.answers, --generation), and under torchrun each process
 answers its share of the questions. Prints one markdown table (per benchmark: questions, greedy
 accuracy, the mean accuracy of --pass-n answers sampled at --temperature, the unbiased pass@k of
 each --pass-k) and writes it as JSON to --out, with every completion, its answer and its verdict in
@@ -27,7 +27,6 @@ GPU:                       python evaluate.py --model runs/codistill-.../final/s
 import json
 import os
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,17 +62,19 @@ class Args:
 
 
 def load(name: str, device: torch.device, generation: str):
-    """common.load_model's frozen model and tokenizer; a LoRA adapter directory loads onto the base it
-    names, the adapters merged in (peft)."""
-    config = os.path.join(name, "adapter_config.json")
-    if not os.path.isfile(config):
-        return common.load_model(name, device, frozen=True, generation=generation)
-    import peft
-    model, tok = common.load_model(json.load(open(config))["base_model_name_or_path"], device, frozen=True,
-                                   generation=generation)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft's own use of a deprecated transformers name
-        return peft.PeftModel.from_pretrained(model, name).merge_and_unload(), tok
+    """The model as the run that trained it scored it (docs/precision.md): fp32 weights, under bf16 autocast on
+    CUDA, as a run holds its policy (read frozen, in bf16, an fp32 final/ would lose most of its training). A
+    LoRA adapter directory, or a LoRA run's final/ (adapter/ beside it): the base read as the run read it (bf16
+    on CUDA), its fp32 adapters unmerged (merged into a bf16 base, most of the update rounds away)."""
+    adapter = next((d for d in (name, os.path.join(name, "adapter"))
+                    if os.path.isfile(os.path.join(d, "adapter_config.json"))), None)
+    lora = None
+    if adapter is not None:  # the load of a LoRA run's checkpoint
+        import peft
+        name, lora = adapter, peft.PeftConfig.from_pretrained(adapter)
+        lora.init_seed = 0  # unused: the adapters are read, not drawn
+    model, tok = common.load_model(name, device, lora=lora, generation=generation)
+    return model.eval().requires_grad_(False), tok
 
 
 def graded(ro, row: int, correct) -> dict:

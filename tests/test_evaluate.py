@@ -196,32 +196,43 @@ def test_real_rows_of_every_benchmark_table_equals_a_direct_count(fixtures, answ
     assert "| amc23 | 4 | 0.250 | 0.250 | 0.250 |" in printed and "| average |  | 0.036 | 0.036 | 0.036 |" in printed
 
 
-def test_a_lora_adapter_directory_loads_merged_into_its_base(tmp_path):
-    import warnings
-    import peft
+def trained_toy(lora: bool):
+    """toy-small as a run holds it after training on CUDA (plumbing.BF16_DEVICES must hold "cpu"): full fine-tuning,
+    fp32 weights moved by an update of RL's size (std 5e-5); LoRA, a bf16 base and fp32 adapters whose B moved so."""
     import torch
     import common
+    from test_lora import lora_args
+    model, tok = common.load_model("toy-small", torch.device("cpu"), lora=common.lora_config(lora_args(4)) if lora else None)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or not lora:
+                p.add_(torch.randn_like(p), alpha=5e-5)
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_runs_final_model_is_scored_as_the_run_scored_it(monkeypatch, tmp_path, lora):
+    """On CUDA (BF16_DEVICES with "cpu": the same branches) a run scores its policy as fp32 weights under bf16
+    autocast, a LoRA run as its bf16 base with fp32 adapters, unmerged. final/ (fp32) and final/adapter read back by
+    evaluate.load give the same logits to the last bit; read frozen in bf16 (or merged into a bf16 base), 6% of the
+    update was left."""
+    import torch
     import evaluate
-    cpu = torch.device("cpu")
-    model, tok = common.load_model("toy-small", cpu)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft's own use of a deprecated transformers name
-        adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=32, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in adapted.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    adapted.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    merged, _ = evaluate.load(str(tmp_path), cpu, "generate")
-    base, _ = common.load_model("toy-small", cpu)
-    x = tok(["12+34="], return_tensors="pt").input_ids
-    with torch.no_grad():
-        want, got, before = adapted(x).logits, merged(x).logits, base(x).logits
-    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, before, atol=1e-2)
-    assert not hasattr(merged, "peft_config") and merged.generation == "generate"
-
-
+    import plumbing
+    import rundir
+    monkeypatch.setattr(plumbing, "BF16_DEVICES", ("cuda", "cpu"))
+    cpu, x = torch.device("cpu"), torch.tensor([[3, 4, 10, 5, 6, 11]])
+    model, tok = trained_toy(lora)
+    with torch.no_grad(), plumbing.autocast(cpu):
+        want = model(x).logits
+    run = object.__new__(rundir.Run)
+    run.out = str(tmp_path)
+    run.save_final({"": (model, tok)})
+    for path in [tmp_path / "final"] + [tmp_path / "final" / "adapter"] * lora:
+        got, _ = evaluate.load(str(path), cpu, "generate")
+        assert not any(p.requires_grad for p in got.parameters()) and not got.training and got.generation == "generate"
+        with torch.no_grad(), plumbing.autocast(cpu):
+            assert torch.equal(got(x).logits, want), path
 def test_under_torchrun_the_processes_share_the_questions_and_rank_0_writes_the_same_table(tmp_path):
     """Two processes (gloo) answer every other question; the greedy figures and completions gathered on rank 0
     equal one process's (the sampled ones differ: each process draws its own)."""
