@@ -51,7 +51,8 @@ class Args:
     temperature: float = arg(1.0, "sampling temperature of the --pass-n answers (the greedy answer takes the argmax)")
     max_new_tokens: int = arg(4096, "completion length limit", toy=8)
     batch_size: int = arg(64, "questions per generation call (of the sampled answers: --batch-size / --pass-n questions)")
-    out: str = arg("", "the table as JSON; the completions beside it in .samples.jsonl (default: runs/evaluate-<time>.json)")
+    out: str = arg("", "the table as JSON, the completions beside it in .samples.jsonl; a directory (DIR/): "
+                       "DIR/evaluate-<time>.json (default: runs/evaluate-<time>.json)")
     seed: int = arg(1, "random seed of the sampled answers")
     device: str = arg("auto", "cuda, cpu, or auto")
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
@@ -140,7 +141,10 @@ def main():
             plumbing.die(f"--{flag.replace('_', '-')} must be at least {bound} (got {getattr(args, flag)})")
     if not names or args.temperature <= 0:
         plumbing.die(f"--benchmarks must name a benchmark and --temperature be positive (got '{suite}', {args.temperature})")
-    out = args.out = args.out or os.path.join("runs", f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out = args.out or "runs/"
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):  # a directory: the results in it, named as by default
+        out = os.path.join(out, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    args.out = out
     samples_path = (out[:-len(".json")] if out.endswith(".json") else out) + ".samples.jsonl"
     common.check_available([args.model], "")  # offline: the model must be local or cached, or one line says so
     rows = {name: tasks.load_data(name, "eval")[:args.limit or None] for name in names}  # a missing one: one line
@@ -149,8 +153,8 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except OSError as e:
         plumbing.die(f"cannot write the results to '{out}' ({type(e).__name__}: {e.strerror or e})")
-    if os.path.isdir(out) or not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
-        plumbing.die(f"cannot write the results to '{out}': it is a directory, or its directory is not writable")
+    if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
+        plumbing.die(f"cannot write the results to '{out}': its directory is not writable")
     model, tok = load(args.model, device, args.generation)
     plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different answers
 

@@ -256,13 +256,25 @@ def test_under_torchrun_the_processes_share_the_questions_and_rank_0_writes_the_
 @pytest.mark.parametrize("args, message", [
     (["--pass-n", "4", "--pass-k", "1,8"], "--pass-k 1,8: each k must be between 1 and --pass-n (4)"),
     (["--temperature", "0"], "--temperature be positive (got 'toy', 0.0)"),
-    (["--out", ROOT], f"cannot write the results to '{ROOT}': it is a directory"),
+    (["--out", os.path.join(ROOT, "README.md", "x.json")], "cannot write the results to '"),
     (["--benchmarks", "mmlu"], "unknown dataset 'mmlu' (benchmarks, for evaluation: math500, minerva,"),
     (["--limit", "-1"], "--limit must be at least 0 (got -1)"),
 ])
 def test_user_errors_are_one_line(args, message):
     from conftest import assert_user_error
     assert_user_error("evaluate.py", "--model", "toy-small", "--benchmarks", "toy", *args, message=message)
+
+
+def test_out_a_new_directory_gets_the_results_in_it(tmp_path):
+    """--out newdir/ (or an existing directory): created before the evaluation, the table and the completions
+    written in it under the default's names (it failed at the end, on newdir/.samples.jsonl)."""
+    from conftest import run_main
+    for out in (tmp_path / "new" / "dir", tmp_path / "new"):
+        printed = run_main("evaluate.py", "--model", "toy-small", "--limit", "4", "--pass-n", "0", "--out", f"{out}/")
+        [table] = [p for p in os.listdir(out) if p.endswith(".json")]
+        assert table.startswith("evaluate-") and os.path.isfile(out / table.replace(".json", ".samples.jsonl"))
+        assert json.load(open(out / table))["results"]["toy"]["questions"] == 4 and str(out / table) in printed
+    assert sorted(os.listdir(tmp_path / "new")) == ["dir", table, table.replace(".json", ".samples.jsonl")]
 
 
 def test_offline_a_missing_benchmark_stops_evaluate_in_one_line_naming_it(monkeypatch, tmp_path):
