@@ -5,8 +5,9 @@ AMC 2023, AIME 2024 and 2025, GSM8K), read from the hub copies their evaluation 
 (tasks.BENCHMARKS), asked with the training scripts' prompt (tasks.format_prompt: the chat template,
 then "... put your final answer within \\boxed{}") and graded by grading.is_correct. Any model the
 scripts load, read as a run holds its policy (fp32 weights; a LoRA adapter unmerged on its base): a
-run's final/, a LoRA adapter directory, a hub id, a toy model; generation is the scripts' (common.answers, --generation), and under torchrun each process
-answers its share of the questions. Prints one markdown table (per benchmark: questions, greedy
+run's final/ (asked as the run asked: its config.json's length, instruction and system prompt), a LoRA
+adapter directory, a hub id, a toy model; generation is the scripts' (common.answers, --generation),
+and under torchrun each process answers its share of the questions. Prints one markdown table (per benchmark: questions, greedy
 accuracy, the mean accuracy of --pass-n answers sampled at --temperature, the unbiased pass@k of
 each --pass-k) and writes it as JSON to --out, with every completion, its answer and its verdict in
 <out>.samples.jsonl beside it.
@@ -26,6 +27,7 @@ GPU:                       python evaluate.py --model runs/codistill-.../final/s
 
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass
 
@@ -49,7 +51,8 @@ class Args:
     pass_n: int = arg(0, "answers sampled per question for the mean accuracy and pass@k (0: greedy only)", toy=16)
     pass_k: str = arg("", "the k of pass@k, comma-separated, each at most --pass-n (default: --pass-n)")
     temperature: float = arg(1.0, "sampling temperature of the --pass-n answers (the greedy answer takes the argmax)")
-    max_new_tokens: int = arg(4096, "completion length limit", toy=8)
+    max_new_tokens: int = arg(None, "completion length limit (default: a run's own for its final/ or adapter, else 4096; "
+                              "toy models: 8)", toy=8)
     batch_size: int = arg(64, "questions per generation call (of the sampled answers: --batch-size / --pass-n questions)")
     out: str = arg("", "the table as JSON, the completions beside it in .samples.jsonl; a directory (DIR/): "
                        "DIR/evaluate-<time>.json (default: runs/evaluate-<time>.json)")
@@ -76,6 +79,21 @@ def load(name: str, device: torch.device, generation: str):
         lora.init_seed = 0  # unused: the adapters are read, not drawn
     model, tok = common.load_model(name, device, lora=lora, generation=generation)
     return model.eval().requires_grad_(False), tok
+
+
+RUN_SETTINGS = ("max_new_tokens", "instruction", "system_prompt")  # how a run asked its questions: evaluate.py's too
+
+
+def run_settings(name: str) -> tuple:
+    """(the run's directory, its RUN_SETTINGS from config.json) when `name` is a run's final/ (final/small, ...), its
+    adapter or its checkpoint, else ("", {})."""
+    parts = os.path.abspath(name).split(os.sep)
+    at = max((i for i, p in enumerate(parts) if p in ("final", "checkpoint")), default=0)
+    config = os.path.join(os.sep.join(parts[:at]) or os.sep, "config.json")
+    run = json.load(open(config)) if at and os.path.isfile(config) else {}
+    if not all(k in run for k in RUN_SETTINGS):  # a model's config.json, not a run's
+        return "", {}
+    return os.path.dirname(config), {k: run[k] for k in RUN_SETTINGS}
 
 
 def graded(ro, row: int, correct) -> dict:
@@ -136,6 +154,14 @@ def main():
     suite = args.benchmarks or tasks.TOY_MODELS.get(args.model) or PAPERS_SUITE  # a toy model: toy or toy-hard
     names = list(dict.fromkeys(b.strip() for b in suite.split(",") if b.strip()))
     ks = plumbing.parse_pass_k(args.pass_k or str(args.pass_n), args.pass_n) if args.pass_n > 0 else []
+    run, settings = run_settings(args.model)
+    taken = {k: v for k, v in settings.items() if getattr(args, k) is None and v is not None}  # a flag given wins
+    for k, v in taken.items():
+        setattr(args, k, v)
+    args.max_new_tokens = 4096 if args.max_new_tokens is None else args.max_new_tokens
+    if taken and plumbing.rank() == 0:
+        print(f"as the run in '{run}' asked (its config.json): "
+              + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in taken.items()), flush=True)
     for flag, bound in (("limit", 0), ("pass_n", 0), ("max_new_tokens", 1), ("batch_size", 1)):
         if getattr(args, flag) < bound:
             plumbing.die(f"--{flag.replace('_', '-')} must be at least {bound} (got {getattr(args, flag)})")

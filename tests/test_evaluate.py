@@ -277,6 +277,33 @@ def test_out_a_new_directory_gets_the_results_in_it(tmp_path):
     assert sorted(os.listdir(tmp_path / "new")) == ["dir", table, table.replace(".json", ".samples.jsonl")]
 
 
+def test_a_runs_final_model_is_asked_as_the_run_asked_unless_a_flag_says_otherwise(tmp_path):
+    """--model DIR/final (or its adapter, its checkpoint) takes --max-new-tokens, --instruction and --system-prompt from
+    the run's config.json, and says so in one line: the run's own evaluation is then the table's number (with
+    evaluate.py's 4096 tokens it was another). A flag given wins."""
+    from conftest import read_metrics, run_main
+    run = tmp_path / "run"
+    run_main("grpo.py", "--steps", 0, "--max-new-tokens", 2, "--eval-size", 40, "--pass-n", 0, "--out", run)
+    [row] = read_metrics(run)
+    flags = ["--benchmarks", "toy", "--limit", "40", "--pass-n", "0"]
+    printed = run_main("evaluate.py", "--model", run / "final", *flags, "--out", tmp_path / "a.json")
+    line = f"as the run in '{run}' asked (its config.json): --max-new-tokens 2 --instruction ''"
+    assert line in printed.splitlines() and json.load(open(tmp_path / "a.json"))["args"]["max_new_tokens"] == 2
+    assert f"| toy | 40 | {row['eval/accuracy']:.3f} |" in printed  # 2 tokens: every answer cut before its EOS
+    printed = run_main("evaluate.py", "--model", run / "final", *flags, "--max-new-tokens", 8, "--out", tmp_path / "b.json")
+    assert f"as the run in '{run}' asked (its config.json): --instruction ''" in printed.splitlines()
+    assert json.load(open(tmp_path / "b.json"))["results"]["toy"]["greedy_accuracy"] > row["eval/accuracy"]
+    config = json.load(open(run / "config.json"))
+    json.dump(dict(config, system_prompt="1+1=2", instruction="+"), open(run / "config.json", "w"))
+    printed = run_main("evaluate.py", "--model", run / "final", *flags, "--out", tmp_path / "c.json")
+    assert f"as the run in '{run}' asked (its config.json): --max-new-tokens 2 --instruction + --system-prompt 1+1=2" \
+        in printed
+    said = json.load(open(tmp_path / "c.json"))["args"]
+    assert (said["max_new_tokens"], said["instruction"], said["system_prompt"]) == (2, "+", "1+1=2")
+    printed = run_main("evaluate.py", "--model", "toy-small", *flags, "--out", tmp_path / "d.json")  # not a run's: no line
+    assert "as the run" not in printed and json.load(open(tmp_path / "d.json"))["args"]["max_new_tokens"] == 8
+
+
 def test_offline_a_missing_benchmark_stops_evaluate_in_one_line_naming_it(monkeypatch, tmp_path):
     import datasets
     import huggingface_hub
