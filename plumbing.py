@@ -355,10 +355,10 @@ def did_you_mean(name: str) -> str:
 
 
 def check_offline(hub_models: dict, datasets: dict, dataset_repos: dict, toy_models=()):
-    """When the hub cannot be reached, every hub model ({hub id: a typo's likely fix, or ''}) must be in the
+    """When the hub cannot be reached, every hub model ({hub id: how to get it in a few words, or ''}) must be in the
     local Hugging Face cache and each dataset's repos ({flag: name}, `dataset_repos` {name: repos}) in the
     datasets cache, or one line names all that is missing and how to get it (the hub client would retry for a
-    minute, then name the first), or a missing model's fix; HF_HUB_OFFLINE=1 is then set for the run."""
+    minute, then name the first), or a missing model's few words; HF_HUB_OFFLINE=1 is then set for the run."""
     repos = {}  # how the user named each dataset ('The default --dataset math'): its hub repos
     for flag, name in datasets.items():
         if name in dataset_repos and dataset_repos[name] not in repos.values():  # a dataset named twice: once
@@ -368,10 +368,9 @@ def check_offline(hub_models: dict, datasets: dict, dataset_repos: dict, toy_mod
         return
     from huggingface_hub import constants, try_to_load_from_cache
     models = [m for m in hub_models if not isinstance(try_to_load_from_cache(m, "config.json"), str)]
-    for m in models:  # a typo: one short line
+    for m in models:  # a typo, or a model built here: one short line
         if hub_models[m]:
-            die(f"model '{m}' is not in the local Hugging Face cache, and the hub is unreachable: "
-                f"did you mean {hub_models[m]}?")
+            die(f"model '{m}' is not in the local Hugging Face cache, and the hub is unreachable: {hub_models[m]}")
     datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
     data = [f"{said} ({', '.join(rs)})" for said, rs in repos.items()
             if any(not os.path.isdir(os.path.join(datasets_cache, r.replace("/", "___"))) for r in rs)]
