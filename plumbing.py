@@ -65,8 +65,8 @@ def check_args(args, **least):
     if args.group_size < 2:
         die(f"--group-size must be at least 2 (got {args.group_size}): "
             "group-relative advantages need two completions to compare")
-    bounds = dict(steps=0, eval_size=0, pass_n=0, log_samples=0, threads=0, save_every=0, prompts_per_step=1, max_new_tokens=1,
-                  micro_batch_size=1)
+    bounds = dict(steps=0, eval_size=0, pass_n=0, log_samples=0, threads=0, save_every=0, save_minutes=0,
+                  prompts_per_step=1, max_new_tokens=1, micro_batch_size=1)
     for name, bound in {**bounds, **least}.items():
         if getattr(args, name) < bound:
             die(f"--{name.replace('_', '-')} must be {'non-negative' if bound == 0 else f'at least {bound}'} "
