@@ -58,7 +58,7 @@ class Args:
     save_minutes: float = arg(5.0, "also checkpoint after N minutes without one: Ctrl-C keeps a slow run (0: by steps only)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
-    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
+    threads: int = arg(0, "CPU threads for torch (0: one per core that other work leaves free)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     lora_rank: int = arg(0, "LoRA rank of every trained model (0: full fine-tuning)")

@@ -58,7 +58,7 @@ class Args:
                        "DIR/evaluate-<time>.json (default: runs/evaluate-<time>.json)")
     seed: int = arg(1, "random seed of the sampled answers")
     device: str = arg("auto", "cuda, cpu, or auto")
-    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
+    threads: int = arg(0, "CPU threads for torch (0: one per core that other work leaves free)", toy=1)
     instruction: str = arg(None, "text on a new line after each question ('' for none; default: each benchmark's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
     generation: str = arg("auto", "sampler: auto (fastgen on CUDA, else generate), generate, static or fastgen",

@@ -113,12 +113,26 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def free_cores() -> tuple:
+    """(the cores this process may run on, how many of them other work keeps busy: the 1-minute load average)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores, min(cores, round(os.getloadavg()[0])) if hasattr(os, "getloadavg") else 0
+
+
 def init_distributed(name: str = "auto", threads: int = 0) -> torch.device:
-    """The device of this process and its CPU threads (0: torch's default, one per core). Under torchrun it
-    also joins the process group: NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU."""
+    """The device of this process and its CPU threads: `threads`, else on a CPU (without $OMP_NUM_THREADS) one per
+    core that other work leaves free, shared by the processes of this machine, said in one line when fewer than the
+    cores (torch's default, a thread per core, made a first step 9x slower on a 2-core CPU with one core busy). Under
+    torchrun it also joins the process group: NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if threads == 0 and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        (cores, busy), local = free_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, (cores - busy) // local)
+        if threads * local < cores and rank() == 0 and int(os.environ.get("RANK", "0")) == 0:
+            print(f"torch threads: {threads}{' a process' * (local > 1)} ({cores} cores, {busy} busy with other work by "
+                  "the load average); --threads N sets them", file=sys.stderr, flush=True)
     if threads > 0:
         torch.set_num_threads(threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {name} asked for, but no CUDA device is visible")
     if device.type == "cuda":
