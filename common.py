@@ -89,16 +89,30 @@ def parse_args(cls, argv=None):
 # Models and tokenizers
 
 
+BUILT_MODEL = "SmolLM2-135M-Instruct"  # the bare name of the model that `python tests/smollm2.py` builds offline
+
+
+def built_model_dir() -> str:
+    """Where `python tests/smollm2.py` builds BUILT_MODEL: $SMOLLM2_DIR, else ($XDG_CACHE_HOME or ~/.cache)/smollm2-tests/."""
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "smollm2-tests")
+    return os.environ.get("SMOLLM2_DIR") or os.path.join(cache, BUILT_MODEL)
+
+
 def resolve_model_name(name: str) -> str:
-    """toy name and local directory as they are; a bare Qwen or SmolLM name gets its hub organisation."""
+    """toy name and local directory as they are; the bare BUILT_MODEL its built directory once built (the README's
+    build step); a bare Qwen or SmolLM name gets its hub organisation."""
     if tasks.is_toy(name) or os.path.isdir(name) or "/" in name:
         return name
+    if name == BUILT_MODEL and os.path.isfile(os.path.join(built_model_dir(), "provenance.json")):
+        return built_model_dir()
     return next((f"{org}/{name}" for family, org in HUB_ORGS.items() if re.match(rf"^{family}\d", name)), name)
 
 
 def check_available(models: list, dataset: str, eval_dataset: Optional[str] = None):
     """Offline, before anything loads: each model and dataset the run needs is local or cached, or one line says so."""
-    hub = {resolve_model_name(m): plumbing.did_you_mean(m) for m in models if not (tasks.is_toy(m) or os.path.isdir(m))}
+    hub = {resolve_model_name(m): ("build it with `python tests/smollm2.py` (offline)" if m == BUILT_MODEL else
+                                   f"did you mean {plumbing.did_you_mean(m)}?" if plumbing.did_you_mean(m) else "")
+           for m in models if not (tasks.is_toy(m) or os.path.isdir(resolve_model_name(m)))}
     plumbing.check_offline(hub, {"--dataset": dataset, "--eval-dataset": eval_dataset}, tasks.HUB_DATASETS, tasks.TOY_MODELS)
 
 

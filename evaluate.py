@@ -4,9 +4,10 @@ The benchmarks that CoDistill-GRPO, KDRL and DPH-RL report (MATH-500, Minerva-Ma
 AMC 2023, AIME 2024 and 2025, GSM8K), read from the hub copies their evaluation code reads
 (tasks.BENCHMARKS), asked with the training scripts' prompt (tasks.format_prompt: the chat template,
 then "... put your final answer within \\boxed{}") and graded by grading.is_correct. Any model the
-scripts load: a run's final/, a LoRA adapter directory (merged into its base), a hub id, a toy
-model; generation is the scripts' (common.answers, --generation), and under torchrun each process
-answers its share of the questions. Prints one markdown table (per benchmark: questions, greedy
+scripts load, read as a run holds its policy (fp32 weights; a LoRA adapter unmerged on its base): a
+run's final/ (asked as the run asked: its config.json's length, instruction and system prompt), a LoRA
+adapter directory, a hub id, a toy model; generation is the scripts' (common.answers, --generation),
+and under torchrun each process answers its share of the questions. Prints one markdown table (per benchmark: questions, greedy
 accuracy, the mean accuracy of --pass-n answers sampled at --temperature, the unbiased pass@k of
 each --pass-k) and writes it as JSON to --out, with every completion, its answer and its verdict in
 <out>.samples.jsonl beside it.
@@ -26,8 +27,8 @@ GPU:                       python evaluate.py --model runs/codistill-.../final/s
 
 import json
 import os
+import shlex
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +51,14 @@ class Args:
     pass_n: int = arg(0, "answers sampled per question for the mean accuracy and pass@k (0: greedy only)", toy=16)
     pass_k: str = arg("", "the k of pass@k, comma-separated, each at most --pass-n (default: --pass-n)")
     temperature: float = arg(1.0, "sampling temperature of the --pass-n answers (the greedy answer takes the argmax)")
-    max_new_tokens: int = arg(4096, "completion length limit", toy=8)
+    max_new_tokens: int = arg(None, "completion length limit (default: a run's own for its final/ or adapter, else 4096; "
+                              "toy models: 8)", toy=8)
     batch_size: int = arg(64, "questions per generation call (of the sampled answers: --batch-size / --pass-n questions)")
-    out: str = arg("", "the table as JSON; the completions beside it in .samples.jsonl (default: runs/evaluate-<time>.json)")
+    out: str = arg("", "the table as JSON, the completions beside it in .samples.jsonl; a directory (DIR/): "
+                       "DIR/evaluate-<time>.json (default: runs/evaluate-<time>.json)")
     seed: int = arg(1, "random seed of the sampled answers")
     device: str = arg("auto", "cuda, cpu, or auto")
-    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
+    threads: int = arg(0, "CPU threads for torch (0: one per core that other work leaves free)", toy=1)
     instruction: str = arg(None, "text on a new line after each question ('' for none; default: each benchmark's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
     generation: str = arg("auto", "sampler: auto (fastgen on CUDA, else generate), generate, static or fastgen",
@@ -63,17 +66,34 @@ class Args:
 
 
 def load(name: str, device: torch.device, generation: str):
-    """common.load_model's frozen model and tokenizer; a LoRA adapter directory loads onto the base it
-    names, the adapters merged in (peft)."""
-    config = os.path.join(name, "adapter_config.json")
-    if not os.path.isfile(config):
-        return common.load_model(name, device, frozen=True, generation=generation)
-    import peft
-    model, tok = common.load_model(json.load(open(config))["base_model_name_or_path"], device, frozen=True,
-                                   generation=generation)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft's own use of a deprecated transformers name
-        return peft.PeftModel.from_pretrained(model, name).merge_and_unload(), tok
+    """The model as the run that trained it scored it (docs/precision.md): fp32 weights, under bf16 autocast on
+    CUDA, as a run holds its policy (read frozen, in bf16, an fp32 final/ would lose most of its training). A
+    LoRA adapter directory, or a LoRA run's final/ (adapter/ beside it): the base read as the run read it (bf16
+    on CUDA), its fp32 adapters unmerged (merged into a bf16 base, most of the update rounds away)."""
+    adapter = next((d for d in (name, os.path.join(name, "adapter"))
+                    if os.path.isfile(os.path.join(d, "adapter_config.json"))), None)
+    lora = None
+    if adapter is not None:  # the load of a LoRA run's checkpoint
+        import peft
+        name, lora = adapter, peft.PeftConfig.from_pretrained(adapter)
+        lora.init_seed = 0  # unused: the adapters are read, not drawn
+    model, tok = common.load_model(name, device, lora=lora, generation=generation)
+    return model.eval().requires_grad_(False), tok
+
+
+RUN_SETTINGS = ("max_new_tokens", "instruction", "system_prompt")  # how a run asked its questions: evaluate.py's too
+
+
+def run_settings(name: str) -> tuple:
+    """(the run's directory, its RUN_SETTINGS from config.json) when `name` is a run's final/ (final/small, ...), its
+    adapter or its checkpoint, else ("", {})."""
+    parts = os.path.abspath(name).split(os.sep)
+    at = max((i for i, p in enumerate(parts) if p in ("final", "checkpoint")), default=0)
+    config = os.path.join(os.sep.join(parts[:at]) or os.sep, "config.json")
+    run = json.load(open(config)) if at and os.path.isfile(config) else {}
+    if not all(k in run for k in RUN_SETTINGS):  # a model's config.json, not a run's
+        return "", {}
+    return os.path.dirname(config), {k: run[k] for k in RUN_SETTINGS}
 
 
 def graded(ro, row: int, correct) -> dict:
@@ -134,12 +154,23 @@ def main():
     suite = args.benchmarks or tasks.TOY_MODELS.get(args.model) or PAPERS_SUITE  # a toy model: toy or toy-hard
     names = list(dict.fromkeys(b.strip() for b in suite.split(",") if b.strip()))
     ks = plumbing.parse_pass_k(args.pass_k or str(args.pass_n), args.pass_n) if args.pass_n > 0 else []
+    run, settings = run_settings(args.model)
+    taken = {k: v for k, v in settings.items() if getattr(args, k) is None and v is not None}  # a flag given wins
+    for k, v in taken.items():
+        setattr(args, k, v)
+    args.max_new_tokens = 4096 if args.max_new_tokens is None else args.max_new_tokens
+    if taken and plumbing.rank() == 0:
+        print(f"as the run in '{run}' asked (its config.json): "
+              + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in taken.items()), flush=True)
     for flag, bound in (("limit", 0), ("pass_n", 0), ("max_new_tokens", 1), ("batch_size", 1)):
         if getattr(args, flag) < bound:
             plumbing.die(f"--{flag.replace('_', '-')} must be at least {bound} (got {getattr(args, flag)})")
     if not names or args.temperature <= 0:
         plumbing.die(f"--benchmarks must name a benchmark and --temperature be positive (got '{suite}', {args.temperature})")
-    out = args.out = args.out or os.path.join("runs", f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out = args.out or "runs/"
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):  # a directory: the results in it, named as by default
+        out = os.path.join(out, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    args.out = out
     samples_path = (out[:-len(".json")] if out.endswith(".json") else out) + ".samples.jsonl"
     common.check_available([args.model], "")  # offline: the model must be local or cached, or one line says so
     rows = {name: tasks.load_data(name, "eval")[:args.limit or None] for name in names}  # a missing one: one line
@@ -148,8 +179,8 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except OSError as e:
         plumbing.die(f"cannot write the results to '{out}' ({type(e).__name__}: {e.strerror or e})")
-    if os.path.isdir(out) or not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
-        plumbing.die(f"cannot write the results to '{out}': it is a directory, or its directory is not writable")
+    if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
+        plumbing.die(f"cannot write the results to '{out}': its directory is not writable")
     model, tok = load(args.model, device, args.generation)
     plumbing.seed_everything(args.seed + plumbing.rank())  # after loading; ranks sample different answers
 

@@ -65,8 +65,8 @@ def check_args(args, **least):
     if args.group_size < 2:
         die(f"--group-size must be at least 2 (got {args.group_size}): "
             "group-relative advantages need two completions to compare")
-    bounds = dict(steps=0, eval_size=0, pass_n=0, log_samples=0, threads=0, save_every=0, prompts_per_step=1, max_new_tokens=1,
-                  micro_batch_size=1)
+    bounds = dict(steps=0, eval_size=0, pass_n=0, log_samples=0, threads=0, save_every=0, save_minutes=0,
+                  prompts_per_step=1, max_new_tokens=1, micro_batch_size=1)
     for name, bound in {**bounds, **least}.items():
         if getattr(args, name) < bound:
             die(f"--{name.replace('_', '-')} must be {'non-negative' if bound == 0 else f'at least {bound}'} "
@@ -113,12 +113,26 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def free_cores() -> tuple:
+    """(the cores this process may run on, how many of them other work keeps busy: the 1-minute load average)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores, min(cores, round(os.getloadavg()[0])) if hasattr(os, "getloadavg") else 0
+
+
 def init_distributed(name: str = "auto", threads: int = 0) -> torch.device:
-    """The device of this process and its CPU threads (0: torch's default, one per core). Under torchrun it
-    also joins the process group: NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU."""
+    """The device of this process and its CPU threads: `threads`, else on a CPU (without $OMP_NUM_THREADS) one per
+    core that other work leaves free, shared by the processes of this machine, said in one line when fewer than the
+    cores (torch's default, a thread per core, made a first step 9x slower on a 2-core CPU with one core busy). Under
+    torchrun it also joins the process group: NCCL with one GPU per process (LOCAL_RANK) on CUDA, gloo on CPU."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if threads == 0 and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        (cores, busy), local = free_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, (cores - busy) // local)
+        if threads * local < cores and rank() == 0 and int(os.environ.get("RANK", "0")) == 0:
+            print(f"torch threads: {threads}{' a process' * (local > 1)} ({cores} cores, {busy} busy with other work by "
+                  "the load average); --threads N sets them", file=sys.stderr, flush=True)
     if threads > 0:
         torch.set_num_threads(threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {name} asked for, but no CUDA device is visible")
     if device.type == "cuda":
@@ -355,10 +369,10 @@ def did_you_mean(name: str) -> str:
 
 
 def check_offline(hub_models: dict, datasets: dict, dataset_repos: dict, toy_models=()):
-    """When the hub cannot be reached, every hub model ({hub id: a typo's likely fix, or ''}) must be in the
+    """When the hub cannot be reached, every hub model ({hub id: how to get it in a few words, or ''}) must be in the
     local Hugging Face cache and each dataset's repos ({flag: name}, `dataset_repos` {name: repos}) in the
     datasets cache, or one line names all that is missing and how to get it (the hub client would retry for a
-    minute, then name the first), or a missing model's fix; HF_HUB_OFFLINE=1 is then set for the run."""
+    minute, then name the first), or a missing model's few words; HF_HUB_OFFLINE=1 is then set for the run."""
     repos = {}  # how the user named each dataset ('The default --dataset math'): its hub repos
     for flag, name in datasets.items():
         if name in dataset_repos and dataset_repos[name] not in repos.values():  # a dataset named twice: once
@@ -368,10 +382,9 @@ def check_offline(hub_models: dict, datasets: dict, dataset_repos: dict, toy_mod
         return
     from huggingface_hub import constants, try_to_load_from_cache
     models = [m for m in hub_models if not isinstance(try_to_load_from_cache(m, "config.json"), str)]
-    for m in models:  # a typo: one short line
+    for m in models:  # a typo, or a model built here: one short line
         if hub_models[m]:
-            die(f"model '{m}' is not in the local Hugging Face cache, and the hub is unreachable: "
-                f"did you mean {hub_models[m]}?")
+            die(f"model '{m}' is not in the local Hugging Face cache, and the hub is unreachable: {hub_models[m]}")
     datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
     data = [f"{said} ({', '.join(rs)})" for said, rs in repos.items()
             if any(not os.path.isdir(os.path.join(datasets_cache, r.replace("/", "___"))) for r in rs)]

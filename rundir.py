@@ -59,6 +59,7 @@ class Run:
         self.step = self.checkpoint = self.f = self.samples_f = None
         self.samples_on = getattr(args, "log_samples", 0) > 0  # --log-samples 0: no samples.jsonl
         self.saving, self.interrupted, self.resuming, self.firsts, self.lasts = False, False, args.resume, {}, {}
+        self.saved_at, self.save_seconds = time.monotonic(), 0.0  # the last checkpoint's end (or the start), its cost
         self.trackers = Trackers(args.report_to, args.wandb_project or name, out)  # a missing package: one line now
         if signal.getsignal(signal.SIGINT) is _interrupted_before_the_run:  # the script asked for one line
             signal.signal(signal.SIGINT, self._on_interrupt)
@@ -146,6 +147,17 @@ class Run:
 
     # checkpoints and the final model
 
+    def checkpoint_due(self, step: int, args) -> bool:
+        """Whether to checkpoint after `step`: every --save-every steps, after the last, and once --save-minutes have
+        passed since the last checkpoint (or the start), at least 20 times as long as it took (saving then takes at
+        most 5% of the run): a slow run's Ctrl-C keeps that much. --save-every 0: never. Rank 0's clock decides."""
+        if not args.save_every:
+            return False
+        late = args.save_minutes > 0 and time.monotonic() - self.saved_at >= max(60 * args.save_minutes,
+                                                                                   20 * self.save_seconds)
+        late = plumbing.all_gather(late)[0] if args.save_minutes > 0 else False  # the ranks save together
+        return step % args.save_every == 0 or step == args.steps or late
+
     def save_checkpoint(self, step: int, models: dict, optimizers: dict, sampler):
         """DIR/checkpoint: each model of `models` (name: (model, tokenizer)), the optimizer states (keyed by
         parameter name: data-parallel and FSDP runs read each other's), every rank's RNG states, the
@@ -153,6 +165,7 @@ class Run:
         Every rank calls it (FSDP gathers shards)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        t0 = time.monotonic()
         rng = dict(torch=torch.get_rng_state(), np=np.random.get_state(), py=random.getstate(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         rngs = [rng]
@@ -174,6 +187,7 @@ class Run:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         self.saving, self.checkpoint = False, step
+        self.saved_at, self.save_seconds = time.monotonic(), time.monotonic() - t0
         if self.interrupted:
             self._exit_interrupted()
 
@@ -197,6 +211,7 @@ class Run:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         if plumbing.rank() == 0:
+            print(f"resuming '{self.out}' after step {step}, its checkpoint's", file=sys.stderr, flush=True)
             rows, samples = self._drop_after("metrics.jsonl", step), self._drop_after("samples.jsonl", step)
             self.trackers.sent = ({(r["step"], k) for r in rows for k in r}  # before the interruption too
                                   | {(r["step"], f"samples/{r['kind']}") for r in samples})
@@ -264,18 +279,19 @@ class Run:
             self._exit_interrupted()
 
     def _exit_interrupted(self):
-        """One line: where the last checkpoint is and the command that resumes it."""
+        """One line: where the last checkpoint is and the command that resumes it (or, before the first one, the
+        command that starts the run again in its directory: without --out each command makes a new one)."""
         if plumbing.rank() == 0:
             at = "" if self.step is None else f" after step {self.step}"
+            argv = [a for prev, a in zip(sys.argv, sys.argv[1:])  # the same command, then --out DIR (--resume)
+                    if prev != "--out" and a not in ("--out", "--resume", "--no-resume") and not a.startswith("--out=")]
+            n = plumbing.world_size()
+            launcher = ["python"] if n == 1 else ["torchrun", f"--nproc_per_node={n}"]
+            cmd = shlex.join(launcher + [sys.argv[0], *argv, "--out", self.out] + ["--resume"] * (self.checkpoint is not None))
             if self.checkpoint is None:
-                msg = (f"interrupted{at}, before the first checkpoint (--save-every): nothing to resume; the same "
-                       f"command starts the run again in '{self.out}'")
+                msg = (f"interrupted{at}, before the first checkpoint (--save-every, --save-minutes): nothing to resume; "
+                       f"to start the run again in '{self.out}': {cmd}")
             else:
-                argv = [a for prev, a in zip(sys.argv, sys.argv[1:])  # the same command, then --out DIR --resume
-                        if prev != "--out" and a not in ("--out", "--resume", "--no-resume") and not a.startswith("--out=")]
-                n = plumbing.world_size()
-                launcher = ["python"] if n == 1 else ["torchrun", f"--nproc_per_node={n}"]
-                cmd = shlex.join(launcher + [sys.argv[0], *argv, "--out", self.out, "--resume"])
                 msg = (f"interrupted{at}; the last checkpoint (step {self.checkpoint}) is in '{self.out}/checkpoint'. "
                        f"Resume with: {cmd}")
             print("\n" + msg, file=sys.stderr, flush=True)  # after the progress bar's line

@@ -12,6 +12,7 @@ import torch
 
 import common
 import grading
+import plumbing
 import rundir
 import tasks
 from reference import naive_token_logprobs
@@ -463,3 +464,25 @@ def test_shared_vocab_slices_a_larger_partner_and_refuses_a_smaller_one(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"'toy-small' has fewer LM-head rows than 'padded' ({len(tok)} < {len(tok) + 17})" in err[0]
+
+
+def test_cpu_threads_are_the_cores_other_work_leaves_free_and_one_line_says_so(monkeypatch, capsys):
+    """--threads 0 on a CPU: one thread per core that the load average leaves free (torch's one per core made a
+    first step 9x slower on a 2-core CPU with one core busy); $OMP_NUM_THREADS and --threads win."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    before = torch.get_num_threads()
+    try:
+        line = "torch threads: 1 (2 cores, {} busy with other work by the load average); --threads N sets them\n"
+        for load, threads, said in ((1.2, 1, line.format(1)), (0.3, 2, ""), (7.0, 1, line.format(2))):
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+            plumbing.init_distributed("cpu", 0)
+            assert torch.get_num_threads() == threads and capsys.readouterr().err == said, load
+        plumbing.init_distributed("cpu", 3)
+        assert torch.get_num_threads() == 3 and capsys.readouterr().err == ""
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        plumbing.init_distributed("cpu", 0)
+        assert torch.get_num_threads() == 1 and capsys.readouterr().err == ""
+    finally:
+        torch.set_num_threads(before)

@@ -196,32 +196,43 @@ def test_real_rows_of_every_benchmark_table_equals_a_direct_count(fixtures, answ
     assert "| amc23 | 4 | 0.250 | 0.250 | 0.250 |" in printed and "| average |  | 0.036 | 0.036 | 0.036 |" in printed
 
 
-def test_a_lora_adapter_directory_loads_merged_into_its_base(tmp_path):
-    import warnings
-    import peft
+def trained_toy(lora: bool):
+    """toy-small as a run holds it after training on CUDA (plumbing.BF16_DEVICES must hold "cpu"): full fine-tuning,
+    fp32 weights moved by an update of RL's size (std 5e-5); LoRA, a bf16 base and fp32 adapters whose B moved so."""
     import torch
     import common
+    from test_lora import lora_args
+    model, tok = common.load_model("toy-small", torch.device("cpu"), lora=common.lora_config(lora_args(4)) if lora else None)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or not lora:
+                p.add_(torch.randn_like(p), alpha=5e-5)
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_runs_final_model_is_scored_as_the_run_scored_it(monkeypatch, tmp_path, lora):
+    """On CUDA (BF16_DEVICES with "cpu": the same branches) a run scores its policy as fp32 weights under bf16
+    autocast, a LoRA run as its bf16 base with fp32 adapters, unmerged. final/ (fp32) and final/adapter read back by
+    evaluate.load give the same logits to the last bit; read frozen in bf16 (or merged into a bf16 base), 6% of the
+    update was left."""
+    import torch
     import evaluate
-    cpu = torch.device("cpu")
-    model, tok = common.load_model("toy-small", cpu)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft's own use of a deprecated transformers name
-        adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=32, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in adapted.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    adapted.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    merged, _ = evaluate.load(str(tmp_path), cpu, "generate")
-    base, _ = common.load_model("toy-small", cpu)
-    x = tok(["12+34="], return_tensors="pt").input_ids
-    with torch.no_grad():
-        want, got, before = adapted(x).logits, merged(x).logits, base(x).logits
-    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, before, atol=1e-2)
-    assert not hasattr(merged, "peft_config") and merged.generation == "generate"
-
-
+    import plumbing
+    import rundir
+    monkeypatch.setattr(plumbing, "BF16_DEVICES", ("cuda", "cpu"))
+    cpu, x = torch.device("cpu"), torch.tensor([[3, 4, 10, 5, 6, 11]])
+    model, tok = trained_toy(lora)
+    with torch.no_grad(), plumbing.autocast(cpu):
+        want = model(x).logits
+    run = object.__new__(rundir.Run)
+    run.out = str(tmp_path)
+    run.save_final({"": (model, tok)})
+    for path in [tmp_path / "final"] + [tmp_path / "final" / "adapter"] * lora:
+        got, _ = evaluate.load(str(path), cpu, "generate")
+        assert not any(p.requires_grad for p in got.parameters()) and not got.training and got.generation == "generate"
+        with torch.no_grad(), plumbing.autocast(cpu):
+            assert torch.equal(got(x).logits, want), path
 def test_under_torchrun_the_processes_share_the_questions_and_rank_0_writes_the_same_table(tmp_path):
     """Two processes (gloo) answer every other question; the greedy figures and completions gathered on rank 0
     equal one process's (the sampled ones differ: each process draws its own)."""
@@ -245,13 +256,52 @@ def test_under_torchrun_the_processes_share_the_questions_and_rank_0_writes_the_
 @pytest.mark.parametrize("args, message", [
     (["--pass-n", "4", "--pass-k", "1,8"], "--pass-k 1,8: each k must be between 1 and --pass-n (4)"),
     (["--temperature", "0"], "--temperature be positive (got 'toy', 0.0)"),
-    (["--out", ROOT], f"cannot write the results to '{ROOT}': it is a directory"),
+    (["--out", os.path.join(ROOT, "README.md", "x.json")], "cannot write the results to '"),
     (["--benchmarks", "mmlu"], "unknown dataset 'mmlu' (benchmarks, for evaluation: math500, minerva,"),
     (["--limit", "-1"], "--limit must be at least 0 (got -1)"),
 ])
 def test_user_errors_are_one_line(args, message):
     from conftest import assert_user_error
     assert_user_error("evaluate.py", "--model", "toy-small", "--benchmarks", "toy", *args, message=message)
+
+
+def test_out_a_new_directory_gets_the_results_in_it(tmp_path):
+    """--out newdir/ (or an existing directory): created before the evaluation, the table and the completions
+    written in it under the default's names (it failed at the end, on newdir/.samples.jsonl)."""
+    from conftest import run_main
+    for out in (tmp_path / "new" / "dir", tmp_path / "new"):
+        printed = run_main("evaluate.py", "--model", "toy-small", "--limit", "4", "--pass-n", "0", "--out", f"{out}/")
+        [table] = [p for p in os.listdir(out) if p.endswith(".json")]
+        assert table.startswith("evaluate-") and os.path.isfile(out / table.replace(".json", ".samples.jsonl"))
+        assert json.load(open(out / table))["results"]["toy"]["questions"] == 4 and str(out / table) in printed
+    assert sorted(os.listdir(tmp_path / "new")) == ["dir", table, table.replace(".json", ".samples.jsonl")]
+
+
+def test_a_runs_final_model_is_asked_as_the_run_asked_unless_a_flag_says_otherwise(tmp_path):
+    """--model DIR/final (or its adapter, its checkpoint) takes --max-new-tokens, --instruction and --system-prompt from
+    the run's config.json, and says so in one line: the run's own evaluation is then the table's number (with
+    evaluate.py's 4096 tokens it was another). A flag given wins."""
+    from conftest import read_metrics, run_main
+    run = tmp_path / "run"
+    run_main("grpo.py", "--steps", 0, "--max-new-tokens", 2, "--eval-size", 40, "--pass-n", 0, "--out", run)
+    [row] = read_metrics(run)
+    flags = ["--benchmarks", "toy", "--limit", "40", "--pass-n", "0"]
+    printed = run_main("evaluate.py", "--model", run / "final", *flags, "--out", tmp_path / "a.json")
+    line = f"as the run in '{run}' asked (its config.json): --max-new-tokens 2 --instruction ''"
+    assert line in printed.splitlines() and json.load(open(tmp_path / "a.json"))["args"]["max_new_tokens"] == 2
+    assert f"| toy | 40 | {row['eval/accuracy']:.3f} |" in printed  # 2 tokens: every answer cut before its EOS
+    printed = run_main("evaluate.py", "--model", run / "final", *flags, "--max-new-tokens", 8, "--out", tmp_path / "b.json")
+    assert f"as the run in '{run}' asked (its config.json): --instruction ''" in printed.splitlines()
+    assert json.load(open(tmp_path / "b.json"))["results"]["toy"]["greedy_accuracy"] > row["eval/accuracy"]
+    config = json.load(open(run / "config.json"))
+    json.dump(dict(config, system_prompt="1+1=2", instruction="+"), open(run / "config.json", "w"))
+    printed = run_main("evaluate.py", "--model", run / "final", *flags, "--out", tmp_path / "c.json")
+    assert f"as the run in '{run}' asked (its config.json): --max-new-tokens 2 --instruction + --system-prompt 1+1=2" \
+        in printed
+    said = json.load(open(tmp_path / "c.json"))["args"]
+    assert (said["max_new_tokens"], said["instruction"], said["system_prompt"]) == (2, "+", "1+1=2")
+    printed = run_main("evaluate.py", "--model", "toy-small", *flags, "--out", tmp_path / "d.json")  # not a run's: no line
+    assert "as the run" not in printed and json.load(open(tmp_path / "d.json"))["args"]["max_new_tokens"] == 8
 
 
 def test_offline_a_missing_benchmark_stops_evaluate_in_one_line_naming_it(monkeypatch, tmp_path):

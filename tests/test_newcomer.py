@@ -2,6 +2,7 @@
 out of a run (offline, Ctrl-C, a bad --out, --help) in one line."""
 
 import dataclasses
+import glob
 import importlib
 import json
 import os
@@ -193,7 +194,7 @@ def test_ctrl_c_exits_in_one_line_and_the_printed_command_resumes(tmp_path):
 
 
 def test_ctrl_c_before_the_first_checkpoint_and_the_three_messages_agree(tmp_path):
-    """Interrupted before any checkpoint: the message says the same command starts again; --resume says
+    """Interrupted before any checkpoint: the message prints the command that starts again (with --out); --resume says
     there is nothing to resume and to drop it; the same command then runs in the same --out, in place
     of the interrupted run's metrics."""
     out = tmp_path / "run"
@@ -209,12 +210,54 @@ def test_ctrl_c_before_the_first_checkpoint_and_the_three_messages_agree(tmp_pat
     assert p.returncode == 130 and not os.path.exists(out / "checkpoint"), err
     lines = [l for l in re.split(r"[\r\n]", err) if l.strip() and not re.search(r"\d+/\d+ \[", l)]
     assert len(lines) == 1 and "before the first checkpoint" in lines[0], err
-    assert f"the same command starts the run again in '{out}'" in lines[0]
+    cmd = lines[0].split(f"to start the run again in '{out}': ")[1].split()
+    assert cmd == ["python", os.path.join(ROOT, "grpo.py"), "--steps", "100000", *flags]  # --out DIR last, no --resume
     assert_user_error("grpo.py", "--steps", 2, *flags, "--resume",
                       message="the run stopped before its first one, so run the same command without --resume")
     run_main("grpo.py", "--steps", 2, *flags)  # the same command, the same --out
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 2]  # this run's lines only: eval 0, steps 1-2, eval 2
     assert_user_error("grpo.py", "--steps", 2, *flags, message="already holds a run: pass --resume")  # now it has a checkpoint
+
+
+def test_ctrl_c_before_the_first_checkpoint_without_out_names_the_directory_in_the_command(tmp_path):
+    """Without --out each command makes a new directory: the line's command names the interrupted one's (the same
+    command would start in another)."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "grpo.py"), "--steps", "100000", "--save-every", "100000",
+                          "--eval-size", "16", "--eval-every", "100000"],
+                         cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(str(tmp_path / "runs" / "grpo-*" / "metrics.jsonl")):
+        time.sleep(0.2)
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    [out] = glob.glob(str(tmp_path / "runs" / "grpo-*"))
+    lines = [l for l in re.split(r"[\r\n]", err) if l.strip() and not re.search(r"\d+/\d+ \[", l)]
+    assert p.returncode == 130 and len(lines) == 1, err
+    run = os.path.relpath(out, tmp_path)
+    assert lines[0].endswith(f"to start the run again in '{run}': python {os.path.join(ROOT, 'grpo.py')} --steps 100000 "
+                             f"--save-every 100000 --eval-size 16 --eval-every 100000 --out {run}"), lines[0]
+
+
+def test_a_slow_run_checkpoints_every_save_minutes_too(tmp_path, monkeypatch):
+    """--save-minutes: a checkpoint once that long has passed without one (and 20 times the last one's cost), besides
+    --save-every's and the last step's; Ctrl-C then keeps a run whose steps are slow."""
+    saved = []
+    save = rundir.Run.save_checkpoint
+    monkeypatch.setattr(rundir.Run, "save_checkpoint", lambda self, step, *a: saved.append(step) or save(self, step, *a))
+    quick = ["--steps", 4, "--save-every", 100000, "--eval-size", 8, "--pass-n", 0]
+    run_main("grpo.py", *quick, "--save-minutes", 1e-9, "--out", tmp_path / "a")
+    run_main("grpo.py", *quick, "--save-minutes", 0, "--out", tmp_path / "b")
+    run_main("grpo.py", *quick, "--out", tmp_path / "c")  # the default, 5 minutes: the toy never waits that long
+    timed = saved[:-2]  # the first after step 1; the next ones 20 times the last one's cost later
+    assert timed[0] == 1 and timed[-1] == 4 and timed == sorted(set(timed)) and saved[-2:] == [4, 4], saved
+    run = object.__new__(rundir.Run)
+    args = types.SimpleNamespace(save_every=50, save_minutes=1, steps=100)
+    for ago, cost, due in ((59, 0, False), (61, 0, True), (61, 3, True), (61, 4, False), (81, 4, True)):
+        run.saved_at, run.save_seconds = time.monotonic() - ago, cost
+        assert run.checkpoint_due(7, args) == due, (ago, cost)
+    never = types.SimpleNamespace(**{**vars(args), "save_every": 0})
+    assert run.checkpoint_due(50, args) and not run.checkpoint_due(50, never)
 
 
 def test_resume_of_a_directory_that_does_not_exist_says_so(tmp_path):
@@ -230,6 +273,7 @@ def test_resumed_progress_bar_shows_the_latest_evaluation(tmp_path, capsys):
     capsys.readouterr()
     run_main("grpo.py", "--steps", 4, "--out", out, *flags[:2], "--eval-every", "100", "--save-every", "100", "--resume")
     err = capsys.readouterr().err  # the bar
+    assert f"resuming '{out}' after step 2, its checkpoint's" in err.splitlines()  # where it resumed
     bars = re.findall(r"acc=(\d\.\d{3})", err)  # after step 3 (no evaluation), then after step 4's (the last)
     assert bars and bars[0] == f"{evals[1]:.3f}", err  # step 3's bar: the step-2 evaluation, not step 0's
 

@@ -4,6 +4,7 @@ shipped sums (data/sums.py); model names and a typo's one line."""
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 
@@ -179,7 +180,8 @@ def test_shipped_sums_are_what_the_generator_makes_and_hold_out_their_questions(
 # ---------------------------------------------------------------- model names
 
 
-def test_bare_smollm2_and_qwen_names_get_their_organisation():
+def test_bare_smollm2_and_qwen_names_get_their_organisation(monkeypatch, tmp_path):
+    monkeypatch.setenv("SMOLLM2_DIR", str(tmp_path / "not-built"))
     for size in ("135M", "360M", "1.7B"):
         for kind in ("", "-Instruct"):
             assert common.resolve_model_name(f"SmolLM2-{size}{kind}") == f"HuggingFaceTB/SmolLM2-{size}{kind}"
@@ -187,6 +189,37 @@ def test_bare_smollm2_and_qwen_names_get_their_organisation():
     assert common.resolve_model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert common.resolve_model_name("my-org/SmolLM2-135M") == "my-org/SmolLM2-135M"
     assert common.resolve_model_name("SmolLM") == "SmolLM"  # not a family's name: as it is
+
+
+def fake_built_smollm2(path):
+    """toy-small where `python tests/smollm2.py` builds SmolLM2-135M-Instruct (provenance.json marks a finished build)."""
+    shutil.copytree(tasks.toy_path("toy-small"), path)
+    (path / "provenance.json").write_text("{}")
+    return path
+
+
+def test_the_readme_smollm2_command_works_after_the_build_step_offline(monkeypatch, tmp_path, empty_caches):
+    """After `python tests/smollm2.py`, the bare SmolLM2-135M-Instruct is the directory it built ($SMOLLM2_DIR, else
+    $XDG_CACHE_HOME/smollm2-tests/...), on a machine whose hub cache is empty and the hub unreachable."""
+    import smollm2
+    monkeypatch.delenv("SMOLLM2_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    built = fake_built_smollm2(tmp_path / "xdg" / "smollm2-tests" / "SmolLM2-135M-Instruct")
+    assert common.resolve_model_name("SmolLM2-135M-Instruct") == str(built) == importlib.reload(smollm2).model_dir()
+    monkeypatch.setenv("SMOLLM2_DIR", str(tmp_path / "here"))
+    built = fake_built_smollm2(tmp_path / "here")
+    assert common.resolve_model_name("SmolLM2-135M-Instruct") == str(built) == smollm2.model_dir()
+    assert common.resolve_model_name("SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"  # not built here
+    run_main("grpo.py", "--model", "SmolLM2-135M-Instruct", "--dataset", "toy", "--instruction", "", "--steps", 1,
+             "--prompts-per-step", 8, "--max-new-tokens", 8, "--eval-size", 8, "--out", tmp_path / "run")
+    assert os.path.isfile(tmp_path / "run" / "final" / "model.safetensors")
+
+
+def test_the_smollm2_name_not_built_is_one_short_line_naming_the_build_step(monkeypatch, tmp_path, empty_caches):
+    monkeypatch.setenv("SMOLLM2_DIR", str(tmp_path / "not-built"))
+    line = assert_user_error("grpo.py", "--model", "SmolLM2-135M-Instruct", "--dataset", "toy", "--out", tmp_path / "o",
+                             message="build it with `python tests/smollm2.py`")
+    assert len(line) < 200 and not (tmp_path / "o").exists(), line  # it was 602 characters, with no build step
 
 
 def test_did_you_mean():
