@@ -87,7 +87,7 @@ class Args:
     kd_coef: float = arg(0.1, "alpha: coefficient of the small model's balanced divergence to the large model", toy=0.5)
     is_cap: float = arg(2.0, "C: the large model's importance weights pi_L/pi_S,old truncated at C")
     allow_smaller_large: bool = arg(False, "train a --large model smaller than --small (refused without it: likely swapped)")
-    large_rollouts: int = arg(0, "completions per question the large model samples too (0: none)")
+    large_rollouts: int = arg(2, "completions per question the large model samples too (0: none; docs/codistill.md)")
     bdkd_kappa: float = arg(5.0, "sharpness of w = sigmoid(kappa (H(p_S) - H(p_L))), the reverse KL's share")
     large_kd_coef: float = arg(0.1, "coefficient of the large model's regulariser KL(p_L||sg p_S)")
 

@@ -1,12 +1,14 @@
 """CoDistill-GRPO: a small and a large model trained together by GRPO (arXiv 2605.08873).
 
-Two models learn at the same time and no trained oracle is needed. Only the small model S
-generates (G completions per question); the large model L scores those tokens in its own forward.
+Two models learn at the same time and no trained oracle is needed. The small model S generates
+G completions per question, which the large model L scores in its own forward; L samples only
+n = --large-rollouts of its own (default 2, against GRPO's G).
 - S is updated by GRPO on a reward with an on-policy KD term: r~_i = r_i - alpha * k1_i, where
   k1_i = mean_t sg(l_S - l_L) estimates the per-token reverse KL(pi_S||pi_L) of completion i.
 - L is updated by GRPO on S's rollouts, advantages from r only, each token weighted by the
   importance weight pi_L/pi_S,old (S sampled the token, L learns from it), truncated at C.
-L needs no generation of its own: the generation time of a separate GRPO run of L is saved.
+Trained on S's rollouts alone (n = 0), a pretrained L collapsed when S's rewards were sparse: hence
+n = 2 (docs/codistill.md, "The large model's own rollouts"). Most of L's generation time is saved.
 
 RECONSTRUCTED: there is no official code and the method text could not be read; the recipe is
 rebuilt from the abstract and secondary sources. Ours (docs/codistill.md): the KD reward's form and
@@ -87,7 +89,7 @@ class Args:
     kd_coef: float = arg(0.1, "alpha: the small model's reward is r - alpha * its per-token KL(small||large)", toy=0.5)
     is_cap: float = arg(2.0, "C: the large model's importance weights pi_L/pi_S,old truncated at C")
     allow_smaller_large: bool = arg(False, "train a --large model smaller than --small (refused without it: likely swapped)")
-    large_rollouts: int = arg(0, "completions per question the large model samples too (0: none)")
+    large_rollouts: int = arg(2, "completions per question the large model samples too (0: none; docs/codistill.md)")
 
 # ALGO LOGIC
 

@@ -151,7 +151,7 @@ def test_evaluate_ece_is_the_binned_confidence_gap(models_and_rollout):
 def test_bdkd_end_to_end(tmp_path):
     out = tmp_path / "run"
     run_script("bdkd.py", "--steps", 3, "--eval-size", 30, "--eval-every", 2,
-             "--prompts-per-step", 4, "--micro-batch-size", 12, "--logprob-chunk", 5, "--out", out)
+             "--prompts-per-step", 4, "--micro-batch-size", 12, "--logprob-chunk", 5, "--large-rollouts", 0, "--out", out)
     rows = read_metrics(out)
     evals = [r for r in rows if "small/eval/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2, 3]

@@ -128,7 +128,8 @@ KEYS = ("train/reward", "train/completion_len", "train/zero_std_frac", "small/kd
 
 
 def test_codistill_end_to_end_with_resume(tmp_path):
-    common_flags = ["--eval-size", 20, "--eval-every", 100, "--save-every", 2, "--prompts-per-step", 4]
+    common_flags = ["--eval-size", 20, "--eval-every", 100, "--save-every", 2, "--prompts-per-step", 4,
+                    "--large-rollouts", 0]  # S's rollouts alone: L's advantages over S's G (n > 0: below)
     full, part = tmp_path / "full", tmp_path / "part"
     p = run_script("codistill.py", "--steps", 3, "--out", full, *common_flags)
     assert "small eval/accuracy:" in p.stdout and "large eval/accuracy:" in p.stdout

@@ -48,7 +48,8 @@ def test_the_rule_picks_the_dropped_layers_on_the_large_model(pair):
 
 def test_it_loads_with_plain_transformers_with_27_layers_and_the_large_models_weights_and_tokenizer(pair, small):
     config = AutoConfig.from_pretrained(pair[0])
-    assert config.num_hidden_layers == 27 == len(small.model.layers) and len(getattr(config, "layer_types", None) or [0] * 27) == 27
+    assert config.num_hidden_layers == 27 == len(small.model.layers)
+    assert len(getattr(config, "layer_types", None) or [0] * 27) == 27
     large = AutoModelForCausalLM.from_pretrained(pair[1], dtype=torch.float32)
     kept = [i for i in range(30) if i not in (17, 14, 3)]
     for new, old in enumerate(kept):  # the kept layers are the large model's, in order
