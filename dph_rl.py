@@ -144,7 +144,8 @@ def presample(model, tok, rows: list, args):
     counts, kept = [], []  # this rank's (question, times solved) and (question, its kept rows, their log-probs)
     calls = common.answers(model, tok, rows, k, args.max_new_tokens, b, args.temperature, instruction=args.instruction,
                            system_prompt=args.system_prompt)  # b questions each
-    for part, ro, correct in tqdm(calls, "pre-sampling", -(-len(rows) // args.prompts_per_step), disable=plumbing.rank() != 0):
+    for part, ro, correct, _ in tqdm(calls, "pre-sampling", -(-len(rows) // args.prompts_per_step),
+                                     disable=plumbing.rank() != 0):
         lp = torch.zeros(ro.mask.shape, device=ro.mask.device)  # (b*k, T) every row, so that FSDP ranks run as many passes
         for idx in common.micro_batches(len(ro.texts), args.micro_batch_size):
             mb_logp = common.token_logprobs(model, ro.select(idx), args.temperature, args.logprob_chunk)  # (b', T')

@@ -406,11 +406,56 @@ def test_evaluate_counts_each_questions_samples(monkeypatch):
     assert m["eval/pass@4"] == pytest.approx(sum(i % 5 > 0 for i in range(11)) / 11)  # pass@n: any right
     assert m["time/eval"] >= m["time/eval_pass_at_k"] > 0
     off, none = common.evaluate(model, tok, rows, 8, instruction="")
-    assert set(off) == {"eval/accuracy", "time/eval"} and none == []
+    assert set(off) == {"eval/accuracy", "eval/grade_errors", "time/eval"} and none == []
     # the greedy answers to the first 7 questions, 3 a call: in question order, graded as the accuracy is
     _, shown = common.evaluate(model, tok, rows, 8, batch_size=3, samples=7, instruction="")
     expected = [(i, f"q{i}", str(1000 + i), *[str(1000 + i) if i % 2 == 0 else "7"] * 2, i % 2 == 0) for i in range(7)]
     assert [(r["index"], r["question"], r["gold"], r["completion"], r["answer"], r["correct"]) for r in shown] == expected
+
+
+def slow_grading(monkeypatch, slow: str):
+    """Grading as it is, except that a completion `slow` runs out of time (grading.GradingError)."""
+    def is_correct(completion, gold):
+        if completion == slow:
+            raise grading.GradingError("grading took more than 1.0 s of CPU time")
+        return grading.is_correct(completion, gold)
+    monkeypatch.setattr(tasks, "is_correct", is_correct)
+
+
+def test_evaluate_counts_the_answers_whose_grading_ran_out_of_time(monkeypatch):
+    """eval/grade_errors: every greedy and sampled answer whose check timed out (each scored wrong)."""
+    n = 4
+    rows = [dict(question=f"q{i}", answer=str(1000 + i)) for i in range(11)]
+
+    def fake_sample(model, tok, prompts, group_size, max_new_tokens, temperature=1.0, greedy=False):
+        i = [int(p[1:].split("=")[0]) for p in prompts]  # question i: right, or the slow answer when i % 3 == 0
+        texts = ["slow" if q % 3 == 0 else str(1000 + q) for q in i for _ in range(group_size)]
+        return common.Rollout(None, None, None, None, None, texts, None)
+
+    monkeypatch.setattr(common, "sample", fake_sample)
+    slow_grading(monkeypatch, "slow")
+    model, tok = torch.nn.Linear(1, 1), toy_tokenizer()
+    m, _ = common.evaluate(model, tok, rows, 8, pass_n=n, pass_k="1,4", batch_size=8, instruction="")
+    assert m["eval/grade_errors"] == 4 * (1 + n)  # questions 0, 3, 6, 9: the greedy answer and the n sampled
+    assert m["eval/accuracy"] == m["eval/pass@4"] == pytest.approx(7 / 11)  # scored wrong
+    assert common.evaluate(model, tok, rows[1:3], 8, instruction="")[0]["eval/grade_errors"] == 0
+
+
+def test_answers_grades_no_padding_row(monkeypatch):
+    """Rank 1 of 2 answers question 1 and a padding row (row 0's question, so that every rank makes as many
+    calls): the padding is neither counted right nor counted as a grading error."""
+    rows = [dict(question=f"q{i}", answer=str(1000 + i)) for i in range(3)]
+
+    def fake_sample(model, tok, prompts, group_size, max_new_tokens, temperature=1.0, greedy=False):
+        return common.Rollout(None, None, None, None, None, ["slow" if p == "q0=" else "1001" for p in prompts], None)
+
+    monkeypatch.setattr(common, "sample", fake_sample)
+    monkeypatch.setattr(common.plumbing, "world_size", lambda: 2)
+    monkeypatch.setattr(common.plumbing, "rank", lambda: 1)
+    slow_grading(monkeypatch, "slow")
+    [(part, ro, correct, errors)] = common.answers(None, toy_tokenizer(), rows, 1, 8, 4, instruction="")
+    assert part == [1, -1] and ro.texts == ["1001", "slow"]
+    assert correct.tolist() == [[True], [False]] and errors == 0
 
 
 # ---------------------------------------------------------------- arguments, logging
