@@ -8,8 +8,8 @@ scripts load: a run's final/, a LoRA adapter directory (merged into its base), a
 model; generation is the scripts' (common.answers, --generation), and under torchrun each process
 answers its share of the questions. Prints one markdown table (per benchmark: questions, greedy
 accuracy, the mean accuracy of --pass-n answers sampled at --temperature, the unbiased pass@k of
-each --pass-k, the answers whose grading ran out of time) and writes it as JSON to --out, with every completion, its answer and its verdict in
-<out>.samples.jsonl beside it.
+each --pass-k, the answers whose grading ran out of time) and writes it as JSON to --out, with
+every completion, its answer and its verdict in <out>.samples.jsonl beside it.
 
 What departs from the papers' evaluation code (docs/evaluate.md):
 1. One prompt for every benchmark and model, zero-shot: the training scripts' (harnesses such as
