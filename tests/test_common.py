@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import random
 from types import SimpleNamespace
@@ -439,6 +440,61 @@ def test_evaluate_counts_the_answers_whose_grading_ran_out_of_time(monkeypatch):
     assert m["eval/grade_errors"] == 4 * (1 + n)  # questions 0, 3, 6, 9: the greedy answer and the n sampled
     assert m["eval/accuracy"] == m["eval/pass@4"] == pytest.approx(7 / 11)  # scored wrong
     assert common.evaluate(model, tok, rows[1:3], 8, instruction="")[0]["eval/grade_errors"] == 0
+
+
+def text_rollout(tok, texts: list, eos: bool = True):
+    """A Rollout of `texts` as Qwen's tokenizer writes them (then EOS), without prompts."""
+    ids = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] * eos for t in texts]
+    T = max(map(len, ids))
+    completion_ids = torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i in ids])  # (B, T)
+    lengths = torch.tensor([len(i) for i in ids])  # (B,)
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()  # (B, T)
+    texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+    return common.Rollout(None, None, completion_ids, mask, lengths, texts, torch.tensor([not eos] * len(texts)))
+
+
+def test_the_answer_s_tokens_are_those_that_write_it_and_end_it():
+    from qwen_like import qwen_tokenizer
+    tok = qwen_tokenizer(instruct=True)
+    texts = ["First, 3 + 4 = 7. Then 7 * 2 = 14.\nThe answer is \\boxed{14}.", "So the answer is 14.",
+             "The answer is $\\frac{3}{4}$.", "I do not know.", "14"]
+    ro = text_rollout(tok, texts)
+    mask = common.answer_mask(tok, ro)
+    written = [tok.convert_ids_to_tokens(ro.completion_ids[r][mask[r].bool()].tolist()) for r in range(len(texts))]
+    assert written == [["14", "}"], ["Ġ1", "4", "."], ["Ġ$\\", "frac", "{", "3", "}{", "4", "}$."],
+                       tok.convert_ids_to_tokens(ro.completion_ids[3, :ro.lengths[3]].tolist()),  # no answer: all
+                       ["14", "<|im_end|>"]]  # the answer, then EOS
+    cut = text_rollout(tok, texts[-1:], eos=False)  # truncated: nothing after the answer
+    assert common.answer_mask(tok, cut).tolist() == cut.mask.tolist() == [[1.0]]
+
+
+def test_ece_takes_the_final_answer_s_confidence_not_the_whole_completion_s(monkeypatch):
+    """After reasoning, the completion's probability is ~0 whatever the model believes: ECE would be the
+    accuracy. Each token here has probability 0.9: the answer '14' and its '}' have 0.81."""
+    from qwen_like import qwen_tokenizer
+    tok = qwen_tokenizer(instruct=True)
+    text = "First, 3 + 4 = 7. Then 7 * 2 = 14.\nThe answer is \\boxed{14}."
+    monkeypatch.setattr(common, "sample", lambda model, tok, prompts, *a, **k: text_rollout(tok, [text] * len(prompts)))
+    monkeypatch.setattr(common, "token_logprobs", lambda model, ro: torch.full(ro.mask.shape, math.log(0.9)))
+    model = torch.nn.Linear(1, 1)
+    m, _ = common.evaluate(model, tok, [dict(question="q", answer="14")], 8, ece_bins=10, instruction="")
+    assert m["eval/accuracy"] == 1 and m["eval/ece"] == pytest.approx(1 - 0.9 ** 2)
+    m, _ = common.evaluate(model, tok, [dict(question="q", answer="15")], 8, ece_bins=10, instruction="")
+    assert m["eval/accuracy"] == 0 and m["eval/ece"] == pytest.approx(0.9 ** 2)
+
+
+@pytest.mark.parametrize("name", ["toy-small", "toy-hard-small"])
+def test_ece_on_the_toy_is_the_whole_completion_s_as_it_was(name, monkeypatch):
+    """On the toy the completion is the answer and its EOS: the answer's tokens are every token, so eval/ece
+    is, bit for bit, that of the whole completion's probability (its figure before it was the answer's)."""
+    model, tok = common.load_model(name, torch.device("cpu"))
+    rows = tasks.load_data(tasks.TOY_MODELS[name], "eval")
+    ro = common.sample(model, tok, [tasks.format_prompt(tok, r, instruction="") for r in rows], 1, 8, greedy=True)
+    assert len(set(ro.texts)) > 50 and torch.equal(common.answer_mask(tok, ro), ro.mask)
+    m, _ = common.evaluate(model, tok, rows, 8, batch_size=128, ece_bins=10, instruction="")
+    monkeypatch.setattr(common, "answer_mask", lambda tok, ro: ro.mask)  # every token: the completion's probability
+    assert 0 < m["eval/ece"] < 1
+    assert common.evaluate(model, tok, rows, 8, batch_size=128, ece_bins=10, instruction="")[0]["eval/ece"] == m["eval/ece"]
 
 
 def test_answers_grades_no_padding_row(monkeypatch):
