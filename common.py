@@ -58,7 +58,7 @@ def parse_args(cls, argv=None):
         toy = ("" if meta.get("toy") is None else f"; toy models: {meta['toy']}") + (
             f"; x{LORA_LR_SCALE} with --lora-rank" if f.name in LR_FIELDS else "")
         help = meta.get("help", "")
-        if "(default:" not in help:  # a field may say its default in words
+        if "default:" not in help:  # a field may say its default in words ("...; default: --dataset's own")
             help += f" (default: {f.default}{toy})"
         help = help.replace("%", "%%")
         if f.type in (bool, "bool"):
@@ -563,7 +563,7 @@ def evaluate(model, tok, rows: list, max_new_tokens: int, pass_n: int = 0, pass_
     prompting = dict(instruction=instruction, system_prompt=system_prompt)
     device = next(model.parameters()).device
     sums = torch.zeros(2 + len(ks), dtype=torch.float64)  # correct greedy answers, pass@k summed over questions, errors
-    shown = []  # (index, completion, correct) of this rank's first `samples` rows
+    shown = []  # (index, completion, correct, truncated) of this rank's first `samples` rows
     gap = torch.zeros(max(ece_bins, 1), dtype=torch.float64, device=device)  # (bins,) sum of c - correct
     with plumbing.Timer() as t_greedy:
         for part, ro, correct, errors in answers(model, tok, rows, 1, max_new_tokens, batch_size, greedy=True,
@@ -572,7 +572,8 @@ def evaluate(model, tok, rows: list, max_new_tokens: int, pass_n: int = 0, pass_
             right = correct[:, 0].to(device) & counted  # (b,) grading errors score 0
             sums[0] += right.sum().item()
             sums[-1] += errors
-            shown += [(i, t, c) for i, t, c in zip(part, ro.texts, correct[:, 0].tolist()) if 0 <= i < samples]
+            shown += [(i, ro.texts[j], bool(correct[j, 0]), bool(ro.truncated[j])) for j, i in enumerate(part)
+                      if 0 <= i < samples]
             if ece_bins:
                 conf = torch.exp((token_logprobs(model, ro) * answer_mask(tok, ro)).sum(1)).double()  # (b,)
                 b = (conf * ece_bins).long().clamp(max=ece_bins - 1)  # (b,)
@@ -594,4 +595,4 @@ def evaluate(model, tok, rows: list, max_new_tokens: int, pass_n: int = 0, pass_
     if ks:
         metrics["time/eval_pass_at_k"] = t_pass.seconds
     shown = sorted(x for got in plumbing.all_gather(shown) for x in got) if samples else []  # in index order
-    return metrics, [dict(index=i, **tasks.sample_rows(rows[i], [t], [c])[0]) for i, t, c in shown]
+    return metrics, [dict(index=i, **tasks.sample_rows(rows[i], [t], [c], truncated=[cut])[0]) for i, t, c, cut in shown]

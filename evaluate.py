@@ -46,7 +46,8 @@ COUNTS = ("questions", "grade_errors")  # a benchmark's counts, not averaged
 @dataclass
 class Args:
     model: str = arg("toy-small", "a run's final/, any saved model or LoRA adapter, hub id, bare name or toy model")
-    benchmarks: str = arg("", "comma-separated benchmarks, math, toy, toy-hard or .jsonl files (default: the papers' seven)")
+    benchmarks: str = arg("", "comma-separated benchmarks, math, toy, toy-hard or .jsonl files (default: the papers' seven, "
+                          f"{PAPERS_SUITE.replace(',', ', ')})")
     limit: int = arg(0, "the first N questions of each benchmark (0: all)")
     pass_n: int = arg(0, "answers sampled per question for the mean accuracy and pass@k (0: greedy only)", toy=16)
     pass_k: str = arg("", "the k of pass@k, comma-separated, each at most --pass-n (default: --pass-n)")

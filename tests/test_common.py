@@ -516,6 +516,26 @@ def test_answers_grades_no_padding_row(monkeypatch):
 
 # ---------------------------------------------------------------- arguments, logging
 
+@pytest.mark.parametrize("script", ["grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl", "evaluate"])
+def test_help_says_each_default_once(script, monkeypatch):
+    """A field whose help says its default in words ('; default: --dataset's own') gets no '(default: None)'."""
+    import argparse
+    import importlib
+    helps, add = {}, argparse.ArgumentParser.add_argument
+
+    def spy(self, *flags, **kwargs):
+        helps[flags[0]] = kwargs.get("help")
+        return add(self, *flags, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "add_argument", spy)
+    module = importlib.import_module(script)
+    common.parse_args(module.Args, [])
+    assert len(helps) == len(dataclasses.fields(module.Args)) + 1  # and -h
+    for flag, text in helps.items():
+        assert flag == "-h" or text.count("default:") == 1, (flag, text)
+    assert "default: --dataset's own" in helps["--instruction"] or "default: each benchmark's own" in helps["--instruction"]
+
+
 def test_parse_args_defaults_follow_the_model():
     import grpo
     toy = common.parse_args(grpo.Args, [])
