@@ -395,7 +395,7 @@ def test_evaluate_counts_each_questions_samples(monkeypatch):
             i = int(p[1:].split("=")[0])
             right = [i % 2 == 0] if greedy else [j < i % (n + 1) for j in range(group_size)]
             texts += [str(1000 + i) if r else "7" for r in right]
-        return common.Rollout(None, None, None, None, None, texts, None)
+        return common.Rollout(None, None, None, None, None, texts, torch.tensor([t == "7" for t in texts]))
 
     monkeypatch.setattr(common, "sample", fake_sample)
     tok = toy_tokenizer()
@@ -412,6 +412,7 @@ def test_evaluate_counts_each_questions_samples(monkeypatch):
     _, shown = common.evaluate(model, tok, rows, 8, batch_size=3, samples=7, instruction="")
     expected = [(i, f"q{i}", str(1000 + i), *[str(1000 + i) if i % 2 == 0 else "7"] * 2, i % 2 == 0) for i in range(7)]
     assert [(r["index"], r["question"], r["gold"], r["completion"], r["answer"], r["correct"]) for r in shown] == expected
+    assert [r["truncated"] for r in shown] == [i % 2 == 1 for i in range(7)]  # the fake cuts its wrong answers
 
 
 def slow_grading(monkeypatch, slow: str):

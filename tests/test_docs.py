@@ -135,7 +135,7 @@ def test_the_readme_s_smollm2_answers_are_the_runs_it_names():
     seed it names: both as results/smollm2/'s samples.jsonl holds them."""
     import json
     text = " ".join((ROOT / "README.md").read_text().split())
-    m = re.search(r'"(What is [^"]*)" at step 0: "([^"]*)" \(cut\); at step (\d+) \(GRPO, seed (\d)\): "([^"]*)"', text)
+    m = re.search(r'"(What is [^"]*)" at step 0: "([^"]*)" \(cut\); at step (\d+) \(GRPO seed (\d)\): "([^"]*)"', text)
     assert m, "the README names the run its quoted answer comes from"
     question, first, step, seed, later = m.groups()
     path = ROOT / "results" / "smollm2" / f"sums1-grpo-s{seed}" / "samples.jsonl"
