@@ -12,6 +12,7 @@ after, built from lengths (never from `ids == pad_id`). Helpers never change the
 """
 
 import argparse
+import bisect
 import dataclasses
 import json
 import math
@@ -57,7 +58,7 @@ def parse_args(cls, argv=None):
         toy = ("" if meta.get("toy") is None else f"; toy models: {meta['toy']}") + (
             f"; x{LORA_LR_SCALE} with --lora-rank" if f.name in LR_FIELDS else "")
         help = meta.get("help", "")
-        if "(default:" not in help:  # a field may say its default in words
+        if "default:" not in help:  # a field may say its default in words ("...; default: --dataset's own")
             help += f" (default: {f.default}{toy})"
         help = help.replace("%", "%%")
         if f.type in (bool, "bool"):
@@ -522,8 +523,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def answers(model, tok, rows: list, n: int, max_new_tokens: int, batch_size: int, temperature: float = 1.0,
             greedy: bool = False, *, instruction: str, system_prompt: Optional[str] = None):
     """This rank's share of `rows` (every world_size-th), each answered n times (tasks.format_prompt's prompts),
-    `batch_size` questions a call: yields (indices into rows, Rollout, correct (b, n) bool). Every rank makes as many
-    calls (FSDP: they are collective): a short share is padded with index -1 (row 0's), which the caller does not count."""
+    `batch_size` questions a call: yields (indices into rows, Rollout, correct (b, n) bool, grade errors). Every rank
+    makes as many calls (FSDP: they are collective): a short share is padded with index -1 (row 0's), which is not
+    graded (correct False, no grade errors) and which the caller does not count."""
     mine = list(range(len(rows)))[plumbing.rank()::plumbing.world_size()]
     mine += [-1] * (-(-len(rows) // plumbing.world_size()) - len(mine))
     for s in range(0, len(mine), batch_size):
@@ -531,7 +533,32 @@ def answers(model, tok, rows: list, n: int, max_new_tokens: int, batch_size: int
         qs = [rows[max(i, 0)] for i in part]
         prompts = [tasks.format_prompt(tok, r, instruction=instruction, system_prompt=system_prompt) for r in qs]
         ro = sample(model, tok, prompts, n, max_new_tokens, temperature=temperature, greedy=greedy)
-        yield part, ro, tasks.rewards_for(ro.texts, [r["answer"] for r in qs for _ in range(n)]).correct.view(-1, n)
+        real = [j for j, i in enumerate(part) if i >= 0]
+        scores = tasks.rewards_for([ro.texts[j * n + k] for j in real for k in range(n)],
+                                   [qs[j]["answer"] for j in real for _ in range(n)])
+        correct = torch.zeros(len(part), n, dtype=torch.bool)  # (b, n)
+        correct[real] = scores.correct.view(-1, n)
+        yield part, ro, correct, scores.grade_errors
+
+
+def answer_mask(tok, rollout: Rollout) -> torch.Tensor:
+    """(B, T) float: the tokens of each completion that write its final answer (tasks.extract_answer, its last
+    occurrence in the text) and what comes next, up to the token that writes the character after it or EOS
+    ('}' after \\boxed{14}): their probability is the model's confidence in that answer, not a longer one.
+    Every token of a completion that names no answer. On the toy, where the completion is the answer and
+    EOS, the mask is rollout.mask."""
+    mask = torch.zeros_like(rollout.mask)
+    for r, text in enumerate(rollout.texts):
+        ids, answer = rollout.completion_ids[r, :int(rollout.lengths[r])].tolist(), tasks.extract_answer(text)
+        a = text.rfind(answer) if answer else -1
+        if a < 0:
+            mask[r] = rollout.mask[r]
+            continue
+        written = lambda t: len(tok.decode(ids[:t], skip_special_tokens=True))  # noqa: E731  what t tokens write
+        first = bisect.bisect_right(range(len(ids) + 1), a, key=written) - 1  # the token that starts the answer
+        end = bisect.bisect_right(range(len(ids) + 1), a + len(answer), key=written)  # tokens to the one past it
+        mask[r, first:min(end, len(ids))] = 1.0
+    return mask
 
 
 @torch.no_grad()
@@ -539,41 +566,47 @@ def evaluate(model, tok, rows: list, max_new_tokens: int, pass_n: int = 0, pass_
              ece_bins: int = 0, samples: int = 0, *, instruction: str, system_prompt: Optional[str] = None) -> tuple:
     """(metrics, samples) of `rows`. Metrics: eval/accuracy (greedy pass@1) and time/eval (seconds). `pass_n` > 0:
     eval/pass@k for each k of `pass_k`, from `pass_n` answers a question sampled at T = 1 (time/eval_pass_at_k
-    its cost). `ece_bins` > 0: eval/ece, the expected calibration error of the greedy completion's
-    probability c_i (T = 1) over equal-width bins, sum_b |sum_{i in b} (c_i - 1[correct_i])| / N: on the toy
-    the answer's confidence, after a reasoning chain not one. Samples: the greedy answers to the first `samples`
-    rows (tasks.sample_rows, with their `index`), every rank's. Under torchrun each rank answers its share."""
+    its cost). `ece_bins` > 0: eval/ece, the expected calibration error of the greedy answer's confidence c_i,
+    the probability (T = 1) of its final answer's tokens given what precedes them (answer_mask), over equal-width
+    bins: sum_b |sum_{i in b} (c_i - 1[correct_i])| / N. eval/grade_errors: the answers, greedy and sampled,
+    whose grading ran out of time (scored wrong). Samples: the greedy answers to the first `samples` rows
+    (tasks.sample_rows, with their `index`), every rank's. Under torchrun each rank answers its share."""
     if not rows:
         return {"eval/accuracy": float("nan")}, []
     ks = plumbing.parse_pass_k(pass_k) if pass_n > 0 else []
     prompting = dict(instruction=instruction, system_prompt=system_prompt)
     device = next(model.parameters()).device
-    sums = torch.zeros(1 + len(ks), dtype=torch.float64)  # correct greedy answers, then pass@k summed over questions
-    shown = []  # (index, completion, correct) of this rank's first `samples` rows
+    sums = torch.zeros(2 + len(ks), dtype=torch.float64)  # correct greedy answers, pass@k summed over questions, errors
+    shown = []  # (index, completion, correct, truncated) of this rank's first `samples` rows
     gap = torch.zeros(max(ece_bins, 1), dtype=torch.float64, device=device)  # (bins,) sum of c - correct
     with plumbing.Timer() as t_greedy:
-        for part, ro, correct in answers(model, tok, rows, 1, max_new_tokens, batch_size, greedy=True, **prompting):
+        for part, ro, correct, errors in answers(model, tok, rows, 1, max_new_tokens, batch_size, greedy=True,
+                                                 **prompting):
             counted = torch.tensor([i >= 0 for i in part], device=device)  # (b,) not padding
             right = correct[:, 0].to(device) & counted  # (b,) grading errors score 0
             sums[0] += right.sum().item()
-            shown += [(i, t, c) for i, t, c in zip(part, ro.texts, correct[:, 0].tolist()) if 0 <= i < samples]
+            sums[-1] += errors
+            shown += [(i, ro.texts[j], bool(correct[j, 0]), bool(ro.truncated[j])) for j, i in enumerate(part)
+                      if 0 <= i < samples]
             if ece_bins:
-                conf = torch.exp((token_logprobs(model, ro) * ro.mask).sum(1)).double()  # (b,)
+                conf = torch.exp((token_logprobs(model, ro) * answer_mask(tok, ro)).sum(1)).double()  # (b,)
                 b = (conf * ece_bins).long().clamp(max=ece_bins - 1)  # (b,)
                 gap.index_add_(0, b[counted], (conf - right.double())[counted])
     # the RNG is forked, so that training continues as it would without pass@k (and resumes the same)
     with plumbing.Timer() as t_pass, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for part, _, correct in (answers(model, tok, rows, pass_n, max_new_tokens, max(1, batch_size // pass_n),
-                                         **prompting) if ks else []):
+        for part, _, correct, errors in (answers(model, tok, rows, pass_n, max_new_tokens, max(1, batch_size // pass_n),
+                                                 **prompting) if ks else []):
+            sums[-1] += errors
             for i, c in zip(part, correct.sum(1).tolist()):
                 if i >= 0:
-                    sums[1:] += torch.tensor([pass_at_k(pass_n, c, k) for k in ks], dtype=torch.float64)
-    sums = plumbing.all_sum(sums.to(device)).cpu() / len(rows)
-    metrics = {"eval/accuracy": sums[0].item(), **{f"eval/pass@{k}": v.item() for k, v in zip(ks, sums[1:])}}
+                    sums[1:-1] += torch.tensor([pass_at_k(pass_n, c, k) for k in ks], dtype=torch.float64)
+    sums = plumbing.all_sum(sums.to(device)).cpu()
+    metrics = {"eval/accuracy": sums[0].item() / len(rows),
+               **{f"eval/pass@{k}": v.item() / len(rows) for k, v in zip(ks, sums[1:-1])}, "eval/grade_errors": int(sums[-1])}
     if ece_bins:
         metrics["eval/ece"] = float(plumbing.all_sum(gap).abs().sum()) / len(rows)
     metrics["time/eval"] = t_greedy.seconds + t_pass.seconds
     if ks:
         metrics["time/eval_pass_at_k"] = t_pass.seconds
     shown = sorted(x for got in plumbing.all_gather(shown) for x in got) if samples else []  # in index order
-    return metrics, [dict(index=i, **tasks.sample_rows(rows[i], [t], [c])[0]) for i, t, c in shown]
+    return metrics, [dict(index=i, **tasks.sample_rows(rows[i], [t], [c], truncated=[cut])[0]) for i, t, c, cut in shown]

@@ -145,15 +145,15 @@ def presample(model, tok, rows: list, args):
     counts, kept = [], []  # this rank's (question, times solved) and (question, its kept rows, their log-probs)
     calls = common.answers(model, tok, rows, k, args.max_new_tokens, b, args.temperature, instruction=args.instruction,
                            system_prompt=args.system_prompt)  # b questions each
-    for part, ro, correct in tqdm(calls, "pre-sampling", -(-len(rows) // args.prompts_per_step), disable=plumbing.rank() != 0):
+    for part, ro, right, _ in tqdm(calls, "pre-sampling", -(-len(rows) // args.prompts_per_step), disable=plumbing.rank() > 0):
         lp = torch.zeros(ro.mask.shape, device=ro.mask.device)  # (b*k, T) every row, so that FSDP ranks run as many passes
         for idx in common.micro_batches(len(ro.texts), args.micro_batch_size):
             mb_logp = common.token_logprobs(model, ro.select(idx), args.temperature, args.logprob_chunk)  # (b', T')
             lp[idx, :mb_logp.shape[1]] = mb_logp
         for j, i in enumerate(part):
-            counts += [(i, int(correct[j].sum()))] if i >= 0 else []
-            if i >= 0 and split_pef(correct[j].sum(), threshold):
-                keep = j * k + correct[j].nonzero().squeeze(1)  # (m,)
+            counts += [(i, int(right[j].sum()))] if i >= 0 else []
+            if i >= 0 and split_pef(right[j].sum(), threshold):
+                keep = j * k + right[j].nonzero().squeeze(1)  # (m,)
                 kept.append((i, ro.select(keep).to("cpu"), lp[keep, :int(ro.lengths[keep].max())].cpu()))
     every = plumbing.all_gather((counts, kept))  # every rank's
     n_correct = torch.tensor([n for _, n in sorted(c for g in every for c in g[0])])  # (N,)

@@ -9,8 +9,8 @@ run's final/ (asked as the run asked: its config.json's length, instruction and 
 adapter directory, a hub id, a toy model; generation is the scripts' (common.answers, --generation),
 and under torchrun each process answers its share of the questions. Prints one markdown table (per benchmark: questions, greedy
 accuracy, the mean accuracy of --pass-n answers sampled at --temperature, the unbiased pass@k of
-each --pass-k) and writes it as JSON to --out, with every completion, its answer and its verdict in
-<out>.samples.jsonl beside it.
+each --pass-k, the answers whose grading ran out of time) and writes it as JSON to --out, with
+every completion, its answer and its verdict in <out>.samples.jsonl beside it.
 
 What departs from the papers' evaluation code (docs/evaluate.md):
 1. One prompt for every benchmark and model, zero-shot: the training scripts' (harnesses such as
@@ -41,12 +41,14 @@ import tasks
 from common import arg
 
 PAPERS_SUITE = ",".join(tasks.BENCHMARKS)
+COUNTS = ("questions", "grade_errors")  # a benchmark's counts, not averaged
 
 
 @dataclass
 class Args:
     model: str = arg("toy-small", "a run's final/, any saved model or LoRA adapter, hub id, bare name or toy model")
-    benchmarks: str = arg("", "comma-separated benchmarks, math, toy, toy-hard or .jsonl files (default: the papers' seven)")
+    benchmarks: str = arg("", "comma-separated benchmarks, math, toy, toy-hard or .jsonl files (default: the papers' seven, "
+                          f"{PAPERS_SUITE.replace(',', ', ')})")
     limit: int = arg(0, "the first N questions of each benchmark (0: all)")
     pass_n: int = arg(0, "answers sampled per question for the mean accuracy and pass@k (0: greedy only)", toy=16)
     pass_k: str = arg("", "the k of pass@k, comma-separated, each at most --pass-n (default: --pass-n)")
@@ -102,10 +104,10 @@ def graded(ro, row: int, correct) -> dict:
                 truncated=bool(ro.truncated[row]))
 
 
-def answer(model, tok, name: str, rows: list, args) -> list:
+def answer(model, tok, name: str, rows: list, args) -> tuple:
     """This process's share of `rows` answered and graded: one record per question, its greedy answer
-    and, with --pass-n, its n sampled ones."""
-    records, share = {}, -(-len(rows) // plumbing.world_size())
+    and, with --pass-n, its n sampled ones; and how many answers' grading ran out of time (scored wrong)."""
+    records, share, errors = {}, -(-len(rows) // plumbing.world_size()), 0
     passes = [("greedy", 1, args.batch_size)]
     if args.pass_n:
         passes.append(("sampled", args.pass_n, max(1, args.batch_size // args.pass_n)))
@@ -113,8 +115,9 @@ def answer(model, tok, name: str, rows: list, args) -> list:
         instruction = tasks.prompt_instruction(name) if args.instruction is None else args.instruction
         calls = common.answers(model, tok, rows, n, args.max_new_tokens, batch, temperature=args.temperature,
                                greedy=how == "greedy", instruction=instruction, system_prompt=args.system_prompt)
-        for part, ro, correct in tqdm(calls, total=-(-share // batch), desc=f"{name} {how}", leave=False,
-                                      disable=plumbing.rank() != 0):
+        for part, ro, correct, grade_errors in tqdm(calls, total=-(-share // batch), desc=f"{name} {how}", leave=False,
+                                                    disable=plumbing.rank() != 0):
+            errors += grade_errors
             for j, i in enumerate(part):
                 if i < 0:  # padding: every process makes as many calls
                     continue
@@ -123,7 +126,7 @@ def answer(model, tok, name: str, rows: list, args) -> list:
                                       greedy=graded(ro, j, correct[j, 0]))
                 else:
                     records[i]["samples"] = [graded(ro, j * n + s, correct[j, s]) for s in range(n)]
-    return list(records.values())
+    return list(records.values()), errors
 
 
 def score(records: list, n: int, ks: list) -> dict:
@@ -140,12 +143,12 @@ def score(records: list, n: int, ks: list) -> dict:
 
 
 def table(results: dict) -> str:
-    columns = [k for k in next(iter(results.values())) if k not in ("questions", "greedy_truncated", "seconds")]
-    head = ["benchmark", "questions"] + [c.replace("_accuracy", "") for c in columns]
+    columns = [k for k in next(iter(results.values())) if k not in COUNTS + ("greedy_truncated", "seconds")]
+    head = ["benchmark", "questions"] + [c.replace("_accuracy", "") for c in columns] + ["grade errors"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['questions'] if 'questions' in r else ''} | "
-                     + " | ".join(f"{r[c]:.3f}" for c in columns) + " |")
+        lines.append(f"| {name} | {r.get('questions', '')} | " + " | ".join(f"{r[c]:.3f}" for c in columns)
+                     + f" | {r.get('grade_errors', '')} |")
     return "\n".join(lines)
 
 
@@ -187,13 +190,14 @@ def main():
     results, samples = {}, []
     for name, questions in rows.items():
         with plumbing.Timer() as t:
-            records = sorted(sum(plumbing.all_gather(answer(model, tok, name, questions, args)), []),
-                             key=lambda r: r["index"])  # every process's share, in the benchmark's order
-        results[name] = dict(score(records, args.pass_n, ks), seconds=round(t.seconds, 1))
+            shares = plumbing.all_gather(answer(model, tok, name, questions, args))  # every process's
+            records = sorted(sum((r for r, _ in shares), []), key=lambda r: r["index"])  # in the benchmark's order
+        results[name] = dict(score(records, args.pass_n, ks), grade_errors=sum(e for _, e in shares),
+                             seconds=round(t.seconds, 1))
         samples += records
     if len(results) > 1:  # the papers' average: each benchmark weighs the same
         results["average"] = {k: sum(r[k] for r in results.values()) / len(results)
-                              for k in next(iter(results.values())) if k not in ("questions", "seconds")}
+                              for k in next(iter(results.values())) if k not in COUNTS + ("seconds",)}
     if plumbing.rank() != 0:
         return
     with open(samples_path, "w") as f:

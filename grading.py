@@ -1,9 +1,9 @@
 """The grader: a completion's final answer, and whether it equals the gold (`is_correct`).
 
-Graded as the benchmarks grade: the final answer of a completion (last \\boxed{}, else after
-####, else the answer sentence's number or equation's result) is compared with the gold by an
-exact match of the cleaned text (no $, spacing, degree signs, units after a number, final %), as
-exact rationals when both are plain numbers, fractions or powers of ten (never through floats:
+Graded as the benchmarks grade: the final answer of a completion (last \\boxed{}, else after ####,
+else the math, number or equation's result that opens the answer sentence) is compared with the
+gold by an exact match of the cleaned text (no $, spacing, degree signs, units after a number or
+\\pi, final %), as exact rationals when both are plain numbers, fractions or powers of ten (never through floats:
 '35625' is not '.35625', 62.5 is not 0.625; Minerva's 1e-5 is 0.00001), and otherwise by
 math-verify (the grader of TRL and open-r1), which reads \\frac43, \\sqrt2, sets, tuples and
 intervals; its own unit stripping is off (it takes a final t, m, s or c for a unit: 2t would be 2).
@@ -20,7 +20,7 @@ import signal
 import threading
 from typing import Optional
 
-GRADE_TIMEOUT_S = 1.0  # a check taking more CPU seconds than this scores 0 and counts in train/grade_errors
+GRADE_TIMEOUT_S = 1.0  # a check taking more CPU seconds than this scores 0 and counts in train/ (eval/)grade_errors
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: the limit is ours
 
 
@@ -51,16 +51,21 @@ def last_boxed(text: str) -> Optional[str]:
 
 NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+|/\d+)?|-?\.\d+")  # 1,072  $18.50  14/3  .5  3.3e-10
 ANSWER_PHRASE = re.compile(r"answer\s*(?:is\b|:|=)", re.IGNORECASE)
-INLINE_MATH = re.compile(r"\s*(?:\$([^$]*\\[^$]*)\$|\\\((.*?)\\\))")  # $...$ holding LaTeX, or \(...\)
+LEAD = re.compile(r"(?:\s|[*_:\"]|\\\$)*(?:[a-zA-Z]\s*=\s*)?")  # what may precede it: '**Answer:** ', ': x = ', '\$'
+# $$x$$, \[x\], \(x\) or $x$ (Pandoc's rule: '$18 and $20' is no math)
+MATH = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$(?!\s)([^$\n]+?)(?<!\s)\$(?!\d)", re.DOTALL)
+HEADING = re.compile(r"\s*\d+[.):]\s*[a-zA-Z]")  # '#### 2. Money', '#### 2: Money', not '#### 18 dollars'
+LATEX = re.compile(r"-?(?:\d+(?:\.\d+)?)?\\[a-zA-Z]+(?:\{(?:[^{}]|\{[^{}]*\})*\}|\\[a-zA-Z]+|[\d.^/+*-])*")  # -\frac{1}{2}
 EQUATION = re.compile(r"(?:[-+*/^.,$\d \t]|\\times|\\cdot|\\div)*=")  # '7 + 5 =' opening a line: its result follows
 THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 E_NOTATION = re.compile(r"(-?(?:\d+(?:\.\d*)?|\.\d+))[eE]([-+]?\d+)")  # Minerva's golds: 4.5e33, 1e-5
 SCIENTIFIC = re.compile(r"(-?)(?:(\d+(?:\.\d*)?|\.\d+)(?:[eE]|(?:\\times|\\cdot|\*)10\^)|10\^)\{?([-+]?\d+)\}?")
 RATIO = re.compile(r"(-?)(?:\\frac\{(-?\d+)\}\{(-?\d+)\}|\\frac(\d)(\d)|(-?\d+)/(-?\d+))")  # \frac{a}{b}  \frac43  a/b
-UNIT = re.compile(r"(?<=[\d}])\s*(?:\\(?:text|mbox|mathrm)\s*\{[^{}]*\}|(?:sq(?:uare)?\s+)?(?:inch|inches|feet|foot|"
-                  r"ft|yards?|miles?|mm|cm|km|meters?|metres?|kg|grams?|pounds?|dollars?|cents?|hours?|minutes?|"
-                  r"seconds?|days?|weeks?|years?|degrees?|units?))(?:\^\{?\d\}?)?$")  # 42 \text{ inches}, 1.6 \mathrm{~cm}
+# a unit after a number or \pi: 42 \text{ inches}, 1.6 \mathrm{~cm}, 36\pi \text{ cm}^3, 8\pi square units
+UNIT = re.compile(r"(?:(?<=[\d}])|(?<=\\pi))\s*(?:\\(?:text|mbox|mathrm)\s*\{[^{}]*\}|(?:sq(?:uare)?\s+)?"
+                  r"(?:inch|inches|feet|foot|ft|yards?|miles?|mm|cm|km|meters?|metres?|kg|grams?|pounds?|dollars?|cents?|"
+                  r"hours?|minutes?|seconds?|days?|weeks?|years?|degrees?|units?))(?:\^\{?\d\}?)?$")
 DEGREES = re.compile(r"\^\s*\{?\\circ\}?")
 
 
@@ -70,31 +75,35 @@ def gold_answer(text: str) -> str:
 
 
 def _answer_in(tail: str) -> Optional[str]:
-    """The answer written after 'answer is' or ####: LaTeX in $...$ or \\(...\\) (of an equation, its right
-    side), else the first number, after any equation that opens the text ('7 + 5 = 12' gives 12, '122 * 4 ='
-    gives '': no answer); None when there is neither."""
-    m = INLINE_MATH.match(tail)
+    """The answer that opens `tail` (the text after 'answer is' or ####, past any '**', ':' or 'x ='): math in
+    $...$, $$...$$, \\(...\\) or \\[...\\] (of an equation, its right side), LaTeX such as -\\frac{1}{2}, or a
+    number, after any equation that opens it ('7 + 5 = 12' gives 12, '122 * 4 =' gives '': no answer); None
+    when it opens with none of these ('the answer is right: 2 + 3 = 5' names no answer)."""
+    tail = tail[LEAD.match(tail).end():]
+    m = MATH.match(tail)
     if m:
-        math = m.group(1) if m.group(1) is not None else m.group(2)
+        math = next(g for g in m.groups() if g is not None).strip()
         return math.rsplit("=", 1)[-1].strip() if "=" in math and "," not in math else math
     opened = False
     while EQUATION.match(tail):
-        tail, opened = tail[EQUATION.match(tail).end():].split("\n")[0], True
-    nums = NUMBER.findall(tail)
-    return nums[0] if nums else ("" if opened else None)
+        tail, opened = tail[EQUATION.match(tail).end():].split("\n")[0].lstrip(), True
+    m = LATEX.match(tail) or NUMBER.match(tail)
+    return m.group().rstrip(".") if m else ("" if opened else None)
 
 
 def extract_answer(text: str) -> Optional[str]:
-    """The final answer of a completion: the last \\boxed{}; else what the last #### line gives, when it
-    gives one (a line without one is a markdown heading); else what follows the last 'answer is' /
-    'answer:' (LaTeX in $...$, or its first number: words or a second number after it are no answer;
-    an equation there gives its result, one without a result no answer); else the last number."""
+    """The final answer of a completion: the last \\boxed{}; else the number the last #### line opens with
+    (GSM8K's '#### 18'; a markdown heading such as '#### Final answer', '#### Step 2: Money' or '#### 2. Money'
+    gives none); else what opens the text after the last 'answer is' / 'answer:' (_answer_in: math, LaTeX or a
+    number; words or a second number after it are no answer, and words before it mean no answer there);
+    else the last number."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
     text = text.replace("{,}", ",")
     phrase = list(ANSWER_PHRASE.finditer(text))
     tails = [text.split("####")[-1].split("\n")[0]] if "####" in text else []
+    tails = [t for t in tails if not HEADING.match(t)]
     for tail in tails + [text[phrase[-1].end():] for _ in phrase[-1:]]:
         found = _answer_in(tail)
         if found is not None:

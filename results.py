@@ -259,7 +259,8 @@ def read_samples(run):
 
 def show_samples(runs, question="0"):
     """`--samples`: the lines that show one held-out question's greedy answers at every evaluation, the runs
-    (codistill.py and bdkd.py: each model) side by side under each step. `question`: its index among the logged
+    (codistill.py and bdkd.py: each model) side by side under each step; '[cut]' ends a completion that hit
+    --max-new-tokens (its row's `truncated`). `question`: its index among the logged
     questions (0: the first held-out question), or its text or any part of it."""
     evals = {run: [r for r in read_samples(run) if r["kind"] == "eval"] for run in runs}
     rows = [r for rs in evals.values() for r in rs]
@@ -286,7 +287,8 @@ def show_samples(runs, question="0"):
         for label, rs in columns:
             r = next((r for r in rs if r["step"] == step), None)
             out.append(f"  {label:<{width}}  " + ("-" if r is None else f"{'right' if r['correct'] else 'wrong'}  answer "
-                                                  f"{r['answer']}: {' '.join(r['completion'].split())}"))
+                                                  f"{r['answer']}: {' '.join(r['completion'].split())}"
+                                                  + (" [cut]" if r.get("truncated") else "")))
     return out
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import random
 from types import SimpleNamespace
@@ -395,7 +396,7 @@ def test_evaluate_counts_each_questions_samples(monkeypatch):
             i = int(p[1:].split("=")[0])
             right = [i % 2 == 0] if greedy else [j < i % (n + 1) for j in range(group_size)]
             texts += [str(1000 + i) if r else "7" for r in right]
-        return common.Rollout(None, None, None, None, None, texts, None)
+        return common.Rollout(None, None, None, None, None, texts, torch.tensor([t == "7" for t in texts]))
 
     monkeypatch.setattr(common, "sample", fake_sample)
     tok = toy_tokenizer()
@@ -407,14 +408,135 @@ def test_evaluate_counts_each_questions_samples(monkeypatch):
     assert m["eval/pass@4"] == pytest.approx(sum(i % 5 > 0 for i in range(11)) / 11)  # pass@n: any right
     assert m["time/eval"] >= m["time/eval_pass_at_k"] > 0
     off, none = common.evaluate(model, tok, rows, 8, instruction="")
-    assert set(off) == {"eval/accuracy", "time/eval"} and none == []
+    assert set(off) == {"eval/accuracy", "eval/grade_errors", "time/eval"} and none == []
     # the greedy answers to the first 7 questions, 3 a call: in question order, graded as the accuracy is
     _, shown = common.evaluate(model, tok, rows, 8, batch_size=3, samples=7, instruction="")
     expected = [(i, f"q{i}", str(1000 + i), *[str(1000 + i) if i % 2 == 0 else "7"] * 2, i % 2 == 0) for i in range(7)]
     assert [(r["index"], r["question"], r["gold"], r["completion"], r["answer"], r["correct"]) for r in shown] == expected
+    assert [r["truncated"] for r in shown] == [i % 2 == 1 for i in range(7)]  # the fake cuts its wrong answers
+
+
+def slow_grading(monkeypatch, slow: str):
+    """Grading as it is, except that a completion `slow` runs out of time (grading.GradingError)."""
+    def is_correct(completion, gold):
+        if completion == slow:
+            raise grading.GradingError("grading took more than 1.0 s of CPU time")
+        return grading.is_correct(completion, gold)
+    monkeypatch.setattr(tasks, "is_correct", is_correct)
+
+
+def test_evaluate_counts_the_answers_whose_grading_ran_out_of_time(monkeypatch):
+    """eval/grade_errors: every greedy and sampled answer whose check timed out (each scored wrong)."""
+    n = 4
+    rows = [dict(question=f"q{i}", answer=str(1000 + i)) for i in range(11)]
+
+    def fake_sample(model, tok, prompts, group_size, max_new_tokens, temperature=1.0, greedy=False):
+        i = [int(p[1:].split("=")[0]) for p in prompts]  # question i: right, or the slow answer when i % 3 == 0
+        texts = ["slow" if q % 3 == 0 else str(1000 + q) for q in i for _ in range(group_size)]
+        return common.Rollout(None, None, None, None, None, texts, None)
+
+    monkeypatch.setattr(common, "sample", fake_sample)
+    slow_grading(monkeypatch, "slow")
+    model, tok = torch.nn.Linear(1, 1), toy_tokenizer()
+    m, _ = common.evaluate(model, tok, rows, 8, pass_n=n, pass_k="1,4", batch_size=8, instruction="")
+    assert m["eval/grade_errors"] == 4 * (1 + n)  # questions 0, 3, 6, 9: the greedy answer and the n sampled
+    assert m["eval/accuracy"] == m["eval/pass@4"] == pytest.approx(7 / 11)  # scored wrong
+    assert common.evaluate(model, tok, rows[1:3], 8, instruction="")[0]["eval/grade_errors"] == 0
+
+
+def text_rollout(tok, texts: list, eos: bool = True):
+    """A Rollout of `texts` as Qwen's tokenizer writes them (then EOS), without prompts."""
+    ids = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] * eos for t in texts]
+    T = max(map(len, ids))
+    completion_ids = torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i in ids])  # (B, T)
+    lengths = torch.tensor([len(i) for i in ids])  # (B,)
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()  # (B, T)
+    texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+    return common.Rollout(None, None, completion_ids, mask, lengths, texts, torch.tensor([not eos] * len(texts)))
+
+
+def test_the_answer_s_tokens_are_those_that_write_it_and_end_it():
+    from qwen_like import qwen_tokenizer
+    tok = qwen_tokenizer(instruct=True)
+    texts = ["First, 3 + 4 = 7. Then 7 * 2 = 14.\nThe answer is \\boxed{14}.", "So the answer is 14.",
+             "The answer is $\\frac{3}{4}$.", "I do not know.", "14"]
+    ro = text_rollout(tok, texts)
+    mask = common.answer_mask(tok, ro)
+    written = [tok.convert_ids_to_tokens(ro.completion_ids[r][mask[r].bool()].tolist()) for r in range(len(texts))]
+    assert written == [["14", "}"], ["Ġ1", "4", "."], ["Ġ$\\", "frac", "{", "3", "}{", "4", "}$."],
+                       tok.convert_ids_to_tokens(ro.completion_ids[3, :ro.lengths[3]].tolist()),  # no answer: all
+                       ["14", "<|im_end|>"]]  # the answer, then EOS
+    cut = text_rollout(tok, texts[-1:], eos=False)  # truncated: nothing after the answer
+    assert common.answer_mask(tok, cut).tolist() == cut.mask.tolist() == [[1.0]]
+
+
+def test_ece_takes_the_final_answer_s_confidence_not_the_whole_completion_s(monkeypatch):
+    """After reasoning, the completion's probability is ~0 whatever the model believes: ECE would be the
+    accuracy. Each token here has probability 0.9: the answer '14' and its '}' have 0.81."""
+    from qwen_like import qwen_tokenizer
+    tok = qwen_tokenizer(instruct=True)
+    text = "First, 3 + 4 = 7. Then 7 * 2 = 14.\nThe answer is \\boxed{14}."
+    monkeypatch.setattr(common, "sample", lambda model, tok, prompts, *a, **k: text_rollout(tok, [text] * len(prompts)))
+    monkeypatch.setattr(common, "token_logprobs", lambda model, ro: torch.full(ro.mask.shape, math.log(0.9)))
+    model = torch.nn.Linear(1, 1)
+    m, _ = common.evaluate(model, tok, [dict(question="q", answer="14")], 8, ece_bins=10, instruction="")
+    assert m["eval/accuracy"] == 1 and m["eval/ece"] == pytest.approx(1 - 0.9 ** 2)
+    m, _ = common.evaluate(model, tok, [dict(question="q", answer="15")], 8, ece_bins=10, instruction="")
+    assert m["eval/accuracy"] == 0 and m["eval/ece"] == pytest.approx(0.9 ** 2)
+
+
+@pytest.mark.parametrize("name", ["toy-small", "toy-hard-small"])
+def test_ece_on_the_toy_is_the_whole_completion_s_as_it_was(name, monkeypatch):
+    """On the toy the completion is the answer and its EOS: the answer's tokens are every token, so eval/ece
+    is, bit for bit, that of the whole completion's probability (its figure before it was the answer's)."""
+    model, tok = common.load_model(name, torch.device("cpu"))
+    rows = tasks.load_data(tasks.TOY_MODELS[name], "eval")
+    ro = common.sample(model, tok, [tasks.format_prompt(tok, r, instruction="") for r in rows], 1, 8, greedy=True)
+    assert len(set(ro.texts)) > 50 and torch.equal(common.answer_mask(tok, ro), ro.mask)
+    m, _ = common.evaluate(model, tok, rows, 8, batch_size=128, ece_bins=10, instruction="")
+    monkeypatch.setattr(common, "answer_mask", lambda tok, ro: ro.mask)  # every token: the completion's probability
+    assert 0 < m["eval/ece"] < 1
+    assert common.evaluate(model, tok, rows, 8, batch_size=128, ece_bins=10, instruction="")[0]["eval/ece"] == m["eval/ece"]
+
+
+def test_answers_grades_no_padding_row(monkeypatch):
+    """Rank 1 of 2 answers question 1 and a padding row (row 0's question, so that every rank makes as many
+    calls): the padding is neither counted right nor counted as a grading error."""
+    rows = [dict(question=f"q{i}", answer=str(1000 + i)) for i in range(3)]
+
+    def fake_sample(model, tok, prompts, group_size, max_new_tokens, temperature=1.0, greedy=False):
+        return common.Rollout(None, None, None, None, None, ["slow" if p == "q0=" else "1001" for p in prompts], None)
+
+    monkeypatch.setattr(common, "sample", fake_sample)
+    monkeypatch.setattr(common.plumbing, "world_size", lambda: 2)
+    monkeypatch.setattr(common.plumbing, "rank", lambda: 1)
+    slow_grading(monkeypatch, "slow")
+    [(part, ro, correct, errors)] = common.answers(None, toy_tokenizer(), rows, 1, 8, 4, instruction="")
+    assert part == [1, -1] and ro.texts == ["1001", "slow"]
+    assert correct.tolist() == [[True], [False]] and errors == 0
 
 
 # ---------------------------------------------------------------- arguments, logging
+
+@pytest.mark.parametrize("script", ["grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl", "evaluate"])
+def test_help_says_each_default_once(script, monkeypatch):
+    """A field whose help says its default in words ('; default: --dataset's own') gets no '(default: None)'."""
+    import argparse
+    import importlib
+    helps, add = {}, argparse.ArgumentParser.add_argument
+
+    def spy(self, *flags, **kwargs):
+        helps[flags[0]] = kwargs.get("help")
+        return add(self, *flags, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "add_argument", spy)
+    module = importlib.import_module(script)
+    common.parse_args(module.Args, [])
+    assert len(helps) == len(dataclasses.fields(module.Args)) + 1  # and -h
+    for flag, text in helps.items():
+        assert flag == "-h" or text.count("default:") == 1, (flag, text)
+    assert "default: --dataset's own" in helps["--instruction"] or "default: each benchmark's own" in helps["--instruction"]
+
 
 def test_parse_args_defaults_follow_the_model():
     import grpo

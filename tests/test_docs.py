@@ -128,3 +128,17 @@ def test_github_slugs():
 def test_the_word_count_is_wc_w(tmp_path):
     write(tmp_path, "README.md", "one two\n\tthree  | --four |\n\n")
     assert words(tmp_path / "README.md") == 6
+
+
+def test_the_readme_s_smollm2_answers_are_the_runs_it_names():
+    """The README quotes SmolLM2's greedy answer to one question at step 0 and at a later step of the GRPO
+    seed it names: both as results/smollm2/'s samples.jsonl holds them."""
+    import json
+    text = " ".join((ROOT / "README.md").read_text().split())
+    m = re.search(r'"(What is [^"]*)" at step 0: "([^"]*)" \(cut\); at step (\d+) \(GRPO seed (\d)\): "([^"]*)"', text)
+    assert m, "the README names the run its quoted answer comes from"
+    question, first, step, seed, later = m.groups()
+    path = ROOT / "results" / "smollm2" / f"sums1-grpo-s{seed}" / "samples.jsonl"
+    rows = [json.loads(line) for line in open(path)]
+    said = {r["step"]: " ".join(r["completion"].split()) for r in rows if r["kind"] == "eval" and r["question"] == question}
+    assert said[0].startswith(first) and said[int(step)].startswith(later), said

@@ -158,6 +158,30 @@ def test_toy_table_equals_a_direct_count_and_pass_at_k_the_unbiased_estimator(tm
             f"{result['pass@2']:.3f} | {result['pass@4']:.3f} |") in printed
 
 
+def test_answers_whose_grading_ran_out_of_time_are_counted_in_the_table_and_json(tmp_path, monkeypatch):
+    """A check that times out scores 0: evaluate.py counts such answers per benchmark ('grade errors')."""
+    from conftest import run_main
+    rows = tasks.load_data("toy", "eval")[:12]
+    slow = {r["answer"] for r in rows[:3]}
+
+    def is_correct(completion, gold):
+        if gold in slow:
+            raise grading.GradingError("grading took more than 1.0 s of CPU time")
+        return grading.is_correct(completion, gold)
+
+    monkeypatch.setattr(tasks, "is_correct", is_correct)
+    out = tmp_path / "toy.json"
+    printed = run_main("evaluate.py", "--model", "toy-small", "--benchmarks", "toy", "--limit", "12", "--pass-n", "2",
+                       "--batch-size", "4", "--out", out)
+    result = json.load(open(out))["results"]["toy"]
+    timed_out = [s for s in read_samples(out) if s["gold"] in slow]
+    assert len(timed_out) >= 3 and result["grade_errors"] == 3 * len(timed_out)  # the greedy answer and 2 sampled
+    assert not any(a["correct"] for s in timed_out for a in [s["greedy"], *s["samples"]])
+    assert "| benchmark | questions | greedy | mean@2 | pass@2 | grade errors |" in printed
+    assert f"| toy | 12 | {result['greedy_accuracy']:.3f} | {result['mean_accuracy@2']:.3f} | " \
+           f"{result['pass@2']:.3f} | {result['grade_errors']} |" in printed
+
+
 @pytest.fixture(scope="module")
 def answers_27(tmp_path_factory):
     """A random-shaped Qwen2 with Qwen's tokenizer that answers every question '\\boxed{27}' (then <|im_end|>):
@@ -329,4 +353,5 @@ def test_help_has_the_title_and_one_default_each(monkeypatch, capsys):
     for f in dataclasses.fields(evaluate.Args):
         flag = f"--{f.name.replace('_', '-')}"
         assert text.count(flag) >= 1 and "(default: )" not in text, flag
-    assert "(default: 0; toy models: 16)" in text and "(default: the papers' seven)" in text
+    assert "(default: 0; toy models: 16)" in text
+    assert "(default: the papers' seven, math500, minerva, olympiadbench, amc23, aime24, aime25, gsm8k)" in text

@@ -18,6 +18,8 @@ import grading
 import tasks
 from conftest import ROOT
 
+STEPS = "#### Step 1: Eggs left\n16 - 3 - 4 = 9\n#### Step 2: Money\n9 * 2 = 18\nThe answer is 18."
+
 # gold, completion, verdict, kind
 CASES = [
     # MATH-500: correct answers written another way
@@ -122,6 +124,35 @@ CASES = [
     ("7", "Answer: 7 + 5 = 12", False, "the first number of the answer's equation"),
     ("122", "Final Answer: 122 * 4 =", False, "an equation without its result"),
     ("4", "Final Answer: 122 * 4 =", False, "an equation without its result, its last number"),
+    # Answer sentences as small and base models write them before they learn to box
+    ("\\frac{3}{4}", "The answer is: $\\frac{3}{4}$", True, "LaTeX in $...$ after 'answer is:'"),
+    ("\\frac{3}{4}", "**Answer:** $\\frac{3}{4}$", True, "LaTeX after a bold 'Answer:'"),
+    ("\\frac{3}{4}", "The answer is $$\\frac{3}{4}$$.", True, "LaTeX in $$...$$"),
+    ("\\frac{3}{4}", "The answer is:\n\\[\n\\frac{3}{4}\n\\]", True, "LaTeX in \\[...\\] on its own lines"),
+    ("(2, 3)", "The answer is $(2, 3)$.", True, "a pair in $...$"),
+    ("2x + 3", "The answer is $y = 2x + 3$.", True, "an equation in $...$: its right side"),
+    ("-\\frac{1}{2}", "The answer is -\\frac{1}{2}.", True, "LaTeX without $...$, its sign kept"),
+    ("2\\sqrt{3}", "The answer is 2\\sqrt{3}.", True, "a number times a root, without $...$"),
+    ("7", "Let me verify the answer is right: 2 + 3 = 5. So the total is 7.", True, "'answer is' and a word"),
+    ("18", "The answer is $18, not $20.", True, "two dollar amounts are not $...$"),
+    ("3", "The answer is: $\\frac{3}{4}$", False, "a fraction's numerator"),
+    ("3", "The answer is $$\\frac{3}{4}$$.", False, "a fraction's numerator, $$...$$"),
+    ("2", "The answer is $(2, 3)$.", False, "a pair's first number"),
+    ("2", "The answer is $y = 2x + 3$.", False, "a line's slope"),
+    ("\\frac{1}{2}", "The answer is -\\frac{1}{2}.", False, "a fraction's sign lost"),
+    ("2", "Let me verify the answer is right: 2 + 3 = 5. So the total is 7.", False, "a number after 'answer is' and a word"),
+    # GSM8K's '#### 18' against markdown headings that number their steps
+    ("18", STEPS, True, "numbered markdown headings, then the answer sentence"),
+    ("18", STEPS.replace("Step 1:", "1.").replace("Step 2:", "2."), True, "markdown headings numbered '1.'"),
+    ("18", STEPS.replace("The answer is 18.", "#### 18"), True, "markdown headings, then GSM8K's #### 18"),
+    ("2", STEPS, False, "the last heading's number"),
+    ("2", STEPS.replace("Step 1:", "1.").replace("Step 2:", "2."), False, "the last heading's number, '2.'"),
+    # Units after \\pi
+    ("36\\pi", "\\boxed{36\\pi \\text{ cm}^3}", True, "units after \\pi"),
+    ("8\\pi", "\\boxed{8\\pi \\text{ square units}}", True, "words for units after \\pi"),
+    ("36\\pi \\text{ cm}^3", "\\boxed{36\\pi}", True, "a gold with units after \\pi"),
+    ("36\\pi", "\\boxed{36 \\text{ cm}^3}", False, "\\pi dropped with the units"),
+    ("8\\pi", "\\boxed{8\\pi^2 \\text{ square units}}", False, "units after \\pi squared"),
 ]
 
 

@@ -57,8 +57,22 @@ def expected(runs, index):
             (r,) = [r for r in rows[run] if r["step"] == step]
             assert r["question"] == first["question"]
             verdict = "right" if r["correct"] else "wrong"
-            lines.append(f"  {str(run):<{width}}  {verdict}  answer {r['answer']}: {r['completion']}")
+            lines.append(f"  {str(run):<{width}}  {verdict}  answer {r['answer']}: {r['completion']}"
+                         + " [cut]" * r["truncated"])
     return lines
+
+
+def test_results_samples_marks_a_completion_cut_at_max_new_tokens(runs, tmp_path):
+    """toy-small writes three digits and EOS: at --max-new-tokens 3 every answer is cut, and says so; at 8
+    (the `runs`) none is."""
+    import results
+    run_main("grpo.py", "--out", tmp_path / "o", "--log-samples", 3, *FLAGS, "--max-new-tokens", 3)
+    for out, cut in ((tmp_path / "o", True), (runs["grpo"][0], False)):
+        rows = [r for r in read_samples(out) if r["kind"] == "eval"]
+        assert len(rows) == 9 and all(r["truncated"] is cut and len(r["completion"]) == 3 for r in rows)
+        shown = results.show_samples([str(out)], "1")
+        assert shown == expected([out], 1)
+        assert [line.endswith(" [cut]") for line in shown if line.startswith("  ")] == [cut] * 3
 
 
 def test_results_samples_prints_one_question_across_steps_and_runs(runs, monkeypatch, capsys):
