@@ -12,7 +12,6 @@ after, built from lengths (never from `ids == pad_id`). Helpers never change the
 """
 
 import argparse
-import bisect
 import dataclasses
 import json
 import math
@@ -541,33 +540,13 @@ def answers(model, tok, rows: list, n: int, max_new_tokens: int, batch_size: int
         yield part, ro, correct, scores.grade_errors
 
 
-def answer_mask(tok, rollout: Rollout) -> torch.Tensor:
-    """(B, T) float: the tokens of each completion that write its final answer (tasks.extract_answer, its last
-    occurrence in the text) and what comes next, up to the token that writes the character after it or EOS
-    ('}' after \\boxed{14}): their probability is the model's confidence in that answer, not a longer one.
-    Every token of a completion that names no answer. On the toy, where the completion is the answer and
-    EOS, the mask is rollout.mask."""
-    mask = torch.zeros_like(rollout.mask)
-    for r, text in enumerate(rollout.texts):
-        ids, answer = rollout.completion_ids[r, :int(rollout.lengths[r])].tolist(), tasks.extract_answer(text)
-        a = text.rfind(answer) if answer else -1
-        if a < 0:
-            mask[r] = rollout.mask[r]
-            continue
-        written = lambda t: len(tok.decode(ids[:t], skip_special_tokens=True))  # noqa: E731  what t tokens write
-        first = bisect.bisect_right(range(len(ids) + 1), a, key=written) - 1  # the token that starts the answer
-        end = bisect.bisect_right(range(len(ids) + 1), a + len(answer), key=written)  # tokens to the one past it
-        mask[r, first:min(end, len(ids))] = 1.0
-    return mask
-
-
 @torch.no_grad()
 def evaluate(model, tok, rows: list, max_new_tokens: int, pass_n: int = 0, pass_k="1,4,16", batch_size: int = 64,
              ece_bins: int = 0, samples: int = 0, *, instruction: str, system_prompt: Optional[str] = None) -> tuple:
     """(metrics, samples) of `rows`. Metrics: eval/accuracy (greedy pass@1) and time/eval (seconds). `pass_n` > 0:
     eval/pass@k for each k of `pass_k`, from `pass_n` answers a question sampled at T = 1 (time/eval_pass_at_k
     its cost). `ece_bins` > 0: eval/ece, the expected calibration error of the greedy answer's confidence c_i,
-    the probability (T = 1) of its final answer's tokens given what precedes them (answer_mask), over equal-width
+    the probability (T = 1) of its final answer's tokens given what precedes them (tasks.answer_mask), over equal-width
     bins: sum_b |sum_{i in b} (c_i - 1[correct_i])| / N. eval/grade_errors: the answers, greedy and sampled,
     whose grading ran out of time (scored wrong). Samples: the greedy answers to the first `samples` rows
     (tasks.sample_rows, with their `index`), every rank's. Under torchrun each rank answers its share."""
@@ -589,7 +568,7 @@ def evaluate(model, tok, rows: list, max_new_tokens: int, pass_n: int = 0, pass_
             shown += [(i, ro.texts[j], bool(correct[j, 0]), bool(ro.truncated[j])) for j, i in enumerate(part)
                       if 0 <= i < samples]
             if ece_bins:
-                conf = torch.exp((token_logprobs(model, ro) * answer_mask(tok, ro)).sum(1)).double()  # (b,)
+                conf = torch.exp((token_logprobs(model, ro) * tasks.answer_mask(tok, ro)).sum(1)).double()  # (b,)
                 b = (conf * ece_bins).long().clamp(max=ece_bins - 1)  # (b,)
                 gap.index_add_(0, b[counted], (conf - right.double())[counted])
     # the RNG is forked, so that training continues as it would without pass@k (and resumes the same)

@@ -8,6 +8,7 @@ and `rewards_for` grades completions against the gold answers as the benchmarks 
 Nothing here knows about models beyond their tokenizer.
 """
 
+import bisect
 import json
 import os
 import random
@@ -301,3 +302,23 @@ def sample_rows(row: dict, completions: list, correct, **columns) -> list:
     each of `columns` (each a (B,) tensor or list, e.g. reward=..., advantage=...)."""
     return [dict(question=row["question"], gold=row["answer"], completion=c, answer=extract_answer(c), correct=bool(ok),
                  **{k: v[i] for k, v in columns.items()}) for i, (c, ok) in enumerate(zip(completions, correct))]
+
+
+def answer_mask(tok, rollout) -> torch.Tensor:
+    """(B, T) float: the tokens of each completion that write its final answer (extract_answer, its last
+    occurrence in the text) and what comes next, up to the token that writes the character after it or EOS
+    ('}' after \\boxed{14}): their probability is the model's confidence in that answer, not a longer one.
+    Every token of a completion that names no answer. On the toy, where the completion is the answer and
+    EOS, the mask is rollout.mask."""
+    mask = torch.zeros_like(rollout.mask)
+    for r, text in enumerate(rollout.texts):
+        ids, answer = rollout.completion_ids[r, :int(rollout.lengths[r])].tolist(), extract_answer(text)
+        a = text.rfind(answer) if answer else -1
+        if a < 0:
+            mask[r] = rollout.mask[r]
+            continue
+        written = lambda t: len(tok.decode(ids[:t], skip_special_tokens=True))  # noqa: E731  what t tokens write
+        first = bisect.bisect_right(range(len(ids) + 1), a, key=written) - 1  # the token that starts the answer
+        end = bisect.bisect_right(range(len(ids) + 1), a + len(answer), key=written)  # tokens to the one past it
+        mask[r, first:min(end, len(ids))] = 1.0
+    return mask

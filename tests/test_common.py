@@ -461,13 +461,13 @@ def test_the_answer_s_tokens_are_those_that_write_it_and_end_it():
     texts = ["First, 3 + 4 = 7. Then 7 * 2 = 14.\nThe answer is \\boxed{14}.", "So the answer is 14.",
              "The answer is $\\frac{3}{4}$.", "I do not know.", "14"]
     ro = text_rollout(tok, texts)
-    mask = common.answer_mask(tok, ro)
+    mask = tasks.answer_mask(tok, ro)
     written = [tok.convert_ids_to_tokens(ro.completion_ids[r][mask[r].bool()].tolist()) for r in range(len(texts))]
     assert written == [["14", "}"], ["Ġ1", "4", "."], ["Ġ$\\", "frac", "{", "3", "}{", "4", "}$."],
                        tok.convert_ids_to_tokens(ro.completion_ids[3, :ro.lengths[3]].tolist()),  # no answer: all
                        ["14", "<|im_end|>"]]  # the answer, then EOS
     cut = text_rollout(tok, texts[-1:], eos=False)  # truncated: nothing after the answer
-    assert common.answer_mask(tok, cut).tolist() == cut.mask.tolist() == [[1.0]]
+    assert tasks.answer_mask(tok, cut).tolist() == cut.mask.tolist() == [[1.0]]
 
 
 def test_ece_takes_the_final_answer_s_confidence_not_the_whole_completion_s(monkeypatch):
@@ -492,9 +492,9 @@ def test_ece_on_the_toy_is_the_whole_completion_s_as_it_was(name, monkeypatch):
     model, tok = common.load_model(name, torch.device("cpu"))
     rows = tasks.load_data(tasks.TOY_MODELS[name], "eval")
     ro = common.sample(model, tok, [tasks.format_prompt(tok, r, instruction="") for r in rows], 1, 8, greedy=True)
-    assert len(set(ro.texts)) > 50 and torch.equal(common.answer_mask(tok, ro), ro.mask)
+    assert len(set(ro.texts)) > 50 and torch.equal(tasks.answer_mask(tok, ro), ro.mask)
     m, _ = common.evaluate(model, tok, rows, 8, batch_size=128, ece_bins=10, instruction="")
-    monkeypatch.setattr(common, "answer_mask", lambda tok, ro: ro.mask)  # every token: the completion's probability
+    monkeypatch.setattr(tasks, "answer_mask", lambda tok, ro: ro.mask)  # every token: the completion's probability
     assert 0 < m["eval/ece"] < 1
     assert common.evaluate(model, tok, rows, 8, batch_size=128, ece_bins=10, instruction="")[0]["eval/ece"] == m["eval/ece"]
 
