@@ -290,6 +290,7 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
     model.eval()
     device = next(model.parameters()).device
     how = "generate" if plumbing.is_sharded(model) else getattr(model, "generation", "generate")
+    tasks.check_encodable(tok, prompts)  # the toy's tokenizer would drop a letter silently
     bucket = fastgen.prompt_bucket(how, device)  # static on CUDA: prompts padded so that few shapes compile
     enc = tok(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=bucket, add_special_tokens=False).to(device)
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)  # (B, P)
@@ -506,9 +507,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def answers(model, tok, rows: list, n: int, max_new_tokens: int, batch_size: int, temperature: float = 1.0,
-            greedy: bool = False, *, instruction: str, system_prompt: Optional[str] = None):
+            greedy: bool = False, *, instruction: str, system_prompt: Optional[str] = None, reward=None):
     """This rank's share of `rows` (every world_size-th), each answered n times (tasks.format_prompt's prompts),
-    `batch_size` questions a call: yields (indices into rows, Rollout, correct (b, n) bool). Every rank makes as many
+    `batch_size` questions a call: yields (indices into rows, Rollout, correct (b, n) bool), graded by the grader
+    or by `reward`'s function (--reward: correct when the reward is at least 1). Every rank makes as many
     calls (FSDP: they are collective): a short share is padded with index -1 (row 0's), which the caller does not count."""
     mine = list(range(len(rows)))[plumbing.rank()::plumbing.world_size()]
     mine += [-1] * (-(-len(rows) // plumbing.world_size()) - len(mine))
@@ -517,22 +519,24 @@ def answers(model, tok, rows: list, n: int, max_new_tokens: int, batch_size: int
         qs = [rows[max(i, 0)] for i in part]
         prompts = [tasks.format_prompt(tok, r, instruction=instruction, system_prompt=system_prompt) for r in qs]
         ro = sample(model, tok, prompts, n, max_new_tokens, temperature=temperature, greedy=greedy)
-        yield part, ro, tasks.rewards_for(ro.texts, [r["answer"] for r in qs for _ in range(n)]).correct.view(-1, n)
+        yield part, ro, tasks.rewards_for(ro.texts, qs, reward=reward, prompts=prompts).correct.view(-1, n)
 
 
 @torch.no_grad()
 def evaluate(model, tok, rows: list, max_new_tokens: int, pass_n: int = 0, pass_k="1,4,16", batch_size: int = 64,
-             ece_bins: int = 0, samples: int = 0, *, instruction: str, system_prompt: Optional[str] = None) -> tuple:
+             ece_bins: int = 0, samples: int = 0, *, instruction: str, system_prompt: Optional[str] = None,
+             reward=None) -> tuple:
     """(metrics, samples) of `rows`. Metrics: eval/accuracy (greedy pass@1) and time/eval (seconds). `pass_n` > 0:
     eval/pass@k for each k of `pass_k`, from `pass_n` answers a question sampled at T = 1 (time/eval_pass_at_k
     its cost). `ece_bins` > 0: eval/ece, the expected calibration error of the greedy completion's
     probability c_i (T = 1) over equal-width bins, sum_b |sum_{i in b} (c_i - 1[correct_i])| / N: on the toy
     the answer's confidence, after a reasoning chain not one. Samples: the greedy answers to the first `samples`
-    rows (tasks.sample_rows, with their `index`), every rank's. Under torchrun each rank answers its share."""
+    rows (tasks.sample_rows, with their `index`), every rank's. Under torchrun each rank answers its share. `reward`:
+    --reward's function grades the answers (`answers`)."""
     if not rows:
         return {"eval/accuracy": float("nan")}, []
     ks = plumbing.parse_pass_k(pass_k) if pass_n > 0 else []
-    prompting = dict(instruction=instruction, system_prompt=system_prompt)
+    prompting = dict(instruction=instruction, system_prompt=system_prompt, reward=reward)
     device = next(model.parameters()).device
     sums = torch.zeros(1 + len(ks), dtype=torch.float64)  # correct greedy answers, then pass@k summed over questions
     shown = []  # (index, completion, correct) of this rank's first `samples` rows

@@ -3,7 +3,8 @@
 The benchmarks that CoDistill-GRPO, KDRL and DPH-RL report (MATH-500, Minerva-Math, OlympiadBench,
 AMC 2023, AIME 2024 and 2025, GSM8K), read from the hub copies their evaluation code reads
 (tasks.BENCHMARKS), asked with the training scripts' prompt (tasks.format_prompt: the chat template,
-then "... put your final answer within \\boxed{}") and graded by grading.is_correct. Any model the
+then "... put your final answer within \\boxed{}") and graded by grading.is_correct (or by --reward's
+function: a reward of at least 1 is correct). Any model the
 scripts load: a run's final/, a LoRA adapter directory (merged into its base), a hub id, a toy
 model; generation is the scripts' (common.answers, --generation), and under torchrun each process
 answers its share of the questions. Prints one markdown table (per benchmark: questions, greedy
@@ -58,6 +59,7 @@ class Args:
     threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
     instruction: str = arg(None, "text on a new line after each question ('' for none; default: each benchmark's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
+    reward: str = arg("", "reward function FILE.py:NAME or module:NAME, called as TRL calls one (default: the grader)")
     generation: str = arg("auto", "sampler: auto (fastgen on CUDA, else generate), generate, static or fastgen",
                           choices=("auto", "generate", "static", "fastgen"))
 
@@ -82,7 +84,7 @@ def graded(ro, row: int, correct) -> dict:
                 truncated=bool(ro.truncated[row]))
 
 
-def answer(model, tok, name: str, rows: list, args) -> list:
+def answer(model, tok, name: str, rows: list, args, reward=None) -> list:
     """This process's share of `rows` answered and graded: one record per question, its greedy answer
     and, with --pass-n, its n sampled ones."""
     records, share = {}, -(-len(rows) // plumbing.world_size())
@@ -92,7 +94,8 @@ def answer(model, tok, name: str, rows: list, args) -> list:
     for how, n, batch in passes:
         instruction = tasks.prompt_instruction(name) if args.instruction is None else args.instruction
         calls = common.answers(model, tok, rows, n, args.max_new_tokens, batch, temperature=args.temperature,
-                               greedy=how == "greedy", instruction=instruction, system_prompt=args.system_prompt)
+                               greedy=how == "greedy", instruction=instruction, system_prompt=args.system_prompt,
+                               reward=reward)
         for part, ro, correct in tqdm(calls, total=-(-share // batch), desc=f"{name} {how}", leave=False,
                                       disable=plumbing.rank() != 0):
             for j, i in enumerate(part):
@@ -143,6 +146,7 @@ def main():
     samples_path = (out[:-len(".json")] if out.endswith(".json") else out) + ".samples.jsonl"
     common.check_available([args.model], "")  # offline: the model must be local or cached, or one line says so
     rows = {name: tasks.load_data(name, "eval")[:args.limit or None] for name in names}  # a missing one: one line
+    reward = tasks.load_reward(args.reward, *rows.values())  # --reward's function, tried on a row of each (None: the grader)
     device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     try:  # before the work, not after it
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -156,7 +160,7 @@ def main():
     results, samples = {}, []
     for name, questions in rows.items():
         with plumbing.Timer() as t:
-            records = sorted(sum(plumbing.all_gather(answer(model, tok, name, questions, args)), []),
+            records = sorted(sum(plumbing.all_gather(answer(model, tok, name, questions, args, reward)), []),
                              key=lambda r: r["index"])  # every process's share, in the benchmark's order
         results[name] = dict(score(records, args.pass_n, ks), seconds=round(t.seconds, 1))
         samples += records
