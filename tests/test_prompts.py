@@ -10,10 +10,8 @@ import pytest
 import common
 import plumbing
 import tasks
-from conftest import ROOT, assert_user_error, run_main
+from conftest import ROOT, SCRIPTS, assert_user_error, run_main
 from qwen_like import qwen_tokenizer
-
-SCRIPTS = ["grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl"]
 
 
 def toy_tok():
