@@ -372,7 +372,7 @@ def call_reward(fn, completions: list, rows: list, prompts: list, strict: bool =
             raise ValueError(f"it returned {len(got)} values for {len(completions)} completions")
         values = [None if v is None else float(v) for v in got]
     except Exception as e:  # the user's code must never stop a run: its completions are grading errors
-        why = f"--reward {getattr(fn, 'spec', fn.__name__)}: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        why = f"--reward {getattr(fn, 'spec', None) or fn}: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         if strict:
             plumbing.die(why)
         if fn not in _warned:
