@@ -346,7 +346,7 @@ def load_reward(spec: str, *datasets):
         else:
             module = importlib.import_module(where)
     except Exception as e:  # the user's code: its error in one line
-        plumbing.die(f"--reward {spec}: importing '{where}' raised {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        plumbing.die(f"--reward {spec}: importing '{where}' raised {type(e).__name__}: {first_line(e)}")
     fn = getattr(module, name, None)
     if not callable(fn):
         plumbing.die(f"--reward {spec}: '{where}' has no function '{name}'")
@@ -361,6 +361,10 @@ def load_reward(spec: str, *datasets):
 _warned = set()  # the reward functions that failed once in this process
 
 
+def first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:160]
+
+
 def call_reward(fn, completions: list, rows: list, prompts: list, strict: bool = False):
     """(values, failures) of fn on the completions of `rows` (B each): None and NaN score 0 and are counted,
     and so is every completion of a call that raises or returns other than B numbers (a warning line, once);
@@ -372,7 +376,7 @@ def call_reward(fn, completions: list, rows: list, prompts: list, strict: bool =
             raise ValueError(f"it returned {len(got)} values for {len(completions)} completions")
         values = [None if v is None else float(v) for v in got]
     except Exception as e:  # the user's code must never stop a run: its completions are grading errors
-        why = f"--reward {getattr(fn, 'spec', None) or fn}: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        why = f"--reward {getattr(fn, 'spec', None) or fn}: {type(e).__name__}: {first_line(e)}"
         if strict:
             plumbing.die(why)
         if fn not in _warned:

@@ -197,7 +197,7 @@ def test_a_module_reward_and_a_missing_module(tmp_path, monkeypatch):
                       message="importing 'no_such_rewards' raised ModuleNotFoundError")
 
 
-@pytest.mark.parametrize("body", ["raise RuntimeError('batch too big')", "return [1.0]"])
+@pytest.mark.parametrize("body", ["raise RuntimeError('batch too big')", "raise RuntimeError()", "return [1.0]"])
 def test_a_call_that_fails_in_a_run_is_a_grading_error_not_a_crash(tmp_path, capsys, body):
     """A call of one completion (the check) succeeds, a batch's fails: its completions score 0, counted in
     train/grade_errors, with one warning line for the run."""

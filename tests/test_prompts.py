@@ -121,7 +121,8 @@ def test_help_says_the_same_in_every_script():
         names = list(f)
         assert names[names.index("dataset") + 1] == "eval_dataset", name
         assert names[names.index("format_coef") + 1:names.index("format_coef") + 3] == ["instruction", "system_prompt"], name
-        fields[name] = [(f[n].default, f[n].metadata["help"]) for n in ("eval_dataset", "instruction", "system_prompt")]
+        fields[name] = [(f[n].default, f[n].metadata["help"]) for n in ("eval_dataset", "instruction", "system_prompt",
+                                                                        "reward")]
     assert all(v == fields["grpo"] for v in fields.values())
 
 
