@@ -54,6 +54,7 @@ class Args:
     format_coef: float = arg(0.0, "reward bonus for an answer in \\boxed{} or after ####")
     instruction: str = arg(None, "text on a new line after each question ('' for none; default: --dataset's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
+    reward: str = arg("", "reward function FILE.py:NAME or module:NAME, called as TRL calls one (default: the grader)")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
     report_to: str = arg("none", "also send the metrics to: none, tensorboard, wandb, or tensorboard,wandb")
@@ -246,6 +247,7 @@ def main():
     common.check_available([args.small, args.large], args.dataset, args.eval_dataset)  # offline: names all that is missing
     sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
     eval_rows = tasks.load_data(args.eval_dataset, "eval")[:args.eval_size]
+    reward = tasks.load_reward(args.reward, sampler.rows, eval_rows)  # --reward's function, tried on a row (None: the grader)
     device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     run = rundir.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G, n = args.group_size, args.large_rollouts
@@ -269,7 +271,7 @@ def main():
     def evaluate(step):
         evals = {name: common.evaluate(m, tok, eval_rows, args.max_new_tokens, args.pass_n, args.pass_k, ece_bins=10,
                                        samples=args.log_samples, instruction=args.instruction,
-                                       system_prompt=args.system_prompt)
+                                       system_prompt=args.system_prompt, reward=reward)
                  for name, m in (("small", small), ("large", large))}
         run.log(step, {f"{name}/{k}": v for name, (metrics, _) in evals.items() for k, v in metrics.items()})
         run.log_samples(step, "eval", [dict(model=name, **s) for name, (_, samples) in evals.items() for s in samples])
@@ -289,11 +291,9 @@ def main():
             rollout = common.sample(small, tok, prompts, G, args.max_new_tokens, args.temperature)
             own = common.sample(large, tok, prompts, n, args.max_new_tokens, args.temperature) if n else None
         # 2. score
-        golds = [r["answer"] for r in rows for _ in range(G)]
-        scores = tasks.rewards_for(rollout.texts, golds, args.format_coef)
+        scores = tasks.rewards_for(rollout.texts, rows, args.format_coef, reward, prompts)  # each row G times
         rewards = scores.reward.to(device)  # (B,)
-        own_scores = tasks.rewards_for(own.texts, [r["answer"] for r in rows for _ in range(n)],
-                                        args.format_coef) if n else None
+        own_scores = tasks.rewards_for(own.texts, rows, args.format_coef, reward, prompts) if n else None
         own_rewards = own_scores.reward.to(device) if n else None  # (N n,)
         # 3. ALGO LOGIC (large): advantages from the task reward only
         adv_large, adv_own = large_advantages(rewards, own_rewards, G, args.scale_rewards)  # (B,), (N n,)

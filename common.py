@@ -304,6 +304,7 @@ def sample(model, tok, prompts: list, group_size: int, max_new_tokens: int, temp
     model.eval()
     device = next(model.parameters()).device
     how = "generate" if plumbing.is_sharded(model) else getattr(model, "generation", "generate")
+    tasks.check_encodable(tok, prompts)  # the toy's tokenizer would drop a letter silently
     bucket = fastgen.prompt_bucket(how, device)  # static on CUDA: prompts padded so that few shapes compile
     enc = tok(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=bucket, add_special_tokens=False).to(device)
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)  # (B, P)
@@ -520,11 +521,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def answers(model, tok, rows: list, n: int, max_new_tokens: int, batch_size: int, temperature: float = 1.0,
-            greedy: bool = False, *, instruction: str, system_prompt: Optional[str] = None):
+            greedy: bool = False, *, instruction: str, system_prompt: Optional[str] = None, reward=None):
     """This rank's share of `rows` (every world_size-th), each answered n times (tasks.format_prompt's prompts),
-    `batch_size` questions a call: yields (indices into rows, Rollout, correct (b, n) bool, grade errors). Every rank
-    makes as many calls (FSDP: they are collective): a short share is padded with index -1 (row 0's), which is not
-    graded (correct False, no grade errors) and which the caller does not count."""
+    `batch_size` questions a call: yields (indices into rows, Rollout, correct (b, n) bool, grade errors), graded
+    by the grader or by `reward`'s function (--reward: correct when the reward is at least 1). Every rank makes as
+    many calls (FSDP: they are collective): a short share is padded with index -1 (row 0's), which is not graded
+    (correct False, no grade errors) and which the caller does not count."""
     mine = list(range(len(rows)))[plumbing.rank()::plumbing.world_size()]
     mine += [-1] * (-(-len(rows) // plumbing.world_size()) - len(mine))
     for s in range(0, len(mine), batch_size):
@@ -533,8 +535,8 @@ def answers(model, tok, rows: list, n: int, max_new_tokens: int, batch_size: int
         prompts = [tasks.format_prompt(tok, r, instruction=instruction, system_prompt=system_prompt) for r in qs]
         ro = sample(model, tok, prompts, n, max_new_tokens, temperature=temperature, greedy=greedy)
         real = [j for j, i in enumerate(part) if i >= 0]
-        scores = tasks.rewards_for([ro.texts[j * n + k] for j in real for k in range(n)],
-                                   [qs[j]["answer"] for j in real for _ in range(n)])
+        scores = tasks.rewards_for([ro.texts[j * n + k] for j in real for k in range(n)], [qs[j] for j in real],
+                                   reward=reward, prompts=[prompts[j] for j in real])
         correct = torch.zeros(len(part), n, dtype=torch.bool)  # (b, n)
         correct[real] = scores.correct.view(-1, n)
         yield part, ro, correct, scores.grade_errors
@@ -542,18 +544,20 @@ def answers(model, tok, rows: list, n: int, max_new_tokens: int, batch_size: int
 
 @torch.no_grad()
 def evaluate(model, tok, rows: list, max_new_tokens: int, pass_n: int = 0, pass_k="1,4,16", batch_size: int = 64,
-             ece_bins: int = 0, samples: int = 0, *, instruction: str, system_prompt: Optional[str] = None) -> tuple:
+             ece_bins: int = 0, samples: int = 0, *, instruction: str, system_prompt: Optional[str] = None,
+             reward=None) -> tuple:
     """(metrics, samples) of `rows`. Metrics: eval/accuracy (greedy pass@1) and time/eval (seconds). `pass_n` > 0:
     eval/pass@k for each k of `pass_k`, from `pass_n` answers a question sampled at T = 1 (time/eval_pass_at_k
     its cost). `ece_bins` > 0: eval/ece, the expected calibration error of the greedy answer's confidence c_i,
     the probability (T = 1) of its final answer's tokens given what precedes them (tasks.answer_mask), over equal-width
     bins: sum_b |sum_{i in b} (c_i - 1[correct_i])| / N. eval/grade_errors: the answers, greedy and sampled,
     whose grading ran out of time (scored wrong). Samples: the greedy answers to the first `samples` rows
-    (tasks.sample_rows, with their `index`), every rank's. Under torchrun each rank answers its share."""
+    (tasks.sample_rows, with their `index`), every rank's. Under torchrun each rank answers its share. `reward`:
+    --reward's function grades the answers (`answers`)."""
     if not rows:
         return {"eval/accuracy": float("nan")}, []
     ks = plumbing.parse_pass_k(pass_k) if pass_n > 0 else []
-    prompting = dict(instruction=instruction, system_prompt=system_prompt)
+    prompting = dict(instruction=instruction, system_prompt=system_prompt, reward=reward)
     device = next(model.parameters()).device
     sums = torch.zeros(2 + len(ks), dtype=torch.float64)  # correct greedy answers, pass@k summed over questions, errors
     shown = []  # (index, completion, correct, truncated) of this rank's first `samples` rows

@@ -45,6 +45,7 @@ class Args:
     format_coef: float = arg(0.0, "reward bonus for an answer in \\boxed{} or after ####")
     instruction: str = arg(None, "text on a new line after each question ('' for none; default: --dataset's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
+    reward: str = arg("", "reward function FILE.py:NAME or module:NAME, called as TRL calls one (default: the grader)")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
     report_to: str = arg("none", "also send the metrics to: none, tensorboard, wandb, or tensorboard,wandb")
@@ -137,14 +138,14 @@ def pef_loss(logp, ref_logp, mask, args, n_tokens):
 
 
 @torch.no_grad()
-def presample(model, tok, rows: list, args):
+def presample(model, tok, rows: list, args, reward=None):
     """The pre-sampling stage: the initial policy answers each question of `rows` k times. Returns (n_correct
     (N,), store, ref_logp (M, T)): how often each question was solved, and the correct completions of the D_pef
     questions with their per-token log-probs under this policy, in question order (None, None if none)."""
     k, threshold, b = args.presample_k, args.pef_threshold or args.presample_k, args.prompts_per_step // plumbing.world_size()
     counts, kept = [], []  # this rank's (question, times solved) and (question, its kept rows, their log-probs)
     calls = common.answers(model, tok, rows, k, args.max_new_tokens, b, args.temperature, instruction=args.instruction,
-                           system_prompt=args.system_prompt)  # b questions each
+                           system_prompt=args.system_prompt, reward=reward)  # b questions each
     for part, ro, right, _ in tqdm(calls, "pre-sampling", -(-len(rows) // args.prompts_per_step), disable=plumbing.rank() > 0):
         lp = torch.zeros(ro.mask.shape, device=ro.mask.device)  # (b*k, T) every row, so that FSDP ranks run as many passes
         for idx in common.micro_batches(len(ro.texts), args.micro_batch_size):
@@ -181,6 +182,7 @@ def main():
         pick = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed))[:args.presample_size]
         train_rows = [train_rows[i] for i in sorted(pick.tolist())]
     eval_rows = tasks.load_data(args.eval_dataset, "eval")[:args.eval_size]
+    reward = tasks.load_reward(args.reward, train_rows, eval_rows)  # --reward's function, tried on a row (None: the grader)
     device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     run = rundir.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G = args.group_size
@@ -196,8 +198,9 @@ def main():
     settings = {f"--{k.replace('_', '-')}": getattr(args, k) for k in ("model", "dataset", "presample_k", "temperature",
                                                                       "max_new_tokens", "instruction", "system_prompt")}
     settings.update({"--pef-threshold": threshold, "--presample-size/--seed": [r["question"] for r in train_rows]})
+    settings.update({"--reward": args.reward} if args.reward else {})  # what "correct" meant
     n_correct, store, ref_logp = run.once("presample", "pre-sampling stage", settings,
-                                          lambda: presample(model, tok, train_rows, args))
+                                          lambda: presample(model, tok, train_rows, args, reward))
     is_pef = split_pef(n_correct, threshold)  # (N,)
     exp_rows = [r for r, p in zip(train_rows, is_pef.tolist()) if not p]
     if not exp_rows:
@@ -215,7 +218,7 @@ def main():
     def evaluate(step):
         metrics, samples = common.evaluate(model, tok, eval_rows, args.max_new_tokens, args.pass_n, args.pass_k,
                                            samples=args.log_samples, instruction=args.instruction,
-                                           system_prompt=args.system_prompt)
+                                           system_prompt=args.system_prompt, reward=reward)
         run.log(step, metrics)
         run.log_samples(step, "eval", samples)  # DIR/samples.jsonl, and the first on the console
         return metrics["eval/accuracy"]
@@ -233,8 +236,7 @@ def main():
                        for r in rows]
             rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
         # 2. score
-        golds = [r["answer"] for r in rows for _ in range(G)]
-        scores = tasks.rewards_for(rollout.texts, golds, args.format_coef)
+        scores = tasks.rewards_for(rollout.texts, rows, args.format_coef, reward, prompts)  # each row G times
         rewards = scores.reward.to(device)  # (B,)
         # 3. ALGO LOGIC
         advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)

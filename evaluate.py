@@ -3,11 +3,12 @@
 The benchmarks that CoDistill-GRPO, KDRL and DPH-RL report (MATH-500, Minerva-Math, OlympiadBench,
 AMC 2023, AIME 2024 and 2025, GSM8K), read from the hub copies their evaluation code reads
 (tasks.BENCHMARKS), asked with the training scripts' prompt (tasks.format_prompt: the chat template,
-then "... put your final answer within \\boxed{}") and graded by grading.is_correct. Any model the
-scripts load, read as a run holds its policy (fp32 weights; a LoRA adapter unmerged on its base): a
-run's final/ (asked as the run asked: its config.json's length, instruction and system prompt), a LoRA
-adapter directory, a hub id, a toy model; generation is the scripts' (common.answers, --generation),
-and under torchrun each process answers its share of the questions. Prints one markdown table (per benchmark: questions, greedy
+then "... put your final answer within \\boxed{}") and graded by grading.is_correct (or by --reward's
+function: a reward of at least 1 is correct). Any model the scripts load, read as a run holds its policy
+(fp32 weights; a LoRA adapter unmerged on its base): a run's final/ (asked as the run asked: its config.json's
+length, instruction and system prompt), a LoRA adapter directory, a hub id, a toy model; generation is the
+scripts' (common.answers, --generation), and under torchrun each process answers its share of the questions.
+Prints one markdown table (per benchmark: questions, greedy
 accuracy, the mean accuracy of --pass-n answers sampled at --temperature, the unbiased pass@k of
 each --pass-k, the answers whose grading ran out of time) and writes it as JSON to --out, with
 every completion, its answer and its verdict in <out>.samples.jsonl beside it.
@@ -63,6 +64,7 @@ class Args:
     threads: int = arg(0, "CPU threads for torch (0: one per core that other work leaves free)", toy=1)
     instruction: str = arg(None, "text on a new line after each question ('' for none; default: each benchmark's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
+    reward: str = arg("", "reward function FILE.py:NAME or module:NAME, called as TRL calls one (default: the grader)")
     generation: str = arg("auto", "sampler: auto (fastgen on CUDA, else generate), generate, static or fastgen",
                           choices=("auto", "generate", "static", "fastgen"))
 
@@ -104,7 +106,7 @@ def graded(ro, row: int, correct) -> dict:
                 truncated=bool(ro.truncated[row]))
 
 
-def answer(model, tok, name: str, rows: list, args) -> tuple:
+def answer(model, tok, name: str, rows: list, args, reward=None) -> tuple:
     """This process's share of `rows` answered and graded: one record per question, its greedy answer
     and, with --pass-n, its n sampled ones; and how many answers' grading ran out of time (scored wrong)."""
     records, share, errors = {}, -(-len(rows) // plumbing.world_size()), 0
@@ -114,7 +116,8 @@ def answer(model, tok, name: str, rows: list, args) -> tuple:
     for how, n, batch in passes:
         instruction = tasks.prompt_instruction(name) if args.instruction is None else args.instruction
         calls = common.answers(model, tok, rows, n, args.max_new_tokens, batch, temperature=args.temperature,
-                               greedy=how == "greedy", instruction=instruction, system_prompt=args.system_prompt)
+                               greedy=how == "greedy", instruction=instruction, system_prompt=args.system_prompt,
+                               reward=reward)
         for part, ro, correct, grade_errors in tqdm(calls, total=-(-share // batch), desc=f"{name} {how}", leave=False,
                                                     disable=plumbing.rank() != 0):
             errors += grade_errors
@@ -177,6 +180,7 @@ def main():
     samples_path = (out[:-len(".json")] if out.endswith(".json") else out) + ".samples.jsonl"
     common.check_available([args.model], "")  # offline: the model must be local or cached, or one line says so
     rows = {name: tasks.load_data(name, "eval")[:args.limit or None] for name in names}  # a missing one: one line
+    reward = tasks.load_reward(args.reward, *rows.values())  # --reward's function, tried on a row of each (None: the grader)
     device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     try:  # before the work, not after it
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -190,7 +194,7 @@ def main():
     results, samples = {}, []
     for name, questions in rows.items():
         with plumbing.Timer() as t:
-            shares = plumbing.all_gather(answer(model, tok, name, questions, args))  # every process's
+            shares = plumbing.all_gather(answer(model, tok, name, questions, args, reward))  # every process's
             records = sorted(sum((r for r, _ in shares), []), key=lambda r: r["index"])  # in the benchmark's order
         results[name] = dict(score(records, args.pass_n, ks), grade_errors=sum(e for _, e in shares),
                              seconds=round(t.seconds, 1))

@@ -48,6 +48,7 @@ class Args:
     format_coef: float = arg(0.0, "reward bonus for an answer in \\boxed{} or after ####")
     instruction: str = arg(None, "text on a new line after each question ('' for none; default: --dataset's own)")
     system_prompt: str = arg(None, "system message of the chat template (default: the template's own)")
+    reward: str = arg("", "reward function FILE.py:NAME or module:NAME, called as TRL calls one (default: the grader)")
     seed: int = arg(1, "random seed")
     out: str = arg("", "output directory (default: runs/<script>-<time>)")
     report_to: str = arg("none", "also send the metrics to: none, tensorboard, wandb, or tensorboard,wandb")
@@ -129,6 +130,7 @@ def main():
     common.check_available([args.model], args.dataset, args.eval_dataset)  # offline: names all that is missing
     sampler = tasks.PromptSampler(tasks.load_data(args.dataset, "train"), args.seed)
     eval_rows = tasks.load_data(args.eval_dataset, "eval")[:args.eval_size]
+    reward = tasks.load_reward(args.reward, sampler.rows, eval_rows)  # --reward's function, tried on a row (None: the grader)
     device = plumbing.init_distributed(args.device, args.threads)  # one process, or one rank of torchrun
     run = rundir.Run(args, __file__)  # DIR (--out): config.json, metrics.jsonl, checkpoints; what Ctrl-C says
     G = args.group_size
@@ -145,7 +147,7 @@ def main():
     def evaluate(step):
         metrics, samples = common.evaluate(model, tok, eval_rows, args.max_new_tokens, args.pass_n, args.pass_k,
                                            samples=args.log_samples, instruction=args.instruction,
-                                           system_prompt=args.system_prompt)
+                                           system_prompt=args.system_prompt, reward=reward)
         run.log(step, metrics)
         run.log_samples(step, "eval", samples)  # DIR/samples.jsonl, and the first on the console
         return metrics["eval/accuracy"]
@@ -163,8 +165,7 @@ def main():
                        for r in rows]
             rollout = common.sample(model, tok, prompts, G, args.max_new_tokens, args.temperature)
         # 2. score
-        golds = [r["answer"] for r in rows for _ in range(G)]
-        scores = tasks.rewards_for(rollout.texts, golds, args.format_coef)
+        scores = tasks.rewards_for(rollout.texts, rows, args.format_coef, reward, prompts)  # each row G times
         rewards = scores.reward.to(device)  # (B,)
         # 3. ALGO LOGIC
         advantages = compute_advantages(rewards, G, args.scale_rewards)  # (B,)

@@ -9,6 +9,9 @@ Nothing here knows about models beyond their tokenizer.
 """
 
 import bisect
+import functools
+import importlib
+import importlib.util
 import json
 import os
 import random
@@ -104,7 +107,8 @@ def load_data(name: str, split: str) -> list:
     math: MATH train (the lighteval copy, config default) and MATH-500 for eval; toy; a benchmark
     (BENCHMARKS, eval only); or a .jsonl path with question/answer fields (a GSM8K-style '... #### n'
     answer is cut to n; both splits are the whole file), and optionally a 'prompt' field: the user
-    message verbatim (`format_prompt`), the question then defaulting to it. Rows whose gold answer is
+    message verbatim (`format_prompt`), the question then defaulting to it; a line's other fields stay
+    in its row (a --reward function's columns). Rows whose gold answer is
     empty (a MATH solution without \\boxed{}) are dropped: any answer would match nothing, and an
     empty one must never earn the reward."""
     if name == "toy":
@@ -132,7 +136,7 @@ def load_data(name: str, split: str) -> list:
                 gold = gold_answer(str(a))
                 if gold.count("{") != gold.count("}"):
                     plumbing.die(f"{name}:{n}: the gold answer {gold[:60]!r} cannot be parsed: its braces are unbalanced")
-                rows.append(dict(question=q, answer=gold, **({} if p is None else dict(prompt=p))))
+                rows.append({**r, "question": q, "answer": gold})  # every other field as it is: --reward's columns
         if not rows:
             plumbing.die(f"dataset file '{name}' holds no rows")
         return drop_empty_golds(rows, name)
@@ -220,6 +224,18 @@ def format_prompt(tok, row, *, instruction: str, system_prompt: Optional[str] = 
     return ("" if system_prompt is None else f"{system_prompt}\n") + f"Question: {content}\nAnswer:"
 
 
+def check_encodable(tok, prompts: list):
+    """One line instead of a prompt that the tokenizer would encode without some of its characters (the toy's
+    knows the digits, + and = alone, and drops every other one): the model would be asked another question."""
+    chars = sorted(set("".join(prompts)))
+    lost = [c for c, ids in zip(chars, tok(chars, add_special_tokens=False).input_ids) if ids in ([], [tok.unk_token_id])]
+    if lost:
+        prompt = next(p for p in prompts if any(c in p for c in lost))
+        plumbing.die(f"the tokenizer of '{tok.name_or_path}' cannot encode {''.join(lost)!r} of the prompt {prompt[:80]!r}: "
+                     "it would drop them and ask another question; write prompts from the characters it knows "
+                     "(a toy model's: the digits, + and =)")
+
+
 def end_of_turn_id(tok) -> Optional[int]:
     """The token the chat template writes right after an assistant message, when it is an added
     token (Qwen: <|im_end|>, Llama 3: <|eot_id|>); None without a template or such a token."""
@@ -281,19 +297,94 @@ class Scores(NamedTuple):
     grade_errors: int      # completions whose grading failed (scored as wrong)
 
 
-def rewards_for(completions: list, golds: list, format_coef: float = 0.0) -> Scores:
+def rewards_for(completions: list, rows: list, format_coef: float = 0.0, reward=None, prompts=None) -> Scores:
     """Reward 1 for a correct final answer, plus `format_coef` when the answer is given in the
-    asked-for form (\\boxed{} or ####). A completion whose grading raises scores 0 and is counted."""
+    asked-for form (\\boxed{} or ####). A completion whose grading raises scores 0 and is counted.
+    `rows`: the dataset rows asked (or their gold answers), each len(completions) / len(rows) times
+    in a row (a group), and `prompts` the prompts the model saw, one a row. `reward` (--reward,
+    `load_reward`): the user's function gives the reward instead, and a completion is correct when
+    its reward is at least 1; a None, or a call that fails, scores 0 and is counted."""
+    n = len(completions) // max(len(rows), 1)
+    rows = [r if isinstance(r, dict) else dict(answer=r) for r in rows for _ in range(n)]  # (B,)
+    if reward is not None:
+        values, errors = call_reward(reward, completions, rows, [p for p in prompts or [] for _ in range(n)])
+        value = torch.tensor(values, dtype=torch.float32)  # (B,)
+        fmt = torch.tensor([float(last_boxed(c) is not None or "####" in c) for c in completions])
+        return Scores(value + format_coef * fmt, value >= 1, errors)
     correct, errors = [], 0
-    for c, g in zip(completions, golds):
+    for c, r in zip(completions, rows):
         try:
-            correct.append(is_correct(c, g))
+            correct.append(is_correct(c, r["answer"]))
         except Exception:  # a strange completion must never stop a run
             correct.append(False)
             errors += 1
     fmt = [float(last_boxed(c) is not None or "####" in c) for c in completions]
     correct = torch.tensor(correct, dtype=torch.bool)
     return Scores(correct.float() + format_coef * torch.tensor(fmt), correct, errors)
+
+
+# --reward FILE.py:NAME or module:NAME: a reward function in TRL's convention (docs/forking.md),
+#     fn(completions=[str], prompts=[str], **columns) -> [float or None],
+# one value a completion; each column is a field of the rows (answer, question, a .jsonl line's own).
+
+
+def load_reward(spec: str, *datasets):
+    """The function --reward names (None for ''), called once here on the first row of each of `datasets`
+    (its gold answer as the completion), so that a missing file or name, a function that raises and one
+    that returns the wrong number of values are each one line before anything trains."""
+    if not spec:
+        return None
+    where, _, name = spec.rpartition(":")
+    if not where or not name.isidentifier():
+        plumbing.die(f"--reward {spec}: name a function as FILE.py:NAME or module:NAME")
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                plumbing.die(f"--reward {spec}: there is no file '{where}'")
+            found = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except Exception as e:  # the user's code: its error in one line
+        plumbing.die(f"--reward {spec}: importing '{where}' raised {type(e).__name__}: {first_line(e)}")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        plumbing.die(f"--reward {spec}: '{where}' has no function '{name}'")
+    fn = functools.partial(fn)  # named in its errors by `spec`
+    fn.spec = spec
+    for rows in datasets:
+        for r in rows[:1]:
+            call_reward(fn, [str(r["answer"])], [r], [r.get("prompt", r["question"])], strict=True)
+    return fn
+
+
+_warned = set()  # the reward functions that failed once in this process
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:160]
+
+
+def call_reward(fn, completions: list, rows: list, prompts: list, strict: bool = False):
+    """(values, failures) of fn on the completions of `rows` (B each): None and NaN score 0 and are counted,
+    and so is every completion of a call that raises or returns other than B numbers (a warning line, once);
+    `strict`: such a call is one error line instead."""
+    columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r) if k != "prompt"}
+    try:
+        got = list(fn(completions=list(completions), prompts=list(prompts), **columns))
+        if len(got) != len(completions):
+            raise ValueError(f"it returned {len(got)} values for {len(completions)} completions")
+        values = [None if v is None else float(v) for v in got]
+    except Exception as e:  # the user's code must never stop a run: its completions are grading errors
+        why = f"--reward {getattr(fn, 'spec', None) or fn}: {type(e).__name__}: {first_line(e)}"
+        if strict:
+            plumbing.die(why)
+        if fn not in _warned:
+            _warned.add(fn)
+            print(f"warning: {why}; its completions score 0 and count as grading errors", file=sys.stderr, flush=True)
+        return [0.0] * len(completions), len(completions)
+    return [0.0 if v is None or v != v else v for v in values], sum(v is None or v != v for v in values)
 
 
 def sample_rows(row: dict, completions: list, correct, **columns) -> list:

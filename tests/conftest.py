@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: one thread here and in every script run
 
+# The training scripts, grpo.py first: the one list the tests read (a fork adds its script here, docs/forking.md).
+SCRIPTS = ("grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl")
+
 
 def run_script(script, *args, expect_ok=True, timeout=600):
     """Run a script through its real command line; return the CompletedProcess."""

@@ -156,8 +156,8 @@ def test_kd_mask_follows_correctness_not_a_format_bonus(monkeypatch, tmp_path):
     on exactly the wrong completions' tokens."""
     real_rewards, real_sample, seen = tasks.rewards_for, common.sample, []
 
-    def rewards_for(completions, golds, format_coef=0.0):
-        s = real_rewards(completions, golds, format_coef)
+    def rewards_for(completions, rows, format_coef=0.0, reward=None, prompts=None):
+        s = real_rewards(completions, rows, format_coef, reward, prompts)
         if seen and "correct" not in seen[-1]:  # a training batch: evaluation grades through rewards_for too
             seen[-1]["correct"] = s.correct
         return tasks.Scores(s.reward + 1.0, s.correct, s.grade_errors)

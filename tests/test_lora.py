@@ -17,7 +17,7 @@ import bench
 import common
 import plumbing
 import tasks
-from conftest import ROOT, assert_user_error, bf16_published_toy, read_metrics, run_main
+from conftest import ROOT, SCRIPTS, assert_user_error, bf16_published_toy, read_metrics, run_main
 from qwen_like import QWEN25_CONFIGS, qwen_like_model
 
 pytest.importorskip("peft")
@@ -166,7 +166,7 @@ def test_an_adapter_is_refused_as_a_model_in_one_line(tmp_path):
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
-@pytest.mark.parametrize("script", ["grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl"])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_trains_adapters(script, tmp_path):
     flags = ["--presample-size", "16"] if script == "dph_rl" else []
     run_main(f"{script}.py", "--steps", 1, "--lora-rank", "2", "--eval-size", "8", "--pass-n", "0", "--out", tmp_path, *flags)

@@ -21,9 +21,8 @@ import common
 import plumbing
 import rundir
 import tasks
-from conftest import ROOT, assert_user_error, read_metrics, run_main, run_script
+from conftest import ROOT, SCRIPTS, assert_user_error, read_metrics, run_main, run_script
 
-SCRIPTS = ("grpo", "cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl")
 QUICK = ["--steps", "2", "--eval-size", "16", "--eval-every", "100"]
 
 

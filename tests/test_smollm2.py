@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import common
 import grading
 import tasks
-from conftest import ROOT, read_metrics, run_main, run_script
+from conftest import ROOT, SCRIPTS, read_metrics, run_main, run_script
 
 pytestmark = pytest.mark.smollm
 CPU = torch.device("cpu")
@@ -86,7 +86,7 @@ def test_the_command_line_prints_the_directory_and_provenance_says_what_the_weig
 # ---------------------------------------------------------------- every script, 2 steps
 
 
-@pytest.mark.parametrize("script", ["cppo", "kdrl", "sinkd", "opd_plus", "codistill", "bdkd", "dph_rl"])
+@pytest.mark.parametrize("script", SCRIPTS[1:])
 def test_every_script_runs_two_steps(script, smol, tmp_path):
     """(grpo.py's two steps are test_resume_equals_an_uninterrupted_run's.)"""
     extra = {"cppo": ["--prune-rate", 0.5],  # of 2 completions, keep 1
