@@ -49,9 +49,10 @@ class Args:
     pass_k: str = arg("1,4,16", "the k of eval/pass@k, comma-separated, each at most --pass-n")
     log_samples: int = arg(4, "held-out questions whose greedy answers go to samples.jsonl (0: off)")
     save_every: int = arg(50, "checkpoint every N steps and after the last (0: never)")
+    save_minutes: float = arg(5.0, "also checkpoint after N minutes without one: Ctrl-C keeps a slow run (0: by steps only)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     device: str = arg("auto", "cuda, cpu, or auto")
-    threads: int = arg(0, "CPU threads for torch (0: torch's default, one per core)", toy=1)
+    threads: int = arg(0, "CPU threads for torch (0: one per core that other work leaves free)", toy=1)
     micro_batch_size: int = arg(8, "completions per forward/backward (gradient accumulation)", toy=64)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     lora_rank: int = arg(0, "LoRA rank of every trained model (0: full fine-tuning)")
@@ -187,7 +188,7 @@ def main():
             acc = evaluate(step)
             run.log_samples(step, "train", tasks.sample_rows(  # the step's first group
                 rows[0], rollout.texts[:G], scores.correct[:G], reward=rewards[:G], advantage=advantages[:G]))
-        if args.save_every and (step % args.save_every == 0 or step == args.steps):  # 0: none (a benchmark's)
+        if run.checkpoint_due(step, args):  # every --save-every steps or --save-minutes, and the last; 0: none
             run.save_checkpoint(step, dict(policy=(model, tok)), dict(policy=optimizer), sampler)
         bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", acc=f"{acc:.3f}")
 
