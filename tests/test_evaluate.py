@@ -301,7 +301,7 @@ def test_out_a_new_directory_gets_the_results_in_it(tmp_path):
     assert sorted(os.listdir(tmp_path / "new")) == ["dir", table, table.replace(".json", ".samples.jsonl")]
 
 
-def test_a_runs_final_model_is_asked_as_the_run_asked_unless_a_flag_says_otherwise(tmp_path):
+def test_a_runs_final_model_is_asked_as_the_run_asked_unless_a_flag_says_otherwise(tmp_path, monkeypatch):
     """--model DIR/final (or its adapter, its checkpoint) takes --max-new-tokens, --instruction and --system-prompt from
     the run's config.json, and says so in one line: the run's own evaluation is then the table's number (with
     evaluate.py's 4096 tokens it was another). A flag given wins."""
@@ -319,6 +319,7 @@ def test_a_runs_final_model_is_asked_as_the_run_asked_unless_a_flag_says_otherwi
     assert json.load(open(tmp_path / "b.json"))["results"]["toy"]["greedy_accuracy"] > row["eval/accuracy"]
     config = json.load(open(run / "config.json"))
     json.dump(dict(config, system_prompt="1+1=2", instruction="+"), open(run / "config.json", "w"))
+    monkeypatch.setattr(tasks, "check_encodable", lambda tok, prompts: None)  # the toy's refuses the instruction's newline
     printed = run_main("evaluate.py", "--model", run / "final", *flags, "--out", tmp_path / "c.json")
     assert f"as the run in '{run}' asked (its config.json): --max-new-tokens 2 --instruction + --system-prompt 1+1=2" \
         in printed
