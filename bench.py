@@ -307,7 +307,7 @@ def generation_check(model_path: str, data: str, prompts: int, group: int, new_t
     device = plumbing.init_distributed("auto")
     model, tok = common.load_model(model_path, device)
     rows = tasks.load_data(data, "train")[:prompts]
-    texts = [tasks.format_prompt(tok, r, instruction=tasks.BOXED_INSTRUCTION) for r in rows]
+    texts = [tasks.format_prompt(tok, r, instruction=tasks.prompt_instruction(data)) for r in rows]  # the toy: none
     greedy = {}
     for mode in ("generate", "static", "fastgen"):  # generate first: the others' greedy rows are compared with its
         model.generation = mode
@@ -349,7 +349,7 @@ def fastgen_check(model_path: str, data: str, prompts: int, group: int, new_toke
     cuda = device.type == "cuda"
     model, tok = common.load_model(model_path, device, generation="fastgen")
     rows = tasks.load_data(data, "train")[:prompts]
-    texts = [tasks.format_prompt(tok, r, instruction=tasks.BOXED_INSTRUCTION) for r in rows]
+    texts = [tasks.format_prompt(tok, r, instruction=tasks.prompt_instruction(data)) for r in rows]  # the toy: none
     names, before = [n for n in ladder.split(",") if n], None
     for i in range(len(names) + 1):
         on = names[:i]
