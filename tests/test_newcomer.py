@@ -317,7 +317,8 @@ def test_help_has_the_whole_title_and_one_default_each(monkeypatch, capsys, scri
     assert title.endswith(")") or title.endswith(".")  # a whole first paragraph
     assert title in text
     assert "(default: )" not in text and text.count("(default: runs/<script>-<time>)") == 1
-    assert "--threads THREADS CPU threads for torch (0: one per core that other work leaves free) (default: 0; toy models: 1)" in text
+    threads = "CPU threads for torch (0: one per core that other work leaves free) (default: 0; toy models: 1)"
+    assert f"--threads THREADS {threads}" in text
     fields = [f.name.replace("_", "-") for f in dataclasses.fields(module.Args)]
     assert all(text.count(f"--{f}") >= 1 for f in fields)
 
