@@ -31,6 +31,7 @@ measurement (bench.py --fastgen-check, docs/gpu.md) says it pays.
 
 import copy
 import dataclasses
+import functools
 import inspect
 import sys
 
@@ -43,6 +44,8 @@ CACHE_GROWS_BY = 256  # the cache's length is a multiple of this: a longer promp
 MAX_STOP_TOKENS = 16  # the stop tokens sit in a buffer of this size (a graph reads it at its address)
 WARMUP_STEPS = 2  # capture: real steps of a shape before its graph is recorded (compilation, cuBLAS's choices)
 CAPTURE_DEVICES = ("cuda",)  # where the capture switch records graphs (tests add "cpu", with a stand-in _Graph)
+COMPILE_DEVICES = ("cuda",)  # where compile=True compiles (a test adds "cpu", to count layerwise's graphs)
+LAYERWISE_MODELS = ("llama", "qwen2")  # the model types whose decoder layer fastgen's own (_layer) computes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Switches:
     sample_in_step: bool = False  # the Gumbel draw and the stop bookkeeping inside the compiled step
     capture: bool = False  # CUDA: the step recorded by hand as one CUDA graph and replayed: no guards, no graph trees
     fused: bool = False  # the bf16 copy computes q/k/v and gate/up as one matmul each
+    layerwise: bool = False  # decode runs fastgen's own decoder layer (llama, qwen2), compiled once for all layers
 
     @classmethod
     def parse(cls, names: str) -> "Switches":
@@ -68,7 +72,7 @@ class Switches:
 
 
 SWITCHES = Switches()  # what --generation fastgen runs (bench.py sets others to compare them)
-LADDER = ["grouped", "bf16_head", "sample_in_step", "capture", "fused"]  # bench.py: switched on one by one, in order
+LADDER = ["grouped", "bf16_head", "sample_in_step", "capture", "fused", "layerwise"]  # bench.py: switched on one by one, in order
 
 
 def prompt_bucket(how: str, device: torch.device):
@@ -276,6 +280,45 @@ def _forward(net, cache_kw, cache, s: _Buffers, n):
     return out.logits[:, -1].float()
 
 
+def _decoder(net):
+    """The decoder (embed_tokens, rotary_emb, layers, norm) and the LM head of a model, or of the one a peft model
+    wraps (its layers hold the adapters)."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return base.model, base.get_output_embeddings()
+
+
+def _layer(layer, x, cos, sin, keys, values, slot, mask):
+    """One decoder layer (llama's, qwen2's) on one new token a row, x (B, 1, D) -> (B, 1, D), its key and value
+    written into the static cache at `slot`. The layer is known only by its arguments (its modules, whose weights
+    dynamo takes as inputs, and its cache's tensors): one compiled copy serves every layer (switch layerwise).
+    Its own modules do the work (norms, projections with their adapters, MLP); the rotary embedding is the model
+    file's; attention is _grouped_attention over the first n slots, n the mask's length."""
+    attn = layer.self_attn
+    a = attn.inner if isinstance(attn, _FusedAttention) else attn  # head_dim, scaling, o_proj
+    h = layer.input_layernorm(x)  # (B, 1, D)
+    q, k, v = attn.qkv(h).split(attn.sizes, -1) if isinstance(attn, _FusedAttention) else (a.q_proj(h), a.k_proj(h),
+                                                                                           a.v_proj(h))
+    q, k, v = (t.view(*x.shape[:2], -1, a.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, 1, d)
+    q, k = sys.modules[type(a).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+    keys.index_copy_(2, slot, k)  # (B, K, L, d): the new key at its slot, in place
+    values.index_copy_(2, slot, v)
+    out, _ = _grouped_attention(a, q, keys, values, mask, a.scaling)  # (B, 1, H, d)
+    x = x + a.o_proj(out.reshape(*x.shape[:2], -1))  # (B, 1, D)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _forward_layerwise(net, cache_kw, cache, s: _Buffers, n, layer=_layer):
+    """_forward by fastgen's own layer: `layer` (_layer, or it compiled) called once per decoder layer."""
+    decoder, head = _decoder(net)
+    x = decoder.embed_tokens(s.token[:, None])  # (B, 1, D)
+    cos, sin = decoder.rotary_emb(x, s.position[:, None])  # (B, 1, d) each
+    mask = s.mask[:, None, None, :n].bool()  # (B, 1, 1, n)
+    torch._dynamo.mark_dynamic(mask, 3)  # compiled, the layer takes any n: one graph, not one per n and then another
+    for module, cached in zip(decoder.layers, cache.layers):
+        x = layer(module, x, cos, sin, cached.keys, cached.values, s.cache_position, mask)
+    return head(decoder.norm(x))[:, -1].float()  # (B, V)
+
+
 def _advance(s: _Buffers, logits, temperature: float, greedy: bool, pad_id: int):
     """After a forward: each row's next token from its logits (B, V), recorded, the stopped rows' kept at pad,
     and the buffers moved on to the next forward's position."""
@@ -289,9 +332,9 @@ def _advance(s: _Buffers, logits, temperature: float, greedy: bool, pad_id: int)
     s.mask.index_fill_(1, s.cache_position, 1)  # generate's: every row attends to its new position
 
 
-def _step(net, cache_kw, cache, s, n, temperature, greedy, pad_id):
-    """_forward and _advance: a whole decode step, sampling included (switch sample_in_step)."""
-    _advance(s, _forward(net, cache_kw, cache, s, n), temperature, greedy, pad_id)
+def _step(net, cache_kw, cache, s, n, temperature, greedy, pad_id, forward=_forward):
+    """A forward and _advance: a whole decode step, sampling included (switch sample_in_step)."""
+    _advance(s, forward(net, cache_kw, cache, s, n), temperature, greedy, pad_id)
 
 
 _COMPILED = {}
@@ -299,7 +342,7 @@ _COMPILED = {}
 
 def _compiled(fn, mode: str):
     """fn compiled once per process: "reduce-overhead" with CUDA graphs (each new shape is captured once),
-    "default" for a step that is captured by hand."""
+    "default" for a step that is captured by hand (or a layer)."""
     if (fn, mode) not in _COMPILED:
         _COMPILED[fn, mode] = torch.compile(fn, mode=mode)
     return _COMPILED[fn, mode]
@@ -337,6 +380,14 @@ def _run_captured(graphs: dict, key, fn, device):
     if isinstance(seen, int):
         graphs[key] = _Graph(fn)
     return graphs[key].replay()
+
+
+def _check_layerwise(config):
+    """The switch layerwise computes llama's and qwen2's decoder layer, with full attention in every layer."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if config.model_type not in LAYERWISE_MODELS or kinds != {"full_attention"}:
+        raise ValueError(f"fastgen's layerwise switch computes {', '.join(LAYERWISE_MODELS)} layers with full attention, not "
+                         f"{config.model_type} with {', '.join(sorted(kinds))}: leave it off for this model")
 
 
 def pick(logits, temperature: float, greedy: bool, noise=None):
@@ -383,10 +434,15 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad
     s.cache_position.fill_(P - 1)  # _advance moves both on to the first decode step's
     s.t.zero_()
     _advance(s, out.logits[:, -1].float(), temperature, greedy, pad_id)  # the first token, from the prompt's logits
-    cuda_compiled = compile and device.type == "cuda"
-    fn = _step if sw.sample_in_step else _forward
-    if cuda_compiled:
-        fn = _compiled(fn, "default" if sw.capture else "reduce-overhead")
+    compiled = compile and device.type in COMPILE_DEVICES
+    if sw.layerwise:  # one decoder layer compiled, for every layer; the few ops around it are captured or run eagerly
+        _check_layerwise(net.config)
+        forward = functools.partial(_forward_layerwise, layer=_compiled(_layer, "default") if compiled else _layer)
+        fn = functools.partial(_step, forward=forward) if sw.sample_in_step else forward
+    else:
+        fn = _step if sw.sample_in_step else _forward
+        if compiled:
+            fn = _compiled(fn, "default" if sw.capture else "reduce-overhead")
     every = CHECK_EVERY if device.type == "cuda" else 1  # a CPU's look costs nothing
     forwards = 0
     try:
@@ -396,7 +452,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad
         for t in range(1, max_new_tokens):  # token t: the forward of token t - 1, then the draw
             if (t - 1) % every == every - 1 and bool(s.done.all()):
                 break
-            n = min(L, -(-(P + t) // sw.kv_bucket) * sw.kv_bucket) if sw.grouped else None  # slots read: P + t filled
+            grouped = sw.grouped or sw.layerwise
+            n = min(L, -(-(P + t) // sw.kv_bucket) * sw.kv_bucket) if grouped else None  # slots read: P + t filled
             args = (net, cache_kw, cache, s, n) + ((temperature, greedy, pad_id) if sw.sample_in_step else ())
             step = lambda: fn(*args)
             key = (n, temperature, greedy, sw)  # a graph per number of slots read: its shapes are fixed
@@ -408,7 +465,7 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad
     finally:
         if sw.grouped:
             net.config._attn_implementation = implementation
-    if _written(cache) != P + forwards:  # the layers' own count went elsewhere: keys would sit at the wrong slots
+    if _written(cache) != P + (0 if sw.layerwise else forwards):  # layerwise writes at its slots, not the layers' count
         raise RuntimeError(f"fastgen: the KV cache holds {_written(cache)} positions after a prompt of {P} and {forwards} "
                            "decode steps; this transformers version's StaticCache writes elsewhere: use --generation generate")
     tokens = s.tokens[:rows, :max_new_tokens]

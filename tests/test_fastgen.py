@@ -437,3 +437,32 @@ def test_every_rung_on_smollm2_with_and_without_lora(cpu_capture):
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     cpu_capture.models = [model]
     compare_greedy(model, tok, prompts_of(tok), 16, tasks.eos_ids(model, tok), ladder(kv_bucket=8)[-1][1])
+
+
+def test_layerwise_compiles_one_layer_whatever_the_depth(monkeypatch, tmp_path):
+    """Switch layerwise: dynamo traces fastgen's decoder layer once, at any number of slots read, and every layer
+    runs that one graph (its weights and cache are its inputs, not constants it is specialised on): the graphs
+    and the ops traced are the same for a 2-layer and a 4-layer model, and the greedy completions model.generate's.
+    Compiled with aot_eager (dynamo and AOTAutograd, no C++ compiler) on a CPU; on CUDA inductor compiles it."""
+    compiled = {}
+    monkeypatch.setattr(fastgen, "COMPILE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fastgen, "_compiled", lambda fn, mode: compiled.setdefault(fn, torch.compile(fn, backend="aot_eager")))
+    traced = []
+    for layers in (2, 4):
+        torch._dynamo.reset()
+        compiled.clear()
+        path = qwen_like_model(str(tmp_path / f"m{layers}"), "0.5B", layers=layers, hidden_size=64,
+                               intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, instruct=True,
+                               initializer_range=0.3)
+        model, tok = common.load_model(path, CPU)
+        prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("What is 2 + 3?", "A longer question, with words?")]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        reference = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
+                                   max_new_tokens=20, eos_token_id=None, pad_token_id=tok.pad_token_id)
+        torch._dynamo.utils.counters.clear()
+        fast = fastgen.generate(model, enc.input_ids, enc.attention_mask, 20, [-1], tok.pad_token_id, greedy=True,
+                                compile=True, batch_bucket=1, switches=fastgen.Switches(layerwise=True, kv_bucket=8))
+        assert torch.equal(fast, reference[:, enc.input_ids.shape[1]:])
+        stats = torch._dynamo.utils.counters["stats"]
+        traced.append((stats["unique_graphs"], stats["calls_captured"]))
+    assert traced[0] == traced[1] and traced[0][0] == 1, traced  # 20 tokens read 3 numbers of slots: still one graph
