@@ -344,12 +344,14 @@ def test_grouped_attention_is_the_repeated_heads_attention_over_the_filled_slots
     assert torch.allclose(out, reference, atol=1e-6)
 
 
-def test_a_bf16_head_and_fused_projections_in_the_copy_compute_what_autocast_computes(monkeypatch):
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_a_bf16_head_and_fused_projections_in_the_copy_compute_what_autocast_computes(layerwise, monkeypatch):
     """Under bf16 autocast: the copy's untied bf16 head and its q/k/v and gate/up, each one matmul, give
     model.generate's greedy completions under the same autocast, before and after the model's weights move
-    (the embedding, which the head is, and a k and a gate projection: the copy is refreshed through them)."""
+    (the embedding, which the head is, and a k and a gate projection: the copy is refreshed through them);
+    and so does fastgen's own layer on that copy."""
     monkeypatch.setattr(plumbing, "BF16_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(fastgen, "SWITCHES", fastgen.Switches(bf16_head=True, fused=True))
+    monkeypatch.setattr(fastgen, "SWITCHES", fastgen.Switches(bf16_head=True, fused=True, layerwise=layerwise, kv_bucket=4))
     model, tok = common.load_model("toy-hard-small", CPU, generation="fastgen")
     prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "9+1", "57+68", "417+817", "999+999", "1+1")]
 
@@ -380,7 +382,8 @@ def test_a_bf16_head_and_fused_projections_in_the_copy_compute_what_autocast_com
 
 
 @pytest.mark.parametrize("switches", [fastgen.Switches(sample_in_step=True),
-                                      fastgen.Switches(grouped=True, kv_bucket=4, sample_in_step=True, capture=True)])
+                                      fastgen.Switches(grouped=True, kv_bucket=4, sample_in_step=True, capture=True),
+                                      fastgen.Switches(kv_bucket=4, sample_in_step=True, capture=True, layerwise=True)])
 def test_draws_inside_the_step_are_the_cacheless_samplers_given_the_same_noise(switches, cpu_capture, monkeypatch):
     monkeypatch.setattr(fastgen, "SWITCHES", switches)
     test_sampled_completions_are_a_cacheless_samplers_given_the_same_noise(0.7)
