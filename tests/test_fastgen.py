@@ -442,11 +442,15 @@ def test_every_rung_on_smollm2_with_and_without_lora(cpu_capture):
     compare_greedy(model, tok, prompts_of(tok), 16, tasks.eos_ids(model, tok), ladder(kv_bucket=8)[-1][1])
 
 
-def test_layerwise_compiles_one_layer_whatever_the_depth(monkeypatch, tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_layerwise_compiles_one_layer_whatever_the_depth(lora, monkeypatch, tmp_path):
     """Switch layerwise: dynamo traces fastgen's decoder layer once, at any number of slots read, and every layer
     runs that one graph (its weights and cache are its inputs, not constants it is specialised on): the graphs
-    and the ops traced are the same for a 2-layer and a 4-layer model, and the greedy completions model.generate's.
-    Compiled with aot_eager (dynamo and AOTAutograd, no C++ compiler) on a CPU; on CUDA inductor compiles it."""
+    and the ops traced are the same for a 2-layer and a 4-layer model, and the greedy completions model.generate's;
+    with LoRA's adapters too. Compiled with aot_eager (dynamo and AOTAutograd, no C++ compiler) on a CPU; on CUDA
+    inductor compiles it."""
+    import grpo
+    adapters = lambda: common.lora_config(common.parse_args(grpo.Args, ["--lora-rank", "4"])) if lora else None
     compiled = {}
     monkeypatch.setattr(fastgen, "COMPILE_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(fastgen, "_compiled", lambda fn, mode: compiled.setdefault(fn, torch.compile(fn, backend="aot_eager")))
@@ -457,7 +461,11 @@ def test_layerwise_compiles_one_layer_whatever_the_depth(monkeypatch, tmp_path):
         path = qwen_like_model(str(tmp_path / f"m{layers}"), "0.5B", layers=layers, hidden_size=64,
                                intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, instruct=True,
                                initializer_range=0.3)
-        model, tok = common.load_model(path, CPU)
+        model, tok = common.load_model(path, CPU, lora=adapters())  # a config each: peft writes the layers it found into it
+        with torch.no_grad():  # adapters that change the completions
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
         prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("What is 2 + 3?", "A longer question, with words?")]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         reference = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
