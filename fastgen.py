@@ -72,7 +72,7 @@ class Switches:
 
 
 SWITCHES = Switches()  # what --generation fastgen runs (bench.py sets others to compare them)
-LADDER = ["grouped", "bf16_head", "sample_in_step", "capture", "fused", "layerwise"]  # bench.py: switched on one by one, in order
+LADDER = ["grouped", "bf16_head", "sample_in_step", "capture", "fused", "layerwise"]  # bench.py adds them one by one
 
 
 def prompt_bucket(how: str, device: torch.device):
@@ -444,6 +444,7 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad
         if compiled:
             fn = _compiled(fn, "default" if sw.capture else "reduce-overhead")
     every = CHECK_EVERY if device.type == "cuda" else 1  # a CPU's look costs nothing
+    grouped = sw.grouped or sw.layerwise  # layerwise's attention is grouped attention
     forwards = 0
     try:
         if sw.grouped:
@@ -452,7 +453,6 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos: list, pad
         for t in range(1, max_new_tokens):  # token t: the forward of token t - 1, then the draw
             if (t - 1) % every == every - 1 and bool(s.done.all()):
                 break
-            grouped = sw.grouped or sw.layerwise
             n = min(L, -(-(P + t) // sw.kv_bucket) * sw.kv_bucket) if grouped else None  # slots read: P + t filled
             args = (net, cache_kw, cache, s, n) + ((temperature, greedy, pad_id) if sw.sample_in_step else ())
             step = lambda: fn(*args)
