@@ -293,11 +293,13 @@ def _layer(layer, x, cos, sin, keys, values, slot, mask):
     dynamo takes as inputs, and its cache's tensors): one compiled copy serves every layer (switch layerwise).
     Its own modules do the work (norms, projections with their adapters, MLP); the rotary embedding is the model
     file's; attention is _grouped_attention over the first n slots, n the mask's length."""
-    attn = layer.self_attn
-    a = attn.inner if isinstance(attn, _FusedAttention) else attn  # head_dim, scaling, o_proj
     h = layer.input_layernorm(x)  # (B, 1, D)
-    q, k, v = attn.qkv(h).split(attn.sizes, -1) if isinstance(attn, _FusedAttention) else (a.q_proj(h), a.k_proj(h),
-                                                                                           a.v_proj(h))
+    if isinstance(layer.self_attn, _FusedAttention):
+        a = layer.self_attn.inner  # head_dim, scaling, o_proj
+        q, k, v = layer.self_attn.qkv(h).split(layer.self_attn.sizes, -1)
+    else:
+        a = layer.self_attn
+        q, k, v = a.q_proj(h), a.k_proj(h), a.v_proj(h)  # (B, 1, heads * d) each
     q, k, v = (t.view(*x.shape[:2], -1, a.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, 1, d)
     q, k = sys.modules[type(a).__module__].apply_rotary_pos_emb(q, k, cos, sin)
     keys.index_copy_(2, slot, k)  # (B, K, L, d): the new key at its slot, in place

@@ -32,6 +32,15 @@ def compare_greedy(model, tok, prompts, max_new_tokens, eos, switches=None):
     return lengths
 
 
+def nonzero_adapters(model, std=0.3):
+    """LoRA's B matrices start at zero; drawn here (the same seed for each), the adapters change the completions,
+    so that they are on the path compared."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, std, generator=torch.Generator().manual_seed(0))
+
+
 def test_greedy_completions_are_generates_on_the_toy_models():
     for name in ("toy-small", "toy-large", "toy-hard-small"):
         model, tok = common.load_model(name, CPU)
@@ -103,10 +112,7 @@ def test_lora_with_fastgen_is_generates_and_passes_the_cache_by_its_current_name
     import grpo
     args = common.parse_args(grpo.Args, ["--lora-rank", "4"])
     model, tok = common.load_model("toy-small", CPU, lora=common.lora_config(args), generation="fastgen")
-    with torch.no_grad():  # adapters that change the greedy answers, so that they are on the path compared
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    nonzero_adapters(model)
     base_name = fastgen._cache_kwarg(model.get_base_model())
     assert fastgen._cache_kwarg(model) == base_name
     prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "9+1", "57+68", "99+01")]
@@ -314,10 +320,7 @@ def test_every_switch_on_the_toy_models_and_with_lora(cpu_capture):
         assert compare_greedy(model, tok, prompts, 8, tasks.eos_ids(model, tok), everything).min() < 8
     args = common.parse_args(grpo.Args, ["--lora-rank", "4"])
     model, tok = common.load_model("toy-small", CPU, lora=common.lora_config(args), generation="fastgen")
-    with torch.no_grad():  # adapters that change the greedy answers
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    nonzero_adapters(model)
     cpu_capture.models = [model]
     prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("05+68", "9+1", "57+68", "99+01")]
     compare_greedy(model, tok, prompts, 8, tasks.eos_ids(model, tok), everything)
@@ -434,10 +437,7 @@ def test_every_rung_on_smollm2_with_and_without_lora(cpu_capture):
         assert lengths.min() < 16 and lengths.max() == 16, name
     args = common.parse_args(grpo.Args, ["--lora-rank", "4"])
     model, tok = common.load_model(path, CPU, lora=common.lora_config(args), generation="fastgen")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    nonzero_adapters(model, std=0.02)
     cpu_capture.models = [model]
     compare_greedy(model, tok, prompts_of(tok), 16, tasks.eos_ids(model, tok), ladder(kv_bucket=8)[-1][1])
 
@@ -462,10 +462,7 @@ def test_layerwise_compiles_one_layer_whatever_the_depth(lora, monkeypatch, tmp_
                                intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, instruct=True,
                                initializer_range=0.3)
         model, tok = common.load_model(path, CPU, lora=adapters())  # a config each: peft writes the layers it found into it
-        with torch.no_grad():  # adapters that change the completions
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+        nonzero_adapters(model)  # no-op without LoRA
         prompts = [tasks.format_prompt(tok, q, instruction="") for q in ("What is 2 + 3?", "A longer question, with words?")]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         reference = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
