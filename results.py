@@ -27,6 +27,7 @@ training time; the mean gradient norm (before clipping); and the paper's reporte
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -223,29 +224,47 @@ def plot(results, path, title):
     return draw(panels, path, title, len(families), labels())
 
 
-def plot_runs(dirs, metrics, x, path):
-    """`--plot`: any runs' metrics.jsonl, one panel per metric, one line per run (a metric a run did not log
-    is left out of its panel), x the step or the training time (the logged time/step summed)."""
-    panels = {m: [] for m in metrics}
+def run_curves(dirs, metrics, x, mean_seeds=False):
+    """{metric: [(label, xs, ys)]} of runs' metrics.jsonl, x the step or the training time (the logged time/step
+    summed); a metric a run did not log is left out (one line on stderr). `mean_seeds`: runs whose directories
+    differ only by a final -s<N> (runs/grpo-s1, runs/grpo-s2) are one line, their mean at the points every one of
+    them logged (by time: the mean time there), labelled with the name less -s<N> and the number of seeds."""
+    panels = {m: {} for m in metrics}  # metric -> label -> [(x, y) of each run]
     for d in dirs:
         rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
         elapsed, t = {0: 0.0}, 0.0
         for r in rows:
             t += r.get("time/step", 0.0)
             elapsed[r["step"]] = t
+        label = os.path.normpath(d)
+        if mean_seeds:
+            label = re.sub(r"-s\d+$", "", label)
         for m in metrics:
-            pts = [(r["step"] if x == "step" else elapsed[r["step"]], r[m]) for r in rows if m in r]
+            pts = {r["step"]: (r["step"] if x == "step" else elapsed[r["step"]], r[m]) for r in rows if m in r}
             if pts:
-                panels[m].append((os.path.normpath(d), [p[0] for p in pts], [p[1] for p in pts]))
+                panels[m].setdefault(label, []).append(pts)
             else:
                 alike = sorted({k for r in rows for k in r if k.endswith("/" + m)})  # codistill: small/eval/accuracy
                 print(f"{d}: no {m} logged" + (f" (it logged {', '.join(alike)}: name those in --metrics)" if alike else ""),
                       file=sys.stderr)
-    xlabel = "step" if x == "step" else "training time (s, generation + update)"
-    drawn = {m: lines for m, lines in panels.items() if lines}
+    curves = {}
+    for m, runs in panels.items():
+        for label, seeds in runs.items():
+            steps = sorted(set.intersection(*(set(pts) for pts in seeds)))
+            mean = lambda s, i: statistics.mean(pts[s][i] for pts in seeds)
+            name = label if not mean_seeds else f"{label} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
+            curves.setdefault(m, []).append((name, [mean(s, 0) for s in steps], [mean(s, 1) for s in steps]))
+    return curves
+
+
+def plot_runs(dirs, metrics, x, path, mean_seeds=False):
+    """`--plot`: any runs' metrics.jsonl, one panel per metric, one line per run (`run_curves`: with
+    `mean_seeds`, one per run less its seed)."""
+    drawn = run_curves(dirs, metrics, x, mean_seeds)
     if not drawn:
         sys.exit(f"error: no run logged {', '.join(metrics)}: nothing to plot")
-    title = f"{len(dirs)} run{'s' * (len(dirs) > 1)}"
+    xlabel = "step" if x == "step" else "training time (s, generation + update)"
+    title = f"{len(dirs)} run{'s' * (len(dirs) > 1)}" + (", the mean of each one's seeds" if mean_seeds else "")
     return draw([(m, xlabel, m, lines) for m, lines in drawn.items()], path, title, len(drawn))
 
 
@@ -334,6 +353,8 @@ def parser():
     p.add_argument("--metrics", nargs="+", default=["eval/accuracy", "train/reward"], help="--plot: one panel each "
                    "(default: eval/accuracy train/reward)")
     p.add_argument("--x", choices=("step", "time"), default="step", help="--plot: by step or by training time (default: step)")
+    p.add_argument("--mean-seeds", action="store_true", help="--plot: one line for the runs whose names differ only by "
+                   "a final -s<N> (runs/grpo-s1 runs/grpo-s2), their mean")
     p.add_argument("--png", default="plot.png", help="--plot: the figure's file (default: plot.png)")
     p.add_argument("--samples", nargs="+", metavar="RUN", help="instead: one question's greedy answers at each evaluation of "
                    "these runs (their samples.jsonl), side by side")
@@ -351,7 +372,7 @@ def main():
         missing = [d for d in opts.plot if not os.path.isfile(os.path.join(d, "metrics.jsonl"))]
         if missing:
             sys.exit(f"error: no metrics.jsonl in {', '.join(missing)}")
-        if not plot_runs(opts.plot, opts.metrics, opts.x, opts.png):
+        if not plot_runs(opts.plot, opts.metrics, opts.x, opts.png, opts.mean_seeds):
             sys.exit(1)  # no matplotlib: draw said so
         print(f"wrote {opts.png}")
         return

@@ -82,3 +82,24 @@ def test_plotting_a_metric_a_run_logs_under_a_prefix_names_the_prefixed_keys(tmp
     assert "no eval/accuracy logged (it logged large/eval/accuracy, small/eval/accuracy: name those in --metrics)" in err
     results.plot_runs([str(tmp_path / "codistill")], ["eval/accuracy", "small/eval/accuracy"], "step", str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 5_000  # the metric it has is drawn, the one it lacks left out
+
+
+def test_mean_seeds_draws_the_mean_of_the_runs_that_differ_only_by_their_seed(tmp_path):
+    write_metrics(tmp_path / "grpo-s1", [{"step": 0, "eval/accuracy": 0.2}, {"step": 1, "time/step": 10.0},
+                                         {"step": 2, "time/step": 30.0, "eval/accuracy": 0.6}])
+    write_metrics(tmp_path / "grpo-s2", [{"step": 0, "eval/accuracy": 0.4},
+                                         {"step": 1, "time/step": 20.0, "eval/accuracy": 0.9},
+                                         {"step": 2, "time/step": 50.0, "eval/accuracy": 0.8}])
+    write_metrics(tmp_path / "kdrl-s1", [{"step": 0, "eval/accuracy": 0.1},
+                                         {"step": 2, "time/step": 5.0, "eval/accuracy": 0.3}])
+    dirs = [str(tmp_path / d) for d in ("grpo-s1", "grpo-s2", "kdrl-s1")]
+    lines = results.run_curves(dirs, ["eval/accuracy"], "step", True)["eval/accuracy"]
+    by_step = {label: (xs, ys) for label, xs, ys in lines}
+    grpo, kdrl = os.path.normpath(tmp_path / "grpo"), os.path.normpath(tmp_path / "kdrl")
+    assert set(by_step) == {f"{grpo} (2 seeds)", f"{kdrl} (1 seed)"}
+    xs, ys = by_step[f"{grpo} (2 seeds)"]
+    assert xs == [0, 2] and ys == pytest.approx([0.3, 0.7])  # step 1: seed 2 alone logged it, left out
+    (_, xs, ys), _ = results.run_curves(dirs, ["eval/accuracy"], "time", True)["eval/accuracy"]
+    assert xs == pytest.approx([0.0, 55.0]) and ys == pytest.approx([0.3, 0.7])  # the seeds' mean time: (40 + 70) / 2
+    lines = results.run_curves(dirs, ["eval/accuracy"], "step")["eval/accuracy"]  # without it: a line per run
+    assert [label for label, *_ in lines] == [os.path.normpath(d) for d in dirs] and lines[1][2] == [0.4, 0.9, 0.8]
