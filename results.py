@@ -200,7 +200,7 @@ def draw(panels, path, title, ncols, order=()):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     shown = [l for l in order if l in handles]
-    per_row = max(1, min(len(shown), 6, int(4.6 * ncols / (0.6 + 0.07 * max(map(len, shown))))))  # inches a label takes
+    per_row = max(1, min(len(shown), 6, int(fig.get_figwidth() / (0.6 + 0.07 * max(map(len, shown))))))  # inches a label takes
     fig.legend([handles[l] for l in shown], shown, loc="lower center", ncol=per_row, fontsize=9, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.035 * (-(-len(shown) // per_row)) + 0.02, 1, 1))
